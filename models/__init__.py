@@ -1,0 +1,1 @@
+"""PyTorch models, datasets and the training CLI (training and export only; never imported by the service)."""

@@ -1,0 +1,50 @@
+"""Evaluates a G2P model through the shared decode loop (works for ONNX Runtime and PyTorch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from attnserve.models.g2p_data import G2PEntry
+from attnserve.models.scoring import error_rates
+from attnserve.service.runtime.decoding import StepModel, greedy_decode
+from attnserve.service.vocab import Vocab
+
+
+def predict_words(
+    model: StepModel,
+    words: Sequence[str],
+    src_vocab: Vocab,
+    tgt_vocab: Vocab,
+    max_steps: int,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> list[list[str]]:
+    """Greedy phoneme predictions for words, batched by similar length."""
+    order = sorted(range(len(words)), key=lambda i: len(words[i]))
+    predictions: list[list[str]] = [[] for _ in words]
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="decode", unit="batch", disable=not progress):
+        rows = order[start : start + batch_size]
+        sources = [src_vocab.encode(list(words[i])) for i in rows]
+        hyps = greedy_decode(model, sources, tgt_vocab.bos_id, tgt_vocab.eos_id, [max_steps] * len(rows))
+        for i, hyp in zip(rows, hyps, strict=True):
+            predictions[i] = tgt_vocab.decode(hyp.token_ids)
+    return predictions
+
+
+def evaluate_g2p(
+    model: StepModel,
+    entries: Sequence[G2PEntry],
+    src_vocab: Vocab,
+    tgt_vocab: Vocab,
+    max_steps: int,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, float]:
+    """WER/PER of greedy predictions on entries. Returns {"wer", "per", "words"}."""
+    preds = predict_words(
+        model, [e.word for e in entries], src_vocab, tgt_vocab, max_steps, batch_size, progress
+    )
+    return error_rates(preds, [e.pronunciations for e in entries])

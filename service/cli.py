@@ -1,0 +1,236 @@
+"""The `attnserve` command: serve, translate, models, train, export, eval, bench.
+
+Training and export import torch lazily, so the serving commands work without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from attnserve.service.config import BatchingConfig, ServeConfig
+    from attnserve.service.server import serve_until_signalled
+
+    overrides = dict(
+        model_repository=args.repository,
+        address=args.address,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        num_cpus=args.num_cpus,
+    )
+    config = ServeConfig.load(args.config, **overrides)
+    if args.max_batch_size or args.batch_wait_ms is not None:
+        b = config.batching
+        config = dataclasses.replace(
+            config,
+            batching=BatchingConfig(
+                max_batch_size=args.max_batch_size or b.max_batch_size,
+                batch_wait_timeout_s=b.batch_wait_timeout_s
+                if args.batch_wait_ms is None
+                else args.batch_wait_ms / 1000,
+            ),
+        )
+    serve_until_signalled(config)
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from attnserve.service.client import Client, format_attention
+
+    with Client(args.target, timeout_s=args.timeout) as client:
+        try:
+            response = client.translate(args.model, args.text, args.attention, args.max_output_tokens)
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(response.text)
+    if args.attention:
+        print(
+            f"\nattention ({response.model} v{response.model_version}): rows = output tokens, "
+            "columns = source tokens"
+        )
+        print(format_attention(response.attention))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from attnserve.service.client import Client
+
+    with Client(args.target, timeout_s=args.timeout) as client:
+        print(json.dumps(MessageToDict(client.list_models()), indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from attnserve.models.train import TrainConfig, train_g2p
+
+    model_config = dict(
+        embed_size=args.embed_size,
+        encoder_size=args.encoder_size,
+        decoder_size=args.decoder_size,
+        attention_size=args.attention_size,
+    )
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+        max_train_words=args.max_train_words,
+    )
+    train_g2p(args.out, model_config, cfg)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from attnserve.export.pipeline import ExportConfig, export_model
+
+    try:
+        entry = export_model(
+            ExportConfig(
+                args.checkpoint,
+                args.repository,
+                args.name,
+                args.version,
+                force=args.force,
+                eval_limit=args.eval_limit,
+            )
+        )
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(entry)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from attnserve.models.evaluate import evaluate_g2p
+    from attnserve.models.g2p_data import load_split
+    from attnserve.service.manifest import Manifest
+    from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
+
+    manifest = Manifest.load(args.entry)
+    entries = load_split(args.split)[: args.limit or None]
+    got = evaluate_g2p(
+        OnnxSeq2Seq(manifest),
+        entries,
+        manifest.source_vocab,
+        manifest.target_vocab,
+        manifest.max_output_tokens,
+        progress=True,
+    )
+    recorded = manifest.metrics.get(args.split, {})
+    print(f"{manifest.name} v{manifest.version} on {int(got['words'])} {args.split} words")
+    for key in ("wer", "per"):
+        note = f"  (manifest: {100 * recorded[key]:.2f}%)" if key in recorded else ""
+        print(f"  {key.upper()} {100 * got[key]:.2f}%{note}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from attnserve.bench.run import BenchConfig, run_bench
+
+    run_bench(
+        BenchConfig(
+            model=args.model,
+            repository=args.repository,
+            target=args.target,
+            concurrency=tuple(args.concurrency),
+            requests=args.requests,
+            out=args.out,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="attnserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start the service on a model repository")
+    p.add_argument("--config", type=Path, help="YAML file with ServeConfig fields")
+    p.add_argument("--repository", type=Path, help="model repository (default: model_repository)")
+    p.add_argument("--address", help="Ray cluster to deploy onto (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--batch-wait-ms", type=float)
+    p.set_defaults(handler=_serve)
+
+    for name, handler, help_ in (
+        ("translate", _translate, "translate text with a served model"),
+        ("models", _models, "list the served models"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--target", default=DEFAULT_ADDRESS, help=f"gRPC address (default {DEFAULT_ADDRESS})")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
+        p.set_defaults(handler=handler)
+        if name == "translate":
+            p.add_argument("--model", required=True)
+            p.add_argument("text")
+            p.add_argument("--attention", action="store_true", help="print the attention matrix")
+            p.add_argument("--max-output-tokens", type=int, default=0)
+
+    p = sub.add_parser("train", help="train the Bahdanau G2P model on CMUdict (needs the train extra)")
+    p.add_argument("--out", type=Path, default=Path("runs/g2p-bahdanau"))
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-train-words", type=int, default=0, help="0 = all; small for a smoke run")
+    p.add_argument("--embed-size", type=int, default=64)
+    p.add_argument("--encoder-size", type=int, default=192)
+    p.add_argument("--decoder-size", type=int, default=384)
+    p.add_argument("--attention-size", type=int, default=128)
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("export", help="export a checkpoint into the model repository")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--name", default="g2p-bahdanau")
+    p.add_argument("--version", default="1")
+    p.add_argument("--force", action="store_true", help="replace an existing entry")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test words (0 = all)")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("eval", help="evaluate a repository entry through the serving runtime")
+    p.add_argument("entry", type=Path, help="e.g. model_repository/g2p-bahdanau/1")
+    p.add_argument("--split", default="test", choices=("dev", "test"))
+    p.add_argument("--limit", type=int, default=0)
+    p.set_defaults(handler=_eval)
+
+    p = sub.add_parser("bench", help="gRPC load at several concurrencies vs the in-process engine")
+    p.add_argument("--model", default="g2p-bahdanau")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--target", help="benchmark a running service instead of starting one")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
+    p.add_argument("--out", type=Path, default=Path("bench/results/bench.json"))
+    p.set_defaults(handler=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `attnserve` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Proto <-> domain conversions for attnserve.v1 (the only module that knows both)."""
+
+from __future__ import annotations
+
+from attnserve.service.errors import invalid
+from attnserve.service.manifest import Manifest
+from attnserve.service.translation import AttentionMode, Translation
+from attnserve.v1 import translator_pb2 as pb
+
+_ATTENTION_FROM_PB = {
+    pb.ATTENTION_MODE_NONE: AttentionMode.NONE,
+    pb.ATTENTION_MODE_CROSS: AttentionMode.CROSS,
+}
+_ATTENTION_TO_PB = {v: k for k, v in _ATTENTION_FROM_PB.items()}
+
+
+def attention_from_pb(value: int) -> AttentionMode:
+    """Domain attention mode; an enum value this server does not know is INVALID_ARGUMENT."""
+    try:
+        return _ATTENTION_FROM_PB[value]
+    except KeyError:
+        raise invalid(f"unknown attention mode {value}") from None
+
+
+def translation_to_pb(result: Translation, manifest: Manifest) -> pb.TranslateResponse:
+    """TranslateResponse for one result; attention as a labelled row-major matrix."""
+    response = pb.TranslateResponse(
+        text=result.text,
+        output_tokens=result.output_tokens,
+        source_tokens=result.source_tokens,
+        model=manifest.name,
+        model_version=manifest.version,
+        batch_size=result.batch_size,
+    )
+    if result.attention is not None:
+        rows, cols = result.attention.shape
+        response.attention.CopyFrom(
+            pb.AttentionMatrix(
+                rows=rows,
+                cols=cols,
+                weights=result.attention.ravel().tolist(),
+                row_labels=result.output_tokens,
+                col_labels=result.source_tokens,
+            )
+        )
+    return response
+
+
+def model_info_to_pb(manifest: Manifest, providers: tuple[str, ...]) -> pb.ModelInfo:
+    """ModelInfo from a manifest, its test-split figures and the providers in use."""
+    metrics = {k: float(v) for k, v in manifest.metrics.get("test", {}).items()}
+    return pb.ModelInfo(
+        name=manifest.name,
+        version=manifest.version,
+        task=manifest.task,
+        architecture=manifest.architecture,
+        attention_modes=[_ATTENTION_TO_PB[AttentionMode(m)] for m in manifest.attention_modes],
+        metrics=metrics,
+        max_source_tokens=manifest.max_source_tokens,
+        max_output_tokens=manifest.max_output_tokens,
+        execution_providers=list(providers),
+    )

@@ -1,0 +1,165 @@
+"""The model-repository manifest: what a served model is, its graphs, vocabularies and figures.
+
+Layout: <repository>/<model name>/<version>/{manifest.json, encoder.onnx, decoder_step.onnx}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attnserve.service.vocab import Vocab
+
+FORMAT_REVISION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A model-repository entry is missing, malformed or does not match its files."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, element type and shape (ints or axis names)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX file with its checksum and declared inputs and outputs."""
+
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """How the decode loop wires the decoder step.
+
+    initial_state maps each decoder input to where its first value comes from:
+    "encoder:<output name>" or "input:<encoder input name>". recurrent maps a decoder output to
+    the decoder input it feeds at the next step.
+    """
+
+    token_input: str
+    logits_output: str
+    attention_output: str
+    initial_state: dict[str, str]
+    recurrent: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed manifest.json; `path` is the folder holding it."""
+
+    path: Path
+    name: str
+    version: str
+    task: str
+    architecture: str
+    source_vocab: Vocab
+    target_vocab: Vocab
+    lowercase: bool
+    target_separator: str
+    max_source_tokens: int
+    max_output_tokens: int
+    encoder: GraphSpec
+    decoder_step: GraphSpec
+    decoder: DecoderSpec
+    attention_modes: tuple[str, ...]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def load(cls, folder: Path, verify_checksums: bool = True) -> Manifest:
+        """Reads and validates <folder>/manifest.json.
+
+        Raises:
+            ManifestError: if the file is missing, malformed, of another format revision, or an
+                ONNX file is missing or does not match its sha256.
+        """
+        folder = Path(folder)
+        try:
+            raw = json.loads((folder / MANIFEST_FILE).read_text("utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ManifestError(f"cannot read {folder / MANIFEST_FILE}: {e}") from e
+        if raw.get("format_revision") != FORMAT_REVISION:
+            raise ManifestError(
+                f"{folder}: manifest format revision {raw.get('format_revision')!r}, "
+                f"this attnserve reads revision {FORMAT_REVISION}"
+            )
+        try:
+            manifest = cls._parse(folder, raw)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{folder / MANIFEST_FILE}: malformed ({e!r})") from e
+        if verify_checksums:
+            for graph in (manifest.encoder, manifest.decoder_step):
+                actual = sha256_of(folder / graph.file) if (folder / graph.file).is_file() else "missing"
+                if actual != graph.sha256:
+                    raise ManifestError(f"{folder / graph.file}: sha256 {actual} != manifest {graph.sha256}")
+        return manifest
+
+    @classmethod
+    def _parse(cls, folder: Path, raw: dict[str, Any]) -> Manifest:
+        """Builds the dataclasses from the JSON object."""
+
+        def specs(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+
+        def graph(g: dict[str, Any]) -> GraphSpec:
+            return GraphSpec(g["file"], g["sha256"], specs(g["inputs"]), specs(g["outputs"]))
+
+        src, tgt = raw["source"], raw["target"]
+        return cls(
+            path=folder,
+            name=raw["name"],
+            version=str(raw["version"]),
+            task=raw["task"],
+            architecture=raw["architecture"],
+            source_vocab=Vocab(tuple(src["vocab"])),
+            target_vocab=Vocab(tuple(tgt["vocab"])),
+            lowercase=bool(src.get("lowercase", False)),
+            target_separator=tgt.get("separator", " "),
+            max_source_tokens=int(src["max_tokens"]),
+            max_output_tokens=int(tgt["max_tokens"]),
+            encoder=graph(raw["graphs"]["encoder"]),
+            decoder_step=graph(raw["graphs"]["decoder_step"]),
+            decoder=DecoderSpec(**raw["decoder"]),
+            attention_modes=tuple(raw.get("attention_modes", ())),
+            metrics=raw.get("metrics", {}),
+            raw=raw,
+        )
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def discover(repository: Path) -> list[Manifest]:
+    """Latest version (highest number) of every model in a repository, sorted by name.
+
+    Raises:
+        ManifestError: if the repository does not exist or an entry is invalid.
+    """
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise ManifestError(f"model repository {repository} does not exist")
+    found = []
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
+        versions = [v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()]
+        if versions:
+            found.append(Manifest.load(max(versions, key=lambda v: int(v.name))))
+    return found

@@ -1,0 +1,81 @@
+"""attnserve's Prometheus metrics, recorded through Ray Serve's metrics API.
+
+Ray exports them (prefixed `ray_`, with application/deployment/replica labels added) on the
+Ray metrics agent's /metrics endpoint beside Serve's own `ray_serve_*` metrics; a plain
+prometheus_client registry inside a replica would not be scraped.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from ray.serve.metrics import Counter, Histogram
+
+LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+TOKEN_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+MODEL_TAGS = ("model", "version")
+
+
+@cache
+def request_latency() -> Histogram:
+    """End-to-end time in the ingress, by rpc and gRPC status code."""
+    return Histogram(
+        "attnserve_request_latency_seconds",
+        description="Time to answer a request in the attnserve ingress, by rpc and status code.",
+        boundaries=LATENCY_BUCKETS_S,
+        tag_keys=(*MODEL_TAGS, "rpc", "code"),
+    )
+
+
+@cache
+def request_errors() -> Counter:
+    """Failed requests by rpc and gRPC status code."""
+    return Counter(
+        "attnserve_request_errors_total",
+        description="Requests answered with a non-OK gRPC status, by rpc and code.",
+        tag_keys=(*MODEL_TAGS, "rpc", "code"),
+    )
+
+
+@cache
+def batch_wait() -> Histogram:
+    """Time a request waited in the model replica before its batch started decoding."""
+    return Histogram(
+        "attnserve_batch_wait_seconds",
+        description="Time from a request reaching the model replica to its batch starting.",
+        boundaries=LATENCY_BUCKETS_S,
+        tag_keys=MODEL_TAGS,
+    )
+
+
+@cache
+def batch_size() -> Histogram:
+    """Requests per decoded batch."""
+    return Histogram(
+        "attnserve_batch_size",
+        description="Number of requests decoded together in one batch.",
+        boundaries=BATCH_BUCKETS,
+        tag_keys=MODEL_TAGS,
+    )
+
+
+@cache
+def decode_latency() -> Histogram:
+    """Time to decode one batch."""
+    return Histogram(
+        "attnserve_batch_decode_seconds",
+        description="Time to encode and decode one batch with ONNX Runtime.",
+        boundaries=LATENCY_BUCKETS_S,
+        tag_keys=MODEL_TAGS,
+    )
+
+
+@cache
+def output_tokens() -> Counter:
+    """Output tokens produced."""
+    return Counter(
+        "attnserve_output_tokens_total",
+        description="Output tokens generated.",
+        tag_keys=MODEL_TAGS,
+    )

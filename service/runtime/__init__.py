@@ -1,0 +1,1 @@
+"""Torch-free model runtime: ONNX Runtime sessions and the numpy decode loop."""

@@ -1,0 +1,105 @@
+"""ONNX Runtime sessions for one model-repository entry, behind the decode loop's interface."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from attnserve.service.manifest import Manifest
+from attnserve.service.runtime.decoding import State
+
+log = logging.getLogger(__name__)
+
+
+class ProviderError(RuntimeError):
+    """None of the configured execution providers can run here, or a required one is missing."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How sessions are built.
+
+    providers: execution providers to try, in priority order; those not available are skipped.
+    require_first: fail instead of falling back when the first provider is unavailable
+        (a GPU profile on a host without a GPU must not silently serve on CPU).
+    intra_op_threads: 0 lets ONNX Runtime choose.
+    allow_spinning: ORT's default spin-wait costs 1.2-1.8x on small CPU hosts, so it is off.
+    """
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    require_first: bool = False
+    intra_op_threads: int = 0
+    allow_spinning: bool = False
+
+
+def choose_providers(config: RuntimeConfig) -> list[str]:
+    """Configured providers that this onnxruntime build offers, in order.
+
+    Raises:
+        ProviderError: if none is available, or the first is missing and require_first is set.
+    """
+    available = set(ort.get_available_providers())
+    chosen = [p for p in config.providers if p in available]
+    missing = [p for p in config.providers if p not in available]
+    if missing and config.require_first and config.providers[0] in missing:
+        raise ProviderError(
+            f"execution provider {config.providers[0]} is required but this host offers only "
+            f"{sorted(available)}"
+        )
+    if not chosen:
+        raise ProviderError(f"none of {list(config.providers)} is available; have {sorted(available)}")
+    if missing:
+        log.warning("execution providers %s are not available; using %s", missing, chosen)
+    return chosen
+
+
+class OnnxSeq2Seq:
+    """Encoder and decoder-step sessions wired as the manifest describes."""
+
+    def __init__(self, manifest: Manifest, config: RuntimeConfig = RuntimeConfig()):
+        self.manifest = manifest
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = config.intra_op_threads
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if config.allow_spinning else "0"
+        )
+        providers = choose_providers(config)
+        self.encoder = ort.InferenceSession(
+            str(manifest.path / manifest.encoder.file), options, providers=providers
+        )
+        self.decoder = ort.InferenceSession(
+            str(manifest.path / manifest.decoder_step.file), options, providers=providers
+        )
+        self.providers = tuple(self.decoder.get_providers())
+        log.info("%s v%s runs on %s", manifest.name, manifest.version, ", ".join(self.providers))
+        spec = manifest.decoder
+        self._encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+        self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        self._state_inputs = [i.name for i in self.decoder.get_inputs() if i.name != spec.token_input]
+        unknown = set(self._state_inputs) - set(spec.initial_state)
+        if unknown:
+            raise ValueError(f"{manifest.path}: decoder inputs {sorted(unknown)} have no initial_state")
+
+    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> State:
+        """src_ids (B, S) int64, src_mask (B, S) bool -> the decoder step's initial inputs."""
+        inputs = {"src_ids": src_ids, "src_mask": src_mask}
+        outputs = dict(zip(self._encoder_outputs, self.encoder.run(None, inputs), strict=True))
+        sources = {"encoder": outputs, "input": inputs}
+        state = {}
+        for name, origin in self.manifest.decoder.initial_state.items():
+            kind, _, key = origin.partition(":")
+            state[name] = sources[kind][key]
+        return state
+
+    def step(self, prev_tokens: np.ndarray, state: State):
+        """prev_tokens (B,) int64 -> logits (B, V), attention (B, S), next state."""
+        spec = self.manifest.decoder
+        feeds = {spec.token_input: prev_tokens, **{k: state[k] for k in self._state_inputs}}
+        outputs = dict(zip(self._decoder_outputs, self.decoder.run(None, feeds), strict=True))
+        new_state = dict(state)
+        for out_name, in_name in spec.recurrent.items():
+            new_state[in_name] = outputs[out_name]
+        return outputs[spec.logits_output], outputs[spec.attention_output], new_state

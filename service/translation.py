@@ -1,0 +1,138 @@
+"""The serving core for one model: validate a request, decode a batch (no Ray, no protos).
+
+`SourceCodec` needs only the manifest, so the ingress can validate a request before it joins a
+batch; `Translator` adds the ONNX Runtime model and decodes batches of prepared requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from attnserve.service.errors import ErrorCode, RequestError, invalid
+from attnserve.service.manifest import Manifest
+from attnserve.service.runtime.decoding import greedy_decode
+from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+class AttentionMode(Enum):
+    """Which attention weights a request wants back."""
+
+    NONE = "none"
+    CROSS = "cross"
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request, ready to join a batch."""
+
+    source_tokens: tuple[str, ...]
+    source_ids: tuple[int, ...]
+    max_output_tokens: int
+    attention: AttentionMode
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The result for one request. attention: (output tokens, source tokens) or None."""
+
+    output_tokens: tuple[str, ...]
+    text: str
+    source_tokens: tuple[str, ...]
+    attention: np.ndarray | None
+    batch_size: int
+
+
+class SourceCodec:
+    """Turns request text into model inputs, with clear errors for what the model cannot take."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        vocab = manifest.source_vocab
+        self._alphabet = "".join(t for t in vocab.tokens[3:] if len(t) == 1)
+
+    def prepare(self, text: str, attention: AttentionMode, max_output_tokens: int = 0) -> PreparedRequest:
+        """Validates and tokenises one request.
+
+        Args:
+            text: the source text; surrounding whitespace is ignored.
+            attention: which attention weights to return.
+            max_output_tokens: 0 for the model's maximum; larger values are capped to it.
+
+        Raises:
+            RequestError: INVALID_ARGUMENT for empty text, text over the model's maximum
+                length, or characters outside the model's alphabet.
+        """
+        m = self.manifest
+        text = text.strip()
+        if m.lowercase:
+            text = text.lower()
+        if not text:
+            raise invalid("text is empty")
+        if len(text) > m.max_source_tokens:
+            raise invalid(
+                f"text has {len(text)} characters; model {m.name!r} accepts at most {m.max_source_tokens}"
+            )
+        unknown = sorted({c for c in text if c not in m.source_vocab})
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            raise invalid(
+                f"model {m.name!r} cannot read {shown}; it accepts only these characters: {self._alphabet}"
+            )
+        if attention.value not in m.attention_modes and attention is not AttentionMode.NONE:
+            raise invalid(f"model {m.name!r} does not return {attention.value} attention")
+        if max_output_tokens < 0:
+            raise invalid("max_output_tokens must not be negative")
+        limit = min(max_output_tokens or m.max_output_tokens, m.max_output_tokens)
+        tokens = tuple(text)
+        return PreparedRequest(tokens, tuple(m.source_vocab.encode(tokens)), limit, attention)
+
+
+class Translator:
+    """Decodes batches of prepared requests with one model's ONNX Runtime sessions."""
+
+    def __init__(self, manifest: Manifest, runtime: RuntimeConfig = RuntimeConfig()):
+        self.manifest = manifest
+        self.codec = SourceCodec(manifest)
+        self.model = OnnxSeq2Seq(manifest, runtime)
+
+    def translate_batch(self, requests: list[PreparedRequest]) -> list[Translation | RequestError]:
+        """Decodes requests together; if the batch fails, retries each alone so one bad
+        request cannot fail the others. Failures come back as RequestError(INTERNAL)."""
+        try:
+            return self._decode(requests)
+        except Exception:
+            if len(requests) == 1:
+                log.exception("decoding failed for a request of %d tokens", len(requests[0].source_ids))
+                return [RequestError(ErrorCode.INTERNAL, "the model failed on this input")]
+            log.exception("batch of %d failed; retrying its requests one by one", len(requests))
+            return [self.translate_batch([r])[0] for r in requests]
+
+    def _decode(self, requests: list[PreparedRequest]) -> list[Translation]:
+        vocab = self.manifest.target_vocab
+        hyps = greedy_decode(
+            self.model,
+            [list(r.source_ids) for r in requests],
+            vocab.bos_id,
+            vocab.eos_id,
+            [r.max_output_tokens for r in requests],
+        )
+        results = []
+        for req, hyp in zip(requests, hyps, strict=True):
+            keep = [i for i, t in enumerate(hyp.token_ids) if t not in vocab.special_ids]
+            tokens = tuple(vocab.tokens[hyp.token_ids[i]] for i in keep)
+            results.append(
+                Translation(
+                    output_tokens=tokens,
+                    text=self.manifest.target_separator.join(tokens),
+                    source_tokens=req.source_tokens,
+                    attention=hyp.attention[keep] if req.attention is AttentionMode.CROSS else None,
+                    batch_size=len(requests),
+                )
+            )
+        return results
