@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_repository=args.repository,
         address=args.address,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         metrics_port=args.metrics_port,
         num_cpus=args.num_cpus,
     )
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to deploy onto (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--grpc-port", type=int)
     p.add_argument("--metrics-port", type=int)
+    p.add_argument("--http-port", type=int, help="Ray Serve's HTTP proxy port (bound to 127.0.0.1)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--batch-wait-ms", type=float)

@@ -1,0 +1,59 @@
+# attnserve developer commands. `make serve` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Serving needs no torch; tests, training and export do (the CPU wheel, pinned in pyproject).
+SERVE_STAMP := $(VENV)/.installed-serve
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: serve test test-unit test-integration lint format bench train export eval clean
+
+$(BIN)/pip:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(SERVE_STAMP): pyproject.toml setup.py protos/attnserve/v1/*.proto | $(BIN)/pip
+	$(BIN)/pip install --quiet -e '.[cpu]'
+	touch $@
+
+$(DEV_STAMP): pyproject.toml setup.py protos/attnserve/v1/*.proto | $(BIN)/pip
+	$(BIN)/pip install --quiet -e '.[cpu,train,dev]'
+	touch $@ $(SERVE_STAMP)
+
+serve: $(SERVE_STAMP)  ## start the service on the bundled models (Ctrl-C stops it)
+	$(BIN)/attnserve serve
+
+test: $(DEV_STAMP)  ## lint + the whole test suite (what CI runs)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -m "not slow"
+
+test-unit: $(DEV_STAMP)
+	$(BIN)/pytest -m "not slow and not integration"
+
+test-integration: $(DEV_STAMP)
+	$(BIN)/pytest -m integration
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(DEV_STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(DEV_STAMP)  ## gRPC load at concurrency 1/8/32 vs the in-process engine; writes bench/results/bench.json
+	$(BIN)/attnserve bench
+
+train: $(DEV_STAMP)  ## full training of the bundled G2P model (~35 min on 2 cores)
+	$(BIN)/attnserve train --out runs/g2p-bahdanau
+
+export: $(DEV_STAMP)  ## export the trained checkpoint into the model repository (replaces the bundled entry)
+	$(BIN)/attnserve export runs/g2p-bahdanau/checkpoint.pt --force
+
+eval: $(DEV_STAMP)  ## re-evaluate the bundled model through the serving runtime
+	$(BIN)/attnserve eval model_repository/g2p-bahdanau/1
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	find protos -name '*_pb2*.py*' -delete

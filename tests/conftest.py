@@ -1,0 +1,38 @@
+"""Shared fixtures: the bundled model entry and a tiny model trained and exported per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_REPOSITORY = ROOT / "model_repository"
+BUNDLED_ENTRY = BUNDLED_REPOSITORY / "g2p-bahdanau" / "1"
+TINY_MODEL = dict(embed_size=16, encoder_size=32, decoder_size=64, attention_size=32)
+
+
+@pytest.fixture(scope="session")
+def bundled_manifest():
+    """The bundled G2P model's manifest (checksums verified)."""
+    from attnserve.service.manifest import Manifest
+
+    return Manifest.load(BUNDLED_ENTRY)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small Bahdanau model trained for one short epoch on real CMUdict words."""
+    from attnserve.models.train import TrainConfig, train_g2p
+
+    out = tmp_path_factory.mktemp("tiny-train")
+    return train_g2p(out, TINY_MODEL, TrainConfig(epochs=1, batch_size=64, max_train_words=1500))
+
+
+@pytest.fixture(scope="session")
+def tiny_entry(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model exported into its own model repository."""
+    from attnserve.export.pipeline import ExportConfig, export_model
+
+    repo = tmp_path_factory.mktemp("tiny-repo")
+    return export_model(ExportConfig(tiny_checkpoint, repo, "tiny-g2p", eval_limit=200))

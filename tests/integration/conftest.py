@@ -1,0 +1,80 @@
+"""Starts the real `attnserve serve` (local Ray + Ray Serve + gRPC) once for the integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import BUNDLED_REPOSITORY
+
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningService:
+    """A service started by the tests, with what was printed so far."""
+
+    process: subprocess.Popen
+    grpc_address: str
+    metrics_url: str
+    lines: list[str] = field(default_factory=list)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+
+def _pump(stream, sink: list[str]) -> None:
+    for line in stream:
+        sink.append(line)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory) -> RunningService:
+    """`attnserve serve` on the bundled models, on free local ports, with a 20 ms batch window."""
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
+    exe = Path(sys.executable).with_name("attnserve")
+    cmd = [
+        str(exe), "serve", "--repository", str(BUNDLED_REPOSITORY), "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--batch-wait-ms", "20",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    running = RunningService(proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics")
+    threading.Thread(target=_pump, args=(proc.stdout, running.lines), daemon=True).start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not any("attnserve is up" in line for line in running.lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("attnserve did not start:\n" + "".join(running.lines[-40:]))
+        time.sleep(0.5)
+    yield running
+    if proc.poll() is None:  # a test failed before the shutdown test ran
+        children = running.descendants()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for child in children:
+            if child.is_running():
+                child.kill()

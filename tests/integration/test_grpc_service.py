@@ -1,0 +1,185 @@
+"""The real service over a real gRPC socket: translate, attention, shared batches, errors, metrics.
+
+The last test stops the service with SIGTERM and checks that nothing is left running.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from attnserve.service.client import Client, attention_array
+from attnserve.v1 import translator_pb2 as pb
+
+pytestmark = pytest.mark.integration
+MODEL = "g2p-bahdanau"
+LEAK_MARKERS = ("Traceback", "ray.", "Ray", "pid=", 'File "', "\x1b[", "Exception")
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with Client(service.grpc_address, timeout_s=60) as c:
+        yield c
+
+
+def _request(text: str, model: str = MODEL, attention: bool = False) -> pb.TranslateRequest:
+    mode = pb.ATTENTION_MODE_CROSS if attention else pb.ATTENTION_MODE_NONE
+    return pb.TranslateRequest(model=model, text=text, options=pb.TranslateOptions(attention=mode))
+
+
+def test_translate_without_attention(client, bundled_manifest):
+    response = client.translate(MODEL, "Attention")
+    assert response.text and response.text == " ".join(response.output_tokens)
+    assert set(response.output_tokens) <= set(bundled_manifest.target_vocab.tokens[3:])
+    assert list(response.source_tokens) == list("attention")
+    assert (response.model, response.model_version) == (MODEL, bundled_manifest.version)
+    assert not response.HasField("attention")
+
+
+def test_translate_with_attention(client):
+    response = client.translate(MODEL, "serving", attention=True)
+    matrix = response.attention
+    assert (matrix.rows, matrix.cols) == (len(response.output_tokens), len("serving"))
+    assert list(matrix.row_labels) == list(response.output_tokens)
+    assert list(matrix.col_labels) == list("serving")
+    weights = attention_array(matrix)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-4)
+    assert (weights >= 0).all()
+
+
+def test_same_answer_as_the_runtime_in_process(client, bundled_manifest):
+    from attnserve.service.translation import AttentionMode, Translator
+
+    words = ["pronunciation", "zyzzyva", "o'connor", "tensor"]
+    local = Translator(bundled_manifest)
+    expected = local.translate_batch([local.codec.prepare(w, AttentionMode.NONE) for w in words])
+    for word, want in zip(words, expected, strict=True):
+        assert tuple(client.translate(MODEL, word).output_tokens) == want.output_tokens
+
+
+def test_concurrent_requests_share_batches(client):
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"] * 3
+    futures = [client.stub.Translate.future(_request(w), timeout=60) for w in words]
+    sizes = [f.result().batch_size for f in futures]
+    assert max(sizes) > 1, sizes
+
+
+def test_a_bad_request_does_not_fail_the_good_ones_in_its_batch(client):
+    texts = ["good", "bad text!", "words", "", "attention", "x" * 100]
+    futures = [client.stub.Translate.future(_request(t), timeout=60) for t in texts]
+    futures.append(client.stub.Translate.future(_request("fine", model="no-such-model"), timeout=60))
+    outcomes = []
+    for f in futures:
+        try:
+            outcomes.append(("OK", f.result().text))
+        except grpc.RpcError as e:
+            outcomes.append((e.code().name, e.details()))
+    codes = [c for c, _ in outcomes]
+    assert codes == [
+        "OK",
+        "INVALID_ARGUMENT",
+        "OK",
+        "INVALID_ARGUMENT",
+        "OK",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+    ]
+    assert "cannot read ' ', '!'" in outcomes[1][1]
+    assert "text is empty" in outcomes[3][1]
+    assert "at most 32" in outcomes[5][1]
+    assert "served models: g2p-bahdanau" in outcomes[6][1]
+    for code, details in outcomes:
+        if code != "OK":
+            assert not any(marker in details for marker in LEAK_MARKERS), details
+
+
+def test_unknown_attention_mode_is_invalid_argument(client):
+    request = pb.TranslateRequest(model=MODEL, text="cat", options=pb.TranslateOptions(attention=42))
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.Translate(request, timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown attention mode 42" in info.value.details()
+
+
+def test_list_models_reports_figures_and_providers(client, bundled_manifest):
+    (info,) = client.list_models().models
+    assert info.name == MODEL and info.architecture == "bahdanau-gru" and info.task == "g2p"
+    assert list(info.execution_providers) == ["CPUExecutionProvider"]
+    assert list(info.attention_modes) == [pb.ATTENTION_MODE_CROSS]
+    assert info.metrics["wer"] == pytest.approx(bundled_manifest.metrics["test"]["wer"])
+
+
+def test_cli_translate_prints_phonemes_and_attention(service):
+    cli = [str(Path(sys.executable).with_name("attnserve")), "translate", "--target", service.grpc_address]
+    out = subprocess.run(
+        [*cli, "--model", MODEL, "attention", "--attention"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    lines = out.splitlines()
+    assert lines[0] and all(tok.isupper() for tok in lines[0].split())
+    header = next(i for i, line in enumerate(lines) if line.split() == list("attention"))
+    assert len(lines) - header - 1 == len(lines[0].split())  # one row per phoneme
+    bad = subprocess.run([*cli, "--model", MODEL, "no way"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+
+
+def _scrape(url: str) -> dict[str, list]:
+    """Samples by metric family (histograms under their base name, counters without _total)."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_endpoint_exposes_request_batch_and_token_metrics(client, service):
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda w: client.translate(MODEL, w), ["metrics", "scrape", "prometheus"] * 4))
+    wanted = {
+        "ray_attnserve_request_latency_seconds": {"model", "version", "rpc", "code"},
+        "ray_attnserve_request_errors_total": {"model", "version", "rpc", "code"},
+        "ray_attnserve_batch_wait_seconds": {"model", "version"},
+        "ray_attnserve_batch_size": {"model", "version"},
+        "ray_attnserve_output_tokens_total": {"model", "version"},
+        "ray_serve_num_grpc_requests_total": set(),
+    }
+    deadline, families = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        families = _scrape(service.metrics_url)
+        if all(name.removesuffix("_total") in families for name in wanted):
+            break
+        time.sleep(2)
+    for name, labels in wanted.items():
+        samples = families.get(name.removesuffix("_total"))
+        assert samples, f"{name} missing from {service.metrics_url}"
+        assert labels <= set(samples[0].labels), (name, samples[0].labels)
+    latency = families["ray_attnserve_request_latency_seconds"]
+    codes = {s.labels["code"] for s in latency}
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= codes, codes
+    assert {s.labels["model"] for s in latency} <= {MODEL, "_unknown"}
+    sizes = families["ray_attnserve_batch_size"]
+    count = sum(s.value for s in sizes if s.name.endswith("_count"))
+    total = sum(s.value for s in sizes if s.name.endswith("_sum"))
+    assert total > count > 0, "some batches held more than one request"
+
+
+def test_sigterm_stops_the_service_and_leaves_no_process(service):
+    children = service.descendants()
+    assert children, "Ray runs in child processes of the service"
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(90) == 0, "".join(service.lines[-30:])
+    deadline = time.monotonic() + 30
+    while any(c.is_running() and c.status() != "zombie" for c in children) and time.monotonic() < deadline:
+        time.sleep(1)
+    left = [f"{c.pid} {c.name()}" for c in children if c.is_running() and c.status() != "zombie"]
+    assert not left, f"processes left behind: {left}"

@@ -1,0 +1,66 @@
+"""The numpy decode loop over the real ONNX graphs: batching must not change any result."""
+
+import numpy as np
+import pytest
+
+from attnserve.models.g2p_data import load_split
+from attnserve.service.runtime.decoding import greedy_decode, pad_batch
+from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, ProviderError, RuntimeConfig, choose_providers
+
+
+@pytest.fixture(scope="module")
+def model(bundled_manifest):
+    return OnnxSeq2Seq(bundled_manifest)
+
+
+@pytest.fixture(scope="module")
+def sources(bundled_manifest):
+    words = [e.word for e in load_split("test")[:40:3]]
+    return [bundled_manifest.source_vocab.encode(list(w)) for w in words]
+
+
+def _decode(model, manifest, sources, limits):
+    vocab = manifest.target_vocab
+    return greedy_decode(model, sources, vocab.bos_id, vocab.eos_id, limits)
+
+
+def test_batched_equals_one_by_one(model, bundled_manifest, sources):
+    batched = _decode(model, bundled_manifest, sources, [32] * len(sources))
+    for src, hyp in zip(sources, batched, strict=True):
+        (alone,) = _decode(model, bundled_manifest, [src], [32])
+        assert hyp.token_ids == alone.token_ids
+        np.testing.assert_allclose(hyp.attention, alone.attention, atol=1e-5)
+
+
+def test_attention_rows_are_distributions_over_the_real_source(model, bundled_manifest, sources):
+    for src, hyp in zip(sources, _decode(model, bundled_manifest, sources, [32] * len(sources)), strict=True):
+        assert hyp.finished and len(hyp.token_ids) > 0
+        assert hyp.attention.shape == (len(hyp.token_ids), len(src))
+        np.testing.assert_allclose(hyp.attention.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_per_row_limits_are_respected(model, bundled_manifest, sources):
+    limits = [i % 4 for i in range(len(sources))]  # 0..3 tokens
+    full = _decode(model, bundled_manifest, sources, [32] * len(sources))
+    for limit, hyp, ref in zip(limits, _decode(model, bundled_manifest, sources, limits), full, strict=True):
+        assert hyp.token_ids == ref.token_ids[:limit]
+        assert hyp.attention.shape[0] == len(hyp.token_ids)
+
+
+def test_pad_batch():
+    ids, mask = pad_batch([[5, 6, 7], [8]])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_provider_selection_is_explicit():
+    assert choose_providers(RuntimeConfig(("CUDAExecutionProvider", "CPUExecutionProvider"))) in (
+        ["CPUExecutionProvider"],
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    with pytest.raises(ProviderError, match="required"):
+        choose_providers(
+            RuntimeConfig(("NoSuchExecutionProvider", "CPUExecutionProvider"), require_first=True)
+        )
+    with pytest.raises(ProviderError, match="none of"):
+        choose_providers(RuntimeConfig(("NoSuchExecutionProvider",)))

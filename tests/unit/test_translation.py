@@ -1,0 +1,80 @@
+"""Request validation (fuzzed) and per-request isolation of failures inside a batch."""
+
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnserve.service.errors import ErrorCode, RequestError
+from attnserve.service.translation import AttentionMode, PreparedRequest, SourceCodec, Translation, Translator
+
+
+@pytest.fixture(scope="module")
+def codec(bundled_manifest):
+    return SourceCodec(bundled_manifest)
+
+
+@pytest.fixture(scope="module")
+def translator(bundled_manifest):
+    return Translator(bundled_manifest)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "text is empty"),
+        ("   \n", "text is empty"),
+        ("a" * 33, "at most 32"),
+        ("héllo", "cannot read 'é'"),
+        ("two words", "cannot read ' '"),
+        ("x\x00y", "cannot read '\\x00'"),
+    ],
+)
+def test_bad_text_is_invalid_argument_with_a_reason(codec, text, message):
+    with pytest.raises(RequestError) as info:
+        codec.prepare(text, AttentionMode.NONE)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert message in info.value.message
+
+
+def test_text_is_normalised_and_limits_are_capped(codec, bundled_manifest):
+    prepared = codec.prepare("  Attention\n", AttentionMode.CROSS, max_output_tokens=10_000)
+    assert prepared.source_tokens == tuple("attention")
+    assert prepared.max_output_tokens == bundled_manifest.max_output_tokens
+    assert codec.prepare("cat", AttentionMode.NONE, max_output_tokens=2).max_output_tokens == 2
+    with pytest.raises(RequestError, match="negative"):
+        codec.prepare("cat", AttentionMode.NONE, max_output_tokens=-1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(string.ascii_letters), max_size=40))
+def test_any_text_is_either_prepared_or_rejected_cleanly(codec, text):
+    try:
+        prepared = codec.prepare(text, AttentionMode.CROSS)
+    except RequestError as e:
+        assert e.code is ErrorCode.INVALID_ARGUMENT and e.message
+        return
+    assert 0 < len(prepared.source_ids) <= 32
+    assert all(3 <= i < len(codec.manifest.source_vocab) for i in prepared.source_ids)
+
+
+def test_translate_batch_returns_attention_only_when_asked(translator, codec):
+    with_attn, without = translator.translate_batch(
+        [codec.prepare("attention", AttentionMode.CROSS), codec.prepare("attention", AttentionMode.NONE)]
+    )
+    assert with_attn.output_tokens == without.output_tokens and with_attn.batch_size == 2
+    assert with_attn.attention.shape == (len(with_attn.output_tokens), len("attention"))
+    assert without.attention is None
+    assert with_attn.text == " ".join(with_attn.output_tokens)
+
+
+def test_one_failing_request_does_not_fail_its_batch(translator, codec):
+    good = codec.prepare("serving", AttentionMode.NONE)
+    # A request that bypassed validation: a source id outside the embedding table makes ORT fail.
+    bad = PreparedRequest(("?",), (10_000,), 8, AttentionMode.NONE)
+    results = translator.translate_batch([good, bad, good])
+    assert isinstance(results[0], Translation) and isinstance(results[2], Translation)
+    assert results[0].output_tokens == translator.translate_batch([good])[0].output_tokens
+    assert isinstance(results[1], RequestError) and results[1].code is ErrorCode.INTERNAL
+    assert "10000" not in results[1].message and "onnx" not in results[1].message.lower()
