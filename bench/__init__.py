@@ -1,0 +1,1 @@
+"""Benchmarks: gRPC load against the service next to the same batching in-process."""
