@@ -21,7 +21,7 @@ import numpy as np
 
 from attnserve.bench.microbatch import MicroBatcher
 from attnserve.models.g2p_data import load_split
-from attnserve.service.config import BatchingConfig, ServeConfig
+from attnserve.service.config import BatchingConfig, LocalOptions
 from attnserve.service.manifest import discover
 from attnserve.service.translation import AttentionMode, Translator
 from attnserve.v1 import translator_pb2 as pb
@@ -136,14 +136,16 @@ def run_bench(cfg: BenchConfig) -> list[Row]:
     else:
         from attnserve.service import server
 
-        ports = dict(grpc_port=_free_port(), http_port=_free_port(), metrics_port=_free_port())
-        serve_cfg = ServeConfig(model_repository=cfg.repository, batching=cfg.batching, **ports)
+        options = LocalOptions(
+            model_repository=cfg.repository, batching=cfg.batching,
+            grpc_port=_free_port(), http_port=_free_port(), metrics_port=_free_port(),
+        )  # fmt: skip
         print("starting attnserve (local Ray) for the gRPC runs ...", flush=True)
-        endpoints = server.start(serve_cfg)
+        endpoints = server.start(options)
         try:
             rows += asyncio.run(_grpc(cfg, endpoints.grpc, words))
         finally:
-            server.stop(local=True)
+            server.stop(endpoints)
     _report(cfg, rows)
     return rows
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import grpc
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from attnserve.service import metrics
-from attnserve.service.config import ServeConfig
+from attnserve.service.config import AppArgs, BatchingConfig
 from attnserve.service.errors import ErrorCode, RequestError
 from attnserve.service.grpc_mapping import attention_from_pb, model_info_to_pb, translation_to_pb
 from attnserve.service.manifest import Manifest, ManifestError, discover
@@ -35,11 +36,14 @@ class ModelServer:
         self.translator = Translator(Manifest.load(Path(entry)), runtime)
         m = self.translator.manifest
         self.tags = {"model": m.name, "version": m.version}
+        for provider in self.translator.model.providers:
+            metrics.execution_provider().set(1, tags={**self.tags, "provider": provider})
 
     def reconfigure(self, user_config: dict) -> None:
-        """Applies BatchingConfig fields without restarting the replica."""
-        self._decode_batch.set_max_batch_size(int(user_config["max_batch_size"]))
-        self._decode_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        """Applies a BatchingConfig without restarting the replica (Ray Serve user_config)."""
+        batching = BatchingConfig.model_validate(user_config)
+        self._decode_batch.set_max_batch_size(batching.max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     def providers(self) -> tuple[str, ...]:
         """ONNX Runtime execution providers in use."""
@@ -65,14 +69,7 @@ class ModelServer:
         return results
 
 
-def _abort(context: RayServegRPCContext, error: RequestError) -> None:
-    """Sets the status on the context and raises, so Serve also counts the request as failed."""
-    context.set_code(grpc.StatusCode[error.code.name])
-    context.set_details(error.message)
-    raise error
-
-
-@serve.deployment
+@serve.deployment(name="ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 class TranslatorIngress:
     """gRPC methods of attnserve.v1.Translator: validate, route to the model, map the result."""
 
@@ -85,43 +82,37 @@ class TranslatorIngress:
 
     async def Translate(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
         """Validates before the request joins a batch; every error gets its own status."""
-        started = time.perf_counter()
         manifest = self.manifests.get(request.model)
-        tags = {
-            "model": request.model if manifest else UNKNOWN_MODEL_TAG,
-            "version": manifest.version if manifest else "",
-            "rpc": "Translate",
-            "code": "OK",
-        }
-        try:
+
+        async def work() -> pb.TranslateResponse:
             if manifest is None:
+                served = ", ".join(sorted(self.manifests))
                 raise RequestError(
-                    ErrorCode.NOT_FOUND,
-                    f"no model named {request.model!r}; served models: {', '.join(sorted(self.manifests))}",
+                    ErrorCode.NOT_FOUND, f"no model named {request.model!r}; served models: {served}"
                 )
+            options = request.options
             prepared = self.codecs[request.model].prepare(
-                request.text, attention_from_pb(request.options.attention), request.options.max_output_tokens
+                request.text, attention_from_pb(options.attention), options.max_output_tokens
             )
-            result = await self._call_model(request.model, prepared)
-            return translation_to_pb(result, manifest)
-        except RequestError as error:
-            tags["code"] = error.code.name
-            _abort(grpc_context, error)
-        finally:
-            if tags["code"] != "OK":
-                metrics.request_errors().inc(tags=tags)
-            metrics.request_latency().observe(time.perf_counter() - started, tags=tags)
+            return translation_to_pb(await self._call_model(request.model, prepared), manifest)
+
+        model, version = (manifest.name, manifest.version) if manifest else (UNKNOWN_MODEL_TAG, "")
+        return await _answer("Translate", model, version, grpc_context, work)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext):
         """Served models with their manifest figures and the providers they run on."""
-        models = []
-        for name, manifest in sorted(self.manifests.items()):
-            providers = await self.handles[name].providers.remote()
-            models.append(model_info_to_pb(manifest, providers))
-        return pb.ListModelsResponse(models=models)
+
+        async def work() -> pb.ListModelsResponse:
+            models = []
+            for name, manifest in sorted(self.manifests.items()):
+                providers = await self.handles[name].providers.remote()
+                models.append(model_info_to_pb(manifest, providers))
+            return pb.ListModelsResponse(models=models)
+
+        return await _answer("ListModels", "", "", grpc_context, work)
 
     async def _call_model(self, name: str, prepared: PreparedRequest) -> Translation:
-        """Calls the model deployment; turns Ray's failures into client-safe errors."""
+        """Calls the model deployment; Ray's overload and restart errors become retryable statuses."""
         try:
             result = await self.handles[name].translate.remote(prepared)
         except BackPressureError:
@@ -130,41 +121,59 @@ class TranslatorIngress:
             ) from None
         except (DeploymentUnavailableError, RayActorError):
             raise RequestError(ErrorCode.UNAVAILABLE, f"model {name!r} is restarting; retry") from None
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("internal error %s while calling model %s", incident, name)
-            raise RequestError(ErrorCode.INTERNAL, f"internal error (incident {incident})") from None
         if isinstance(result, RequestError):
             raise result
         return result
 
 
-def build_app(config: ServeConfig):
-    """Binds one ModelServer per model in the repository behind a TranslatorIngress.
+async def _answer(rpc: str, model: str, version: str, context: RayServegRPCContext, work):
+    """Runs one rpc: records latency and errors, and turns every failure into a clean status.
+
+    Anything that is not a RequestError is logged with an incident id, and the client gets
+    INTERNAL with only that id: no traceback, pid or Ray error text.
+    """
+    tags = {"model": model, "version": version, "rpc": rpc, "code": "OK"}
+    started = time.perf_counter()
+    try:
+        return await work()
+    except Exception as exc:
+        error = exc
+        if not isinstance(exc, RequestError):
+            incident = uuid.uuid4().hex[:12]
+            log.exception("internal error %s in %s", incident, rpc)
+            error = RequestError(ErrorCode.INTERNAL, f"internal error (incident {incident})")
+        tags["code"] = error.code.name
+        metrics.request_errors().inc(tags=tags)
+        context.set_code(grpc.StatusCode[error.code.name])
+        context.set_details(error.message)
+        raise error from None  # raising (not returning) makes Serve count the request as failed
+    finally:
+        metrics.request_latency().observe(time.perf_counter() - started, tags=tags)
+
+
+def app_builder(args: dict | AppArgs) -> Application:
+    """Builds the attnserve application: one ModelServer per model behind a TranslatorIngress.
+
+    Ray Serve calls this with the `args:` of the config file.
 
     Raises:
         ManifestError: if the repository is missing, empty or holds an invalid entry.
     """
-    manifests = discover(config.model_repository)
+    args = AppArgs.model_validate(args)
+    manifests = discover(Path(args.model_repository))
     if not manifests:
-        raise ManifestError(f"no models found in {config.model_repository}")
-    batching = {
-        "max_batch_size": config.batching.max_batch_size,
-        "batch_wait_timeout_s": config.batching.batch_wait_timeout_s,
-    }
+        raise ManifestError(f"no models found in {args.model_repository}")
+    runtime = RuntimeConfig(**args.runtime.model_dump())
+    d = args.model_defaults
     entries, handles = {}, {}
     for m in manifests:
         entries[m.name] = str(m.path.resolve())
         handles[m.name] = ModelServer.options(
             name=f"model-{m.name}",
-            num_replicas=config.replicas_per_model,
-            user_config=batching,
-            max_ongoing_requests=max(config.max_ongoing_requests, config.batching.max_batch_size),
-            max_queued_requests=config.max_queued_requests,
-            ray_actor_options={"num_cpus": config.cpus_per_replica},
-        ).bind(entries[m.name], config.runtime)
-    return TranslatorIngress.options(
-        name="ingress",
-        max_ongoing_requests=config.max_queued_requests,
-        ray_actor_options={"num_cpus": 0},
-    ).bind(entries, handles)
+            num_replicas=d.num_replicas,
+            user_config=d.batching.model_dump(),
+            max_ongoing_requests=max(d.max_ongoing_requests, d.batching.max_batch_size),
+            max_queued_requests=d.max_queued_requests,
+            ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        ).bind(entries[m.name], runtime)
+    return TranslatorIngress.bind(entries, handles)

@@ -6,7 +6,6 @@ Training and export import torch lazily, so the serving commands work without it
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -16,30 +15,24 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from attnserve.service.config import BatchingConfig, ServeConfig
+    from attnserve.service.config import DEFAULT_SERVE_CONFIG, BatchingConfig, LocalOptions
     from attnserve.service.server import serve_until_signalled
 
-    overrides = dict(
-        model_repository=args.repository,
-        address=args.address,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        metrics_port=args.metrics_port,
-        num_cpus=args.num_cpus,
-    )
-    config = ServeConfig.load(args.config, **overrides)
+    batching = None
     if args.max_batch_size or args.batch_wait_ms is not None:
-        b = config.batching
-        config = dataclasses.replace(
-            config,
-            batching=BatchingConfig(
-                max_batch_size=args.max_batch_size or b.max_batch_size,
-                batch_wait_timeout_s=b.batch_wait_timeout_s
-                if args.batch_wait_ms is None
-                else args.batch_wait_ms / 1000,
+        defaults = BatchingConfig()
+        batching = BatchingConfig(
+            max_batch_size=args.max_batch_size or defaults.max_batch_size,
+            batch_wait_timeout_s=(
+                defaults.batch_wait_timeout_s if args.batch_wait_ms is None else args.batch_wait_ms / 1000
             ),
         )
-    serve_until_signalled(config)
+    options = LocalOptions(
+        serve_config=args.serve_config or DEFAULT_SERVE_CONFIG, address=args.address, num_cpus=args.num_cpus,
+        metrics_port=args.metrics_port, grpc_port=args.grpc_port, http_port=args.http_port,
+        host=args.host, model_repository=args.repository, batching=batching,
+    )  # fmt: skip
+    serve_until_signalled(options)
     return 0
 
 
@@ -161,16 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="start the service on a model repository")
-    p.add_argument("--config", type=Path, help="YAML file with ServeConfig fields")
-    p.add_argument("--repository", type=Path, help="model repository (default: model_repository)")
+    p = sub.add_parser("serve", help="start the service from a Ray Serve config file")
+    p.add_argument("--serve-config", type=Path, help="Ray Serve config file (deploy/serve/attnserve.yaml)")
     p.add_argument("--address", help="Ray cluster to deploy onto (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--grpc-port", type=int)
-    p.add_argument("--metrics-port", type=int)
-    p.add_argument("--http-port", type=int, help="Ray Serve's HTTP proxy port (bound to 127.0.0.1)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--batch-wait-ms", type=float)
+    p.add_argument("--metrics-port", type=int, default=8080, help="local Ray's Prometheus port (8080)")
+    p.add_argument("--repository", type=Path, help="override the model repository of the file")
+    p.add_argument("--grpc-port", type=int, help="override the gRPC port of the file")
+    p.add_argument("--http-port", type=int, help="override the HTTP proxy port of the file")
+    p.add_argument("--host", help="override the HTTP proxy's bind address of the file")
+    p.add_argument("--max-batch-size", type=int, help="override batching for every model")
+    p.add_argument("--batch-wait-ms", type=float, help="override the batch window for every model")
     p.set_defaults(handler=_serve)
 
     for name, handler, help_ in (

@@ -1,76 +1,117 @@
-"""Serving configuration: defaults, an optional YAML file, then command-line overrides."""
+"""Serving configuration.
+
+One source: a Ray Serve config file (the format of `serve deploy` and KubeRay's
+`serveConfigV2`), validated with Ray's own schema. Its application is built by
+`attnserve.service.app:app_builder` from `AppArgs`; every model in the repository becomes a
+deployment named `model-<name>` with the defaults in `AppArgs.model_defaults`, which the file's
+`deployments:` entries can override per model. `LocalOptions` holds what only `attnserve serve`
+needs: which Ray to use and command-line overrides of the file.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve.schema import ServeDeploySchema
 
-from attnserve.service.runtime.onnx_model import RuntimeConfig
+DEFAULT_SERVE_CONFIG = Path("deploy/serve/attnserve.yaml")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RuntimeArgs(_Frozen):
+    """ONNX Runtime settings; see RuntimeConfig."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    require_first: bool = False
+    intra_op_threads: int = Field(0, ge=0)
+
+
+class BatchingConfig(_Frozen):
+    """Dynamic batching of one model replica: its Ray Serve `user_config` (no restart to change)."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+
+
+class ModelDeploymentArgs(_Frozen):
+    """Defaults for every model deployment; the config file may override them per model."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(512, ge=-1)
+    batching: BatchingConfig = BatchingConfig()
+
+
+class AppArgs(_Frozen):
+    """Arguments of `app_builder`: the `args:` of the attnserve application in the config file."""
+
+    model_repository: str = "model_repository"
+    runtime: RuntimeArgs = RuntimeArgs()
+    model_defaults: ModelDeploymentArgs = ModelDeploymentArgs()
 
 
 @dataclass(frozen=True)
-class BatchingConfig:
-    """Dynamic batching of one model's replica (Ray Serve `user_config`; changes need no restart)."""
+class LocalOptions:
+    """What `attnserve serve` adds to the config file. None leaves the file's value.
 
-    max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if not 0 <= self.batch_wait_timeout_s <= 1:
-            raise ValueError(f"batch_wait_timeout_s must be within [0, 1] s, got {self.batch_wait_timeout_s}")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything `attnserve serve` needs.
-
-    address: a Ray cluster to deploy onto ("auto", "ray://..."); None starts a local Ray.
-    host: where the HTTP proxy binds (Ray Serve's gRPC port binds all interfaces regardless).
-    metrics_port: the Ray metrics agent's Prometheus endpoint (local Ray only).
+    address: a Ray cluster to deploy onto; None (and no $RAY_ADDRESS) starts a local Ray.
+    metrics_port: the local Ray's Prometheus endpoint.
     """
 
-    model_repository: Path = Path("model_repository")
+    serve_config: Path = DEFAULT_SERVE_CONFIG
     address: str | None = None
-    host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    http_port: int = 8000
-    metrics_port: int = 8080
     num_cpus: int | None = None
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    replicas_per_model: int = 1
-    cpus_per_replica: float = 1.0
-    max_ongoing_requests: int = 64
-    max_queued_requests: int = 512
+    metrics_port: int = 8080
+    grpc_port: int | None = None
+    http_port: int | None = None
+    host: str | None = None
+    model_repository: Path | None = None
+    batching: BatchingConfig | None = None
 
-    @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> ServeConfig:
-        """Defaults, then the YAML file at path (if any), then non-None overrides.
 
-        Raises:
-            ValueError: on an unknown key or a bad value.
-        """
-        values: dict[str, Any] = {}
-        if path is not None:
-            values = yaml.safe_load(Path(path).read_text("utf-8")) or {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown serve settings {sorted(unknown)}; known: {sorted(known)}")
-        if isinstance(values.get("batching"), dict):
-            values["batching"] = BatchingConfig(**values["batching"])
-        if isinstance(values.get("runtime"), dict):
-            runtime = dict(values["runtime"])
-            if "providers" in runtime:
-                runtime["providers"] = tuple(runtime["providers"])
-            values["runtime"] = RuntimeConfig(**runtime)
-        if "model_repository" in values:
-            values["model_repository"] = Path(values["model_repository"])
-        return cls(**values)
+def load_serve_config(options: LocalOptions) -> ServeDeploySchema:
+    """Reads the config file, applies the overrides, and validates it with Ray's schema.
+
+    A relative model_repository is resolved against the current directory, because Ray builds
+    the application in another process.
+
+    Raises:
+        ValueError: if the file is unreadable or invalid (pydantic's ValidationError is one).
+    """
+    try:
+        raw = yaml.safe_load(Path(options.serve_config).read_text("utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read serve config {options.serve_config}: {e}") from e
+    return ServeDeploySchema.model_validate(apply_overrides(raw, options))
+
+
+def apply_overrides(raw: dict[str, Any], options: LocalOptions) -> dict[str, Any]:
+    """A copy of the raw config with the command-line overrides applied."""
+    config = copy.deepcopy(raw)
+    if options.grpc_port is not None:
+        config.setdefault("grpc_options", {})["port"] = options.grpc_port
+    if options.http_port is not None:
+        config.setdefault("http_options", {})["port"] = options.http_port
+    if options.host is not None:
+        config.setdefault("http_options", {})["host"] = options.host
+    for app in config.get("applications", []):
+        args = AppArgs.model_validate(app.get("args") or {}).model_dump(mode="json")
+        if options.model_repository is not None:
+            args["model_repository"] = str(options.model_repository)
+        args["model_repository"] = str(Path(args["model_repository"]).resolve())
+        if options.batching is not None:
+            args["model_defaults"]["batching"] = options.batching.model_dump()
+            for deployment in app.get("deployments", []):
+                deployment.pop("user_config", None)
+        app["args"] = args
+    return config

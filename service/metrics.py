@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -78,4 +78,14 @@ def output_tokens() -> Counter:
         "attnserve_output_tokens_total",
         description="Output tokens generated.",
         tag_keys=MODEL_TAGS,
+    )
+
+
+@cache
+def execution_provider() -> Gauge:
+    """1 for each ONNX Runtime execution provider a model replica really uses."""
+    return Gauge(
+        "attnserve_execution_provider_info",
+        description="ONNX Runtime execution providers in use by a model replica (value 1).",
+        tag_keys=(*MODEL_TAGS, "provider"),
     )

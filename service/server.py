@@ -1,4 +1,4 @@
-"""Starts Ray (or joins a cluster), runs the attnserve application and stops it cleanly."""
+"""Starts Ray (or joins a cluster), deploys the serve config file, and stops cleanly."""
 
 from __future__ import annotations
 
@@ -6,61 +6,100 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import ray
 from ray import serve
-from ray.serve.config import HTTPOptions, gRPCOptions
+from ray.serve._private import api as serve_api  # the path `serve run config.yaml` takes
+from ray.serve.config import gRPCOptions
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
-from attnserve.service.app import build_app
-from attnserve.service.config import ServeConfig
+from attnserve.service.config import LocalOptions, load_serve_config
 
 log = logging.getLogger("attnserve")
-APP_NAME = "attnserve"
-SERVICER = "attnserve.v1.translator_pb2_grpc.add_TranslatorServicer_to_server"
+DEPLOY_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where the running service answers."""
+    """Where the running service answers, and what it runs."""
 
     grpc: str
     metrics: str | None
+    applications: tuple[str, ...]
+    local: bool
 
 
-def start(config: ServeConfig) -> Endpoints:
-    """Starts (or joins) Ray, then Serve with gRPC, and deploys every model; returns when ready."""
-    address = config.address or os.environ.get("RAY_ADDRESS")
+class DeployError(RuntimeError):
+    """An application did not reach RUNNING."""
+
+
+def start(options: LocalOptions) -> Endpoints:
+    """Starts (or joins) Ray, starts Serve with the file's proxies, deploys it; waits until running.
+
+    Raises:
+        ValueError: for an invalid config file.
+        DeployError: if an application fails to deploy or is not running within 5 minutes.
+    """
+    config = load_serve_config(options)
+    address = options.address or os.environ.get("RAY_ADDRESS")
     local = address is None
-    init_args = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    init_args: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if local:
-        init_args |= {"num_cpus": config.num_cpus, "_metrics_export_port": config.metrics_port}
+        init_args |= {"num_cpus": options.num_cpus, "_metrics_export_port": options.metrics_port}
     ray.init(address=address, **init_args)
-    serve.start(
-        http_options=HTTPOptions(host=config.host, port=config.http_port),
-        grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[SERVICER]),
-    )
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-    metrics_url = f"http://127.0.0.1:{config.metrics_port}/metrics" if local else None
-    return Endpoints(grpc=f"127.0.0.1:{config.grpc_port}", metrics=metrics_url)
-
-
-def stop(local: bool) -> None:
-    """Removes the application; a local Ray is shut down entirely, a cluster is left running."""
     try:
-        if local:
+        client = serve_api.serve_start(
+            http_options=config.http_options.model_dump(),
+            grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+            proxy_location=config.proxy_location,
+        )
+        client.deploy_apps(config)
+        _wait_until_running(config)
+    except BaseException:
+        stop(Endpoints("", None, tuple(a.name for a in config.applications), local))
+        raise
+    return Endpoints(
+        grpc=f"127.0.0.1:{config.grpc_options.port}",
+        metrics=f"http://127.0.0.1:{options.metrics_port}/metrics" if local else None,
+        applications=tuple(a.name for a in config.applications),
+        local=local,
+    )
+
+
+def _wait_until_running(config: ServeDeploySchema) -> None:
+    """Polls Serve's status until every application runs; raises with Serve's message if one fails."""
+    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    names = [a.name for a in config.applications]
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        statuses = {n: apps[n].status for n in names if n in apps}
+        failed = [n for n, s in statuses.items() if s in (ApplicationStatus.DEPLOY_FAILED, "DEPLOY_FAILED")]
+        if failed:
+            raise DeployError(f"application {failed[0]!r} failed to deploy: {apps[failed[0]].message}")
+        if len(statuses) == len(names) and all(s == ApplicationStatus.RUNNING for s in statuses.values()):
+            return
+        time.sleep(1)
+    raise DeployError(f"applications {names} not running after {DEPLOY_TIMEOUT_S} s")
+
+
+def stop(endpoints: Endpoints) -> None:
+    """Removes the applications; a local Ray is shut down entirely, a cluster is left running."""
+    try:
+        if endpoints.local:
             serve.shutdown()
         else:
-            serve.delete(APP_NAME)
+            for name in endpoints.applications:
+                serve.delete(name)
     finally:
         ray.shutdown()
 
 
-def serve_until_signalled(config: ServeConfig) -> None:
+def serve_until_signalled(options: LocalOptions) -> None:
     """Runs the service until SIGINT or SIGTERM, printing the addresses once it answers."""
     stop_requested = threading.Event()
-    local = (config.address or os.environ.get("RAY_ADDRESS")) is None
-    endpoints = start(config)
+    endpoints = start(options)
     try:
         # After start(): ray.init installs its own handlers, which would kill the driver abruptly.
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,4 +111,4 @@ def serve_until_signalled(config: ServeConfig) -> None:
         stop_requested.wait()
         print("stopping attnserve ...", flush=True)
     finally:
-        stop(local)
+        stop(endpoints)

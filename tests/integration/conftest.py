@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import BUNDLED_REPOSITORY
+from tests.conftest import BUNDLED_REPOSITORY, ROOT
 
 STARTUP_TIMEOUT_S = 240
 
@@ -53,7 +53,8 @@ def service(tmp_path_factory) -> RunningService:
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     exe = Path(sys.executable).with_name("attnserve")
     cmd = [
-        str(exe), "serve", "--repository", str(BUNDLED_REPOSITORY), "--grpc-port", str(grpc_port),
+        str(exe), "serve", "--serve-config", str(ROOT / "deploy/serve/attnserve.yaml"),
+        "--repository", str(BUNDLED_REPOSITORY), "--grpc-port", str(grpc_port),
         "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--batch-wait-ms", "20",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

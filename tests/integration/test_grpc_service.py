@@ -151,6 +151,7 @@ def test_metrics_endpoint_exposes_request_batch_and_token_metrics(client, servic
         "ray_attnserve_batch_wait_seconds": {"model", "version"},
         "ray_attnserve_batch_size": {"model", "version"},
         "ray_attnserve_output_tokens_total": {"model", "version"},
+        "ray_attnserve_execution_provider_info": {"model", "version", "provider"},
         "ray_serve_num_grpc_requests_total": set(),
     }
     deadline, families = time.monotonic() + 60, {}
@@ -166,7 +167,9 @@ def test_metrics_endpoint_exposes_request_batch_and_token_metrics(client, servic
     latency = families["ray_attnserve_request_latency_seconds"]
     codes = {s.labels["code"] for s in latency}
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= codes, codes
-    assert {s.labels["model"] for s in latency} <= {MODEL, "_unknown"}
+    assert {s.labels["model"] for s in latency if s.labels["rpc"] == "Translate"} == {MODEL, "_unknown"}
+    providers = families["ray_attnserve_execution_provider_info"]
+    assert {(s.labels["provider"], s.value) for s in providers} == {("CPUExecutionProvider", 1.0)}
     sizes = families["ray_attnserve_batch_size"]
     count = sum(s.value for s in sizes if s.name.endswith("_count"))
     total = sum(s.value for s in sizes if s.name.endswith("_sum"))
