@@ -7,6 +7,7 @@ has no RPC, no Ray and no proxy, so it is the engine's own ceiling on this machi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 
 from attnserve.bench.microbatch import MicroBatcher
 from attnserve.models.g2p_data import load_split
@@ -54,6 +56,7 @@ class Row:
     p50_ms: float
     p99_ms: float
     mean_batch: float
+    cpu_ms_per_req: float | None  # server-side CPU (all Ray processes for grpc); None if not measurable
 
 
 async def _closed_loop(call: Callable[[str], Awaitable[int]], words: list[str], concurrency: int, total: int):
@@ -75,18 +78,31 @@ async def _closed_loop(call: Callable[[str], Awaitable[int]], words: list[str], 
     return latencies, batches, time.perf_counter() - started
 
 
-def _row(mode: str, concurrency: int, latencies, batches, wall: float) -> Row:
-    ms = np.asarray(latencies) * 1000
-    return Row(mode, concurrency, len(latencies), round(len(latencies) / wall, 1),
-               round(float(np.percentile(ms, 50)), 2), round(float(np.percentile(ms, 99)), 2),
-               round(float(np.mean(batches)), 2))  # fmt: skip
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU time of the processes still alive."""
+    total = 0.0
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
 
-async def _measure(mode, call, words, cfg: BenchConfig) -> list[Row]:
+async def _measure(mode, call, words, cfg: BenchConfig, server_processes) -> list[Row]:
+    """Warm-up, then a timed closed loop per concurrency level."""
     rows = []
     for c in cfg.concurrency:
         await _closed_loop(call, words, c, cfg.warmup)
-        rows.append(_row(mode, c, *await _closed_loop(call, words, c, cfg.requests)))
+        processes = server_processes()
+        cpu_before = _cpu_seconds(processes)
+        latencies, batches, wall = await _closed_loop(call, words, c, cfg.requests)
+        cpu = (_cpu_seconds(processes) - cpu_before) if processes else None
+        ms = np.asarray(latencies) * 1000
+        rows.append(Row(
+            mode, c, len(latencies), round(len(latencies) / wall, 1),
+            round(float(np.percentile(ms, 50)), 2), round(float(np.percentile(ms, 99)), 2),
+            round(float(np.mean(batches)), 2), round(1000 * cpu / len(latencies), 2) if cpu else None,
+        ))  # fmt: skip
         print(f"  {mode:10s} c={c:<3d} {rows[-1].req_per_s:8.1f} req/s", flush=True)
     return rows
 
@@ -102,12 +118,12 @@ async def _in_process(cfg: BenchConfig, words: list[str]) -> list[Row]:
         return (await batcher.submit(translator.codec.prepare(word, mode))).batch_size
 
     try:
-        return await _measure("in-process", call, words, cfg)
+        return await _measure("in-process", call, words, cfg, lambda: [psutil.Process()])
     finally:
         await batcher.close()
 
 
-async def _grpc(cfg: BenchConfig, target: str, words: list[str]) -> list[Row]:
+async def _grpc(cfg: BenchConfig, target: str, words: list[str], server_processes) -> list[Row]:
     mode = pb.ATTENTION_MODE_CROSS if cfg.attention else pb.ATTENTION_MODE_NONE
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.TranslatorStub(channel)
@@ -117,7 +133,12 @@ async def _grpc(cfg: BenchConfig, target: str, words: list[str]) -> list[Row]:
             request = pb.TranslateRequest(model=cfg.model, text=word, options=options)
             return (await stub.Translate(request, timeout=60)).batch_size
 
-        return await _measure("grpc", call, words, cfg)
+        return await _measure("grpc", call, words, cfg, server_processes)
+
+
+def _ray_processes() -> list[psutil.Process]:
+    """The local Ray started by this process: GCS, raylet, proxy and replica workers."""
+    return psutil.Process().children(recursive=True)
 
 
 def _free_port() -> int:
@@ -132,7 +153,7 @@ def run_bench(cfg: BenchConfig) -> list[Row]:
     print(f"in-process engine ({cfg.model}, batching {cfg.batching}) ...", flush=True)
     rows = asyncio.run(_in_process(cfg, words))
     if cfg.target:
-        rows += asyncio.run(_grpc(cfg, cfg.target, words))
+        rows += asyncio.run(_grpc(cfg, cfg.target, words, list))  # a remote server's CPU is not ours to see
     else:
         from attnserve.service import server
 
@@ -143,7 +164,7 @@ def run_bench(cfg: BenchConfig) -> list[Row]:
         print("starting attnserve (local Ray) for the gRPC runs ...", flush=True)
         endpoints = server.start(options)
         try:
-            rows += asyncio.run(_grpc(cfg, endpoints.grpc, words))
+            rows += asyncio.run(_grpc(cfg, endpoints.grpc, words, _ray_processes))
         finally:
             server.stop(endpoints)
     _report(cfg, rows)
@@ -151,11 +172,15 @@ def run_bench(cfg: BenchConfig) -> list[Row]:
 
 
 def _report(cfg: BenchConfig, rows: list[Row]) -> None:
-    header = f"{'mode':<11} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10}"
+    header = (
+        f"{'mode':<11} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'mean batch':>10} {'CPU ms/req':>10}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in sorted(rows, key=lambda r: (r.concurrency, r.mode)):
+        cpu = "-" if r.cpu_ms_per_req is None else f"{r.cpu_ms_per_req:.2f}"
         print(f"{r.mode:<11} {r.concurrency:>4} {r.req_per_s:>8.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-              f"{r.mean_batch:>10.2f}")  # fmt: skip
+              f"{r.mean_batch:>10.2f} {cpu:>10}")  # fmt: skip
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {
         "python": platform.python_version(),

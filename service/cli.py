@@ -149,6 +149,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_k8s(args: argparse.Namespace) -> int:
+    from attnserve.service.render_k8s import write_all
+
+    for path in write_all(args.root):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="attnserve", description=__doc__)
@@ -218,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
     p.add_argument("--out", type=Path, default=Path("bench/results/bench.json"))
     p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("render-k8s", help="regenerate the KubeRay manifests from deploy/serve/*.yaml")
+    p.add_argument("--root", type=Path, default=Path("."), help="repository root")
+    p.set_defaults(handler=_render_k8s)
     return parser
 
 

@@ -1,0 +1,34 @@
+"""The KubeRay manifests are generated from the serve config files and kept current."""
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from attnserve.service.config import AppArgs
+from attnserve.service.render_k8s import IMAGE_MODEL_REPOSITORY, PROFILES, output_path, render, requests_gpu
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_committed_manifest_is_the_rendered_one(profile):
+    path = output_path(profile, ROOT)
+    assert path.read_text() == render(profile, ROOT), f"{path} is stale: run `attnserve render-k8s`"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_serve_config_v2_is_the_profile_with_image_paths(profile):
+    manifest = yaml.safe_load(render(profile, ROOT))
+    assert manifest["kind"] == "RayService"
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    source = yaml.safe_load((ROOT / PROFILES[profile]).read_text())
+    assert embedded["grpc_options"] == source["grpc_options"]
+    assert embedded["applications"][0]["deployments"] == source["applications"][0]["deployments"]
+    config = ServeDeploySchema.model_validate(embedded)
+    assert AppArgs.model_validate(config.applications[0].args).model_repository == IMAGE_MODEL_REPOSITORY
+    groups = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpu_groups = [g for g in groups if requests_gpu(g)]
+    assert gpu_groups, "the RayService has a GPU worker group"
+    if profile == "cpu":
+        assert all(g["replicas"] == 0 for g in gpu_groups)
+    else:
+        assert all(g["replicas"] >= 1 for g in gpu_groups)
