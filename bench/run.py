@@ -187,7 +187,8 @@ def _report(cfg: BenchConfig, rows: list[Row]) -> None:
         "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)),
     }
-    config = {**asdict(cfg), "repository": str(cfg.repository), "out": str(cfg.out)}
+    config = {**asdict(cfg), "repository": str(cfg.repository), "out": str(cfg.out),
+              "batching": cfg.batching.model_dump()}  # fmt: skip
     cfg.out.write_text(json.dumps({"machine": machine, "config": config, "rows": [asdict(r) for r in rows]},
                                   indent=2) + "\n")  # fmt: skip
     print(f"\nwrote {cfg.out}")
