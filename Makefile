@@ -45,7 +45,7 @@ format: $(DEV_STAMP)
 bench: $(DEV_STAMP)  ## gRPC load at concurrency 1/8/32 vs the in-process engine; writes bench/results/bench.json
 	$(BIN)/attnserve bench
 
-train: $(DEV_STAMP)  ## full training of the bundled G2P model (~35 min on 2 cores)
+train: $(DEV_STAMP)  ## full training of the bundled G2P model (~45 min on 2 cores)
 	$(BIN)/attnserve train --out runs/g2p-bahdanau
 
 export: $(DEV_STAMP)  ## export the trained checkpoint into the model repository (replaces the bundled entry)

@@ -16,7 +16,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 def _serve(args: argparse.Namespace) -> int:
     from attnserve.service.config import DEFAULT_SERVE_CONFIG, BatchingConfig, LocalOptions
-    from attnserve.service.server import serve_until_signalled
+    from attnserve.service.server import DeployError, serve_until_signalled
 
     batching = None
     if args.max_batch_size or args.batch_wait_ms is not None:
@@ -32,7 +32,11 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, grpc_port=args.grpc_port, http_port=args.http_port,
         host=args.host, model_repository=args.repository, batching=batching,
     )  # fmt: skip
-    serve_until_signalled(options)
+    try:
+        serve_until_signalled(options)
+    except (DeployError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

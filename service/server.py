@@ -15,7 +15,7 @@ from ray.serve._private import api as serve_api  # the path `serve run config.ya
 from ray.serve.config import gRPCOptions
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
-from attnserve.service.config import LocalOptions, load_serve_config
+from attnserve.service.config import AppArgs, LocalOptions, load_serve_config
 
 log = logging.getLogger("attnserve")
 DEPLOY_TIMEOUT_S = 300
@@ -55,6 +55,8 @@ def start(options: LocalOptions) -> Endpoints:
             grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
             proxy_location=config.proxy_location,
         )
+        if local:
+            _check_local_gpus(config)
         client.deploy_apps(config)
         _wait_until_running(config)
     except BaseException:
@@ -68,6 +70,18 @@ def start(options: LocalOptions) -> Endpoints:
     )
 
 
+def _check_local_gpus(config: ServeDeploySchema) -> None:
+    """A local Ray cannot grow: fail now if the config asks for GPUs it does not have."""
+    have = ray.cluster_resources().get("GPU", 0)
+    for app in config.applications:
+        want = AppArgs.model_validate(app.args).model_defaults.num_gpus
+        if want > have:
+            raise DeployError(
+                f"application {app.name!r} asks for {want:g} GPU per model replica, but this host's Ray "
+                f"has {have:g} GPUs; use the CPU profile (deploy/serve/attnserve.yaml) or a GPU host"
+            )
+
+
 def _wait_until_running(config: ServeDeploySchema) -> None:
     """Polls Serve's status until every application runs; raises with Serve's message if one fails."""
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
@@ -77,11 +91,21 @@ def _wait_until_running(config: ServeDeploySchema) -> None:
         statuses = {n: apps[n].status for n in names if n in apps}
         failed = [n for n, s in statuses.items() if s in (ApplicationStatus.DEPLOY_FAILED, "DEPLOY_FAILED")]
         if failed:
-            raise DeployError(f"application {failed[0]!r} failed to deploy: {apps[failed[0]].message}")
+            app = apps[failed[0]]
+            reasons = [_last_line(d.message) for d in app.deployments.values() if d.status == "DEPLOY_FAILED"]
+            raise DeployError(
+                f"application {failed[0]!r} failed to deploy: {'; '.join(reasons) or app.message}"
+            )
         if len(statuses) == len(names) and all(s == ApplicationStatus.RUNNING for s in statuses.values()):
             return
         time.sleep(1)
     raise DeployError(f"applications {names} not running after {DEPLOY_TIMEOUT_S} s")
+
+
+def _last_line(message: str) -> str:
+    """The exception line at the end of a replica's error text (its traceback is in Ray's logs)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else message
 
 
 def stop(endpoints: Endpoints) -> None:
