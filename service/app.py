@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +26,7 @@ from attnserve.service.translation import PreparedRequest, SourceCodec, Translat
 from attnserve.v1 import translator_pb2 as pb
 
 log = logging.getLogger("attnserve")
+PROVIDER_GAUGE_PERIOD_S = 5
 UNKNOWN_MODEL_TAG = "_unknown"  # never put client-chosen names into metric labels
 
 
@@ -36,8 +38,14 @@ class ModelServer:
         self.translator = Translator(Manifest.load(Path(entry)), runtime)
         m = self.translator.manifest
         self.tags = {"model": m.name, "version": m.version}
-        for provider in self.translator.model.providers:
-            metrics.execution_provider().set(1, tags={**self.tags, "provider": provider})
+        threading.Thread(target=self._report_providers, name="provider-gauge", daemon=True).start()
+
+    def _report_providers(self) -> None:
+        """Keeps the provider gauge exported: Ray drops a gauge not set for ~20 s from /metrics."""
+        while True:
+            for provider in self.translator.model.providers:
+                metrics.execution_provider().set(1, tags={**self.tags, "provider": provider})
+            time.sleep(PROVIDER_GAUGE_PERIOD_S)
 
     def reconfigure(self, user_config: dict) -> None:
         """Applies a BatchingConfig without restarting the replica (Ray Serve user_config)."""

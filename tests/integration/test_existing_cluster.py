@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,31 +29,49 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(1)
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, then SIGKILL what is left (ray start leaves gcs_server behind).
+
+    Ray's workers run in sessions of their own, so they are collected as descendants first.
+    """
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    for worker in alive:
+        worker.kill()
+
+
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A single-node Ray cluster in its own process group, stopped by signalling that group."""
+    """A single-node Ray cluster with token auth, in its own process group."""
     port = free_port()
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    address = f"127.0.0.1:{port}"
-    probe = [str(BIN / "ray"), "status", f"--address={address}"]
-    _wait_for(lambda: subprocess.run(probe, capture_output=True).returncode == 0, 120, "the Ray head")
-    yield address, probe
-    processes = psutil.Process(head.pid).children(recursive=True)
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(60)
-    _, alive = psutil.wait_procs(processes, timeout=30)
-    for p in alive:
-        p.kill()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the head, its clients and attnserve agree
+    with open(tmp_path / "ray-head.log", "w") as log:
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=false", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        address = f"127.0.0.1:{port}"
+        probe = [str(BIN / "ray"), "status", f"--address={address}"]
+        ready = lambda: subprocess.run(probe, capture_output=True, env=env).returncode == 0  # noqa: E731
+        _wait_for(ready, 120, f"the Ray head (log: {tmp_path / 'ray-head.log'})")
+        yield address, probe, env
+    finally:
+        _stop_group(head)
 
 
 def test_serve_deploys_onto_an_existing_cluster_and_leaves_it_running(ray_cluster):
-    address, probe = ray_cluster
+    address, probe, cluster_env = ray_cluster
     grpc_port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+    env = {**cluster_env, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
     cmd = [
         str(BIN / "attnserve"), "serve", "--serve-config", str(ROOT / "deploy/serve/attnserve.yaml"),
         "--repository", str(BUNDLED_REPOSITORY),
@@ -74,10 +93,12 @@ def test_serve_deploys_onto_an_existing_cluster_and_leaves_it_running(ray_cluste
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert subprocess.run(probe, capture_output=True).returncode == 0, "the cluster must stay up"
+    assert subprocess.run(probe, capture_output=True, env=cluster_env).returncode == 0, "the cluster stays up"
     list_apps = (
         f"import ray; from ray import serve; ray.init(address='{address}', log_to_driver=False); "
         "print(sorted(serve.status().applications))"
     )
-    apps = subprocess.run([sys.executable, "-c", list_apps], capture_output=True, text=True, timeout=120)
+    apps = subprocess.run(
+        [sys.executable, "-c", list_apps], capture_output=True, text=True, timeout=120, env=cluster_env
+    )
     assert apps.stdout.strip().splitlines()[-1] == "[]", apps.stdout + apps.stderr

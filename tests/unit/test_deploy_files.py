@@ -234,57 +234,53 @@ def _histogram(name: str, labels: dict, bounds: list[str], observed_le: str, per
 
 
 def _healthy_traffic_series() -> list[dict]:
-    """Series shaped like a scrape of the service under steady, error-free traffic.
+    """Series shaped like a real scrape of `attnserve serve` under steady, error-free traffic.
 
-    Labels are the ones Ray exports: attnserve's tags plus application/deployment/replica for
-    replica metrics, Serve's own tags for ray_serve_*. There is no non-OK series at all, so the
+    The label sets are those of Ray 2.60's metrics agent: custom metrics carry attnserve's tags,
+    application/deployment/replica and Ray's own Component/NodeAddress/SessionName/Version/
+    WorkerId labels; ray_serve_* carry Serve's tags. There is no non-OK series at all, so the
     error panel must still show its 0 from the request counts.
     """
+    ray = {
+        "Component": "core_worker",
+        "NodeAddress": "192.0.2.2",
+        "SessionName": "session_x",
+        "Version": "2.60.0",
+    }
     app = {"application": "attnserve"}
-    ingress = {**app, "deployment": "ingress", "replica": "attnserve#ingress#abc"}
-    model_replica = {**app, "deployment": "model-g2p-bahdanau", "replica": "attnserve#model-g2p-bahdanau#def"}
+    ingress = {**ray, **app, "WorkerId": "a61", "deployment": "ingress", "replica": "9zck1f9l"}
+    model_replica = {
+        **ray,
+        **app,
+        "WorkerId": "90c",
+        "deployment": "model-g2p-bahdanau",
+        "replica": "3k14bo6p",
+    }
     model = {"model": "g2p-bahdanau", "version": "1"}
     seconds = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0"]
+    sizes = ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0"]
     out = []
     for rpc in ("Translate", "ListModels"):
         tags = {**ingress, **(model if rpc == "Translate" else {"model": "", "version": ""})}
-        out += _histogram(
-            "ray_attnserve_request_latency_seconds", {**tags, "rpc": rpc, "code": "OK"}, seconds, "0.025", 150
-        )
+        latency = {**tags, "rpc": rpc, "code": "OK"}
+        out += _histogram("ray_attnserve_request_latency_seconds", latency, seconds, "0.025", 150)
     out += _histogram("ray_attnserve_batch_wait_seconds", {**model_replica, **model}, seconds, "0.005", 150)
     out += _histogram("ray_attnserve_batch_decode_seconds", {**model_replica, **model}, seconds, "0.01", 30)
-    out += _histogram(
-        "ray_attnserve_batch_size", {**model_replica, **model}, ["1.0", "2.0", "4.0", "8.0"], "8.0", 30
-    )
+    out += _histogram("ray_attnserve_batch_size", {**model_replica, **model}, sizes, "8.0", 30)
     out.append(_series("ray_attnserve_output_tokens_total", {**model_replica, **model}, "0+900x40"))
-    out.append(
-        _series(
-            "ray_attnserve_execution_provider_info",
-            {**model_replica, **model, "provider": "CPUExecutionProvider"},
-            "1x40",
-        )
-    )
+    provider = {**model_replica, **model, "provider": "CPUExecutionProvider"}
+    out.append(_series("ray_attnserve_execution_provider_info", provider, "1x40"))
     grpc = {**app, "route": "attnserve", "method": "/attnserve.v1.Translator/Translate", "status_code": "OK"}
     out.append(_series("ray_serve_num_grpc_requests_total", grpc, "0+150x40"))
     out += _histogram(
         "ray_serve_grpc_request_latency_ms", grpc, ["5.0", "10.0", "50.0", "100.0"], "50.0", 150
     )
-    for deployment in ("ingress", "model-g2p-bahdanau"):
-        out.append(_series("ray_serve_deployment_replica_healthy", {**app, "deployment": deployment}, "1x40"))
-        out.append(
-            _series(
-                "ray_serve_replica_processing_queries",
-                {**app, "deployment": deployment, "replica": f"attnserve#{deployment}#r"},
-                "3x40",
-            )
-        )
-        out.append(
-            _series(
-                "ray_serve_num_ongoing_requests_at_replicas",
-                {**app, "deployment": deployment, "handle": "h", "actor_id": "a"},
-                "3x40",
-            )
-        )
+    for deployment, replica in (("ingress", "9zck1f9l"), ("model-g2p-bahdanau", "3k14bo6p")):
+        serve = {**app, "deployment": deployment}
+        out.append(_series("ray_serve_deployment_replica_healthy", {**serve, "replica": replica}, "1x40"))
+        out.append(_series("ray_serve_replica_processing_queries", {**serve, "replica": replica}, "3x40"))
+        router = {**serve, "handle": "j0f48fhz", "actor_id": "bf7af9a0"}
+        out.append(_series("ray_serve_num_ongoing_requests_at_replicas", router, "3x40"))
     return out
 
 
@@ -403,10 +399,11 @@ def test_rayservice_schema_rejects_what_kuberay_rejects():
             _crd_validate(doc, "rayservice-ray.io-v1.json")
 
 
-def test_rendered_rayservice_validates_if_present():
-    rendered = K8S / "rayservice.yaml"
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_rendered_rayservice_validates_if_present(profile):
+    rendered = K8S / f"rayservice-{profile}.yaml"
     if not rendered.exists():
-        pytest.skip("deploy/kubernetes/rayservice.yaml is not rendered (attnserve render-k8s)")
+        pytest.skip(f"{rendered.relative_to(ROOT)} is not rendered (attnserve render-k8s)")
     _check_rayservice(yaml.safe_load(rendered.read_text()))
 
 
@@ -448,7 +445,9 @@ def test_podmonitor_validates_and_selects_ray_pods():
 def test_kustomization_builds_the_dashboard_configmap_from_the_grafana_json():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     for resource in kustomization["resources"]:
-        assert resource == "rayservice.yaml" or (K8S / resource).is_file(), resource
+        generated = re.fullmatch(r"rayservice-(cpu|gpu)\.yaml", resource)  # written by render-k8s
+        assert generated or (K8S / resource).is_file(), resource
+    assert sum(r.startswith("rayservice") for r in kustomization["resources"]) == 1
     (generator,) = kustomization["configMapGenerator"]
     (entry,) = generator["files"]
     key, source = entry.split("=")
@@ -468,9 +467,12 @@ def test_kubectl_kustomize_builds(tmp_path):
     if kubectl is None:
         pytest.skip("kubectl is not installed (optional: the kustomization is also checked without it)")
     work = tmp_path / "deploy"
-    shutil.copytree(DEPLOY, work, ignore=shutil.ignore_patterns("rayservice.yaml"))
-    rayservice = _rendered_rayservice()
-    (work / "kubernetes" / "rayservice.yaml").write_text(yaml.safe_dump(rayservice, sort_keys=False))
+    shutil.copytree(DEPLOY, work)
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (listed,) = [r for r in kustomization["resources"] if r.startswith("rayservice")]
+    if not (work / "kubernetes" / listed).exists():  # not rendered yet: render the CPU profile here
+        rayservice = _rendered_rayservice()
+        (work / "kubernetes" / listed).write_text(yaml.safe_dump(rayservice, sort_keys=False))
     result = _run(
         [kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(work / "kubernetes")]
     )
