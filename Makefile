@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench train export eval clean
+.PHONY: serve test test-unit test-integration lint format bench train export eval render-k8s system-deps clean
+# Debian packages the tests use: a real Prometheus (+ promtool) and docker-compose to validate the compose file.
+SYSTEM_TOOLS := prometheus promtool docker-compose
 
 $(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,14 @@ $(DEV_STAMP): pyproject.toml setup.py protos/attnserve/v1/*.proto | $(BIN)/pip
 serve: $(SERVE_STAMP)  ## start the service on the bundled models (Ctrl-C stops it)
 	$(BIN)/attnserve serve
 
-test: $(DEV_STAMP)  ## lint + the whole test suite (what CI runs)
+system-deps:  ## install the Debian packages the tests need, if missing (apt, as root)
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing: $$missing; run 'sudo make system-deps'" >&2; exit 1; fi; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
+	fi
+
+test: $(DEV_STAMP) system-deps  ## lint + the whole test suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -m "not slow"
@@ -31,7 +40,7 @@ test: $(DEV_STAMP)  ## lint + the whole test suite (what CI runs)
 test-unit: $(DEV_STAMP)
 	$(BIN)/pytest -m "not slow and not integration"
 
-test-integration: $(DEV_STAMP)
+test-integration: $(DEV_STAMP) system-deps
 	$(BIN)/pytest -m integration
 
 lint: $(DEV_STAMP)
@@ -53,6 +62,9 @@ export: $(DEV_STAMP)  ## export the trained checkpoint into the model repository
 
 eval: $(DEV_STAMP)  ## re-evaluate the bundled model through the serving runtime
 	$(BIN)/attnserve eval model_repository/g2p-bahdanau/1
+
+render-k8s: $(DEV_STAMP)  ## regenerate deploy/kubernetes/rayservice-*.yaml from deploy/serve/*.yaml
+	$(BIN)/attnserve render-k8s
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -62,12 +62,18 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    import grpc
     from google.protobuf.json_format import MessageToDict
 
     from attnserve.service.client import Client
 
     with Client(args.target, timeout_s=args.timeout) as client:
-        print(json.dumps(MessageToDict(client.list_models()), indent=2))
+        try:
+            response = client.list_models()
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(response), indent=2))
     return 0
 
 

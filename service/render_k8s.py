@@ -2,7 +2,8 @@
 
 The serve config stays the one source: the manifests embed it as `serveConfigV2`, with the
 container's model repository path and the HTTP proxy on all interfaces. The rendered files are
-committed so `kubectl apply -k deploy/kubernetes` needs no tool, and a test keeps them current.
+committed so deploying needs no attnserve install (see deploy/kubernetes/kustomization.yaml),
+and a test keeps them current.
 """
 
 from __future__ import annotations

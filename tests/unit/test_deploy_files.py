@@ -18,6 +18,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from docker.utils.build import PatternMatcher
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -489,38 +490,12 @@ def test_kubectl_kustomize_builds(tmp_path):
 # ---------------------------------------------------------------------------- Docker
 
 
-def _ignore_patterns(dockerfile: str) -> list[str]:
-    text = (DOCKER / f"{dockerfile}.dockerignore").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def _glob_regex(pattern: str) -> re.Pattern:
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out)
-
-
-def _ignored(patterns: list[str], path: str) -> bool:
-    """Docker's rule: the last pattern matching the path or one of its parents decides."""
-    parts = path.strip("/").split("/")
-    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    ignored = False
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        regex = _glob_regex(pattern.lstrip("!").strip("/"))
-        if any(regex.fullmatch(c) for c in candidates):
-            ignored = not negated
-    return ignored
+def _dockerignore() -> PatternMatcher:
+    """Docker's own matcher over the build context's .dockerignore (both images build from the root)."""
+    text = (ROOT / ".dockerignore").read_text()
+    return PatternMatcher(
+        [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    )
 
 
 def _instructions(dockerfile: str) -> list[tuple[str, str]]:
@@ -539,9 +514,8 @@ def _instructions(dockerfile: str) -> list[tuple[str, str]]:
     return out
 
 
-def test_dockerignore_files_keep_local_state_out():
-    assert _ignore_patterns("Dockerfile") == _ignore_patterns("Dockerfile.gpu")
-    patterns = _ignore_patterns("Dockerfile")
+def test_dockerignore_keeps_local_state_out():
+    ignore = _dockerignore()
     left_out = [
         ".venv/bin/python",
         "runs/g2p-bahdanau/checkpoint.pt",
@@ -562,15 +536,15 @@ def test_dockerignore_files_keep_local_state_out():
         "deploy/serve/attnserve.yaml",
     ]
     for path in left_out:
-        assert _ignored(patterns, path), path
+        assert ignore.matches(path), path
     for path in sent:
-        assert not _ignored(patterns, path), path
+        assert not ignore.matches(path), path
 
 
 @pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES))
 def test_dockerfile_builds_from_the_context_and_runs_unprivileged(dockerfile):
     instructions = _instructions(dockerfile)
-    patterns = _ignore_patterns(dockerfile)
+    ignore = _dockerignore()
     stages = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
     assert len(stages) >= 2, "multi-stage: the build tools stay out of the final image"
     final = instructions[stages[-1] :]
@@ -579,7 +553,7 @@ def test_dockerfile_builds_from_the_context_and_runs_unprivileged(dockerfile):
             *sources, _ = args.split()
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: missing"
-                assert not _ignored(patterns, source), f"COPY {source}: excluded by the dockerignore file"
+                assert not ignore.matches(source.rstrip("/")), f"COPY {source}: excluded by .dockerignore"
         if op == "RUN":
             assert "torch" not in args, "the serving image must not install torch"
     runs = " ".join(args for op, args in instructions if op == "RUN")
