@@ -48,7 +48,9 @@ def start(options: LocalOptions) -> Endpoints:
     init_args: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if local:
         init_args |= {"num_cpus": options.num_cpus, "_metrics_export_port": options.metrics_port}
-    ray.init(address=address, **init_args)
+    # "local": a new Ray even when `ray start` ran on this machine (without it, ray.init joins
+    # the cluster in /tmp/ray/ray_current_cluster, or hangs when that cluster is gone).
+    ray.init(address="local" if local else address, **init_args)
     try:
         client = serve_api.serve_start(
             http_options=config.http_options.model_dump(),
