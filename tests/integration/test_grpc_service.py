@@ -154,10 +154,12 @@ def test_metrics_endpoint_exposes_request_batch_and_token_metrics(client, servic
         "ray_attnserve_execution_provider_info": {"model", "version", "provider"},
         "ray_serve_num_grpc_requests_total": set(),
     }
-    deadline, families = time.monotonic() + 60, {}
+    deadline, families = time.monotonic() + 90, {}
     while time.monotonic() < deadline:
         families = _scrape(service.metrics_url)
-        if all(name.removesuffix("_total") in families for name in wanted):
+        if all(name.removesuffix("_total") in families for name in wanted) and _multi_request_batches(
+            families
+        ):
             break
         time.sleep(2)
     for name, labels in wanted.items():
@@ -170,10 +172,15 @@ def test_metrics_endpoint_exposes_request_batch_and_token_metrics(client, servic
     assert {s.labels["model"] for s in latency if s.labels["rpc"] == "Translate"} == {MODEL, "_unknown"}
     providers = families["ray_attnserve_execution_provider_info"]
     assert {(s.labels["provider"], s.value) for s in providers} == {("CPUExecutionProvider", 1.0)}
-    sizes = families["ray_attnserve_batch_size"]
-    count = sum(s.value for s in sizes if s.name.endswith("_count"))
-    total = sum(s.value for s in sizes if s.name.endswith("_sum"))
-    assert total > count > 0, "some batches held more than one request"
+    assert _multi_request_batches(families) > 0, "some batches held more than one request"
+
+
+def _multi_request_batches(families: dict[str, list]) -> float:
+    """Batches of more than one request: the +Inf bucket minus the le=1 bucket, over all series."""
+    buckets = [s for s in families.get("ray_attnserve_batch_size", []) if s.name.endswith("_bucket")]
+    return sum(s.value for s in buckets if s.labels["le"] == "+Inf") - sum(
+        s.value for s in buckets if s.labels["le"] == "1.0"
+    )
 
 
 def test_sigterm_stops_the_service_and_leaves_no_process(service):
