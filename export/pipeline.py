@@ -49,14 +49,17 @@ class ExportConfig:
     eval_limit: int = 0  # 0 = the whole test split
 
 
+def _tensors(items) -> list[dict]:
+    return [{"name": n, "dtype": d, "shape": s} for n, d, s in items]
+
+
 def _graph_entry(path: Path, io) -> dict:
     inputs, outputs = io
-    tensors = lambda items: [{"name": n, "dtype": d, "shape": s} for n, d, s in items]  # noqa: E731
     return {
         "file": path.name,
         "sha256": sha256_of(path),
-        "inputs": tensors(inputs),
-        "outputs": tensors(outputs),
+        "inputs": _tensors(inputs),
+        "outputs": _tensors(outputs),
     }
 
 

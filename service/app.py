@@ -61,7 +61,7 @@ class ModelServer:
         """Queues one prepared request into the next batch and returns its result."""
         return await self._decode_batch((request, time.perf_counter()))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(**BatchingConfig().model_dump())  # replaced by user_config in reconfigure()
     async def _decode_batch(self, items: list[tuple[PreparedRequest, float]]):
         # The model call stays synchronous: awaiting a thread here lets Serve start the next
         # batch while this one runs, and batches collapse to size ~1 (FACTS.md).

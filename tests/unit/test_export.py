@@ -1,6 +1,7 @@
 """Export: PyTorch vs ONNX Runtime parity, the manifest against the graph, no silent overwrite."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -64,8 +65,6 @@ def test_export_refuses_to_overwrite_without_force(tiny_checkpoint, tiny_entry):
 
 
 def test_manifest_detects_a_tampered_graph(tiny_entry, tmp_path):
-    import shutil
-
     copy = tmp_path / "entry"
     shutil.copytree(tiny_entry, copy)
     with open(copy / "decoder_step.onnx", "ab") as f:
