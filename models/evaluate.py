@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from attnserve.models.g2p_data import G2PEntry
 from attnserve.models.scoring import error_rates
-from attnserve.service.runtime.decoding import StepModel, greedy_decode
+from attnserve.service.runtime.decoding import StepModel, beam_decode, greedy_decode
 from attnserve.service.vocab import Vocab
 
 
@@ -20,15 +20,17 @@ def predict_words(
     max_steps: int,
     batch_size: int = 256,
     progress: bool = False,
+    beam_size: int = 1,
 ) -> list[list[str]]:
-    """Greedy phoneme predictions for words, batched by similar length."""
+    """Phoneme predictions for words (greedy, or beam search when beam_size > 1), batched by length."""
     order = sorted(range(len(words)), key=lambda i: len(words[i]))
     predictions: list[list[str]] = [[] for _ in words]
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="decode", unit="batch", disable=not progress):
         rows = order[start : start + batch_size]
         sources = [src_vocab.encode(list(words[i])) for i in rows]
-        hyps = greedy_decode(model, sources, tgt_vocab.bos_id, tgt_vocab.eos_id, [max_steps] * len(rows))
+        args = (model, sources, tgt_vocab.bos_id, tgt_vocab.eos_id, [max_steps] * len(rows))
+        hyps = beam_decode(*args, beam_size) if beam_size > 1 else greedy_decode(*args)
         for i, hyp in zip(rows, hyps, strict=True):
             predictions[i] = tgt_vocab.decode(hyp.token_ids)
     return predictions
@@ -42,9 +44,10 @@ def evaluate_g2p(
     max_steps: int,
     batch_size: int = 256,
     progress: bool = False,
+    beam_size: int = 1,
 ) -> dict[str, float]:
-    """WER/PER of greedy predictions on entries. Returns {"wer", "per", "words"}."""
+    """WER/PER of the predictions on entries. Returns {"wer", "per", "words"}."""
     preds = predict_words(
-        model, [e.word for e in entries], src_vocab, tgt_vocab, max_steps, batch_size, progress
+        model, [e.word for e in entries], src_vocab, tgt_vocab, max_steps, batch_size, progress, beam_size
     )
     return error_rates(preds, [e.pronunciations for e in entries])

@@ -100,7 +100,11 @@ class TranslatorIngress:
                 )
             options = request.options
             prepared = self.codecs[request.model].prepare(
-                request.text, attention_from_pb(options.attention), options.max_output_tokens
+                request.text,
+                attention_from_pb(options.attention),
+                options.max_output_tokens,
+                options.beam_size,
+                options.length_penalty,
             )
             return translation_to_pb(await self._call_model(request.model, prepared), manifest)
 

@@ -47,7 +47,9 @@ def _translate(args: argparse.Namespace) -> int:
 
     with Client(args.target, timeout_s=args.timeout) as client:
         try:
-            response = client.translate(args.model, args.text, args.attention, args.max_output_tokens)
+            response = client.translate(
+                args.model, args.text, args.attention, args.max_output_tokens, args.beam, args.length_penalty
+            )
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -134,9 +136,11 @@ def _eval(args: argparse.Namespace) -> int:
         manifest.target_vocab,
         manifest.max_output_tokens,
         progress=True,
+        beam_size=args.beam,
     )
     recorded = manifest.metrics.get(args.split, {})
-    print(f"{manifest.name} v{manifest.version} on {int(got['words'])} {args.split} words")
+    decoding = f"beam {args.beam}" if args.beam > 1 else "greedy"
+    print(f"{manifest.name} v{manifest.version} on {int(got['words'])} {args.split} words ({decoding})")
     for key in ("wer", "per"):
         note = f"  (manifest: {100 * recorded[key]:.2f}%)" if key in recorded else ""
         print(f"  {key.upper()} {100 * got[key]:.2f}%{note}")
@@ -198,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("text")
             p.add_argument("--attention", action="store_true", help="print the attention matrix")
             p.add_argument("--max-output-tokens", type=int, default=0)
+            p.add_argument("--beam", type=int, default=0, help="beam size (0/1 = greedy, up to 16)")
+            p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for beam ranking")
 
     p = sub.add_parser("train", help="train the Bahdanau G2P model on CMUdict (needs the train extra)")
     p.add_argument("--out", type=Path, default=Path("runs/g2p-bahdanau"))
@@ -226,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("entry", type=Path, help="e.g. model_repository/g2p-bahdanau/1")
     p.add_argument("--split", default="test", choices=("dev", "test"))
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy, what the manifest records)")
     p.set_defaults(handler=_eval)
 
     p = sub.add_parser("bench", help="gRPC load at several concurrencies vs the in-process engine")

@@ -18,7 +18,13 @@ class Client:
         self.timeout_s = timeout_s
 
     def translate(
-        self, model: str, text: str, attention: bool = False, max_output_tokens: int = 0
+        self,
+        model: str,
+        text: str,
+        attention: bool = False,
+        max_output_tokens: int = 0,
+        beam_size: int = 0,
+        length_penalty: float = 0.0,
     ) -> pb.TranslateResponse:
         """Calls Translate.
 
@@ -29,7 +35,12 @@ class Client:
         request = pb.TranslateRequest(
             model=model,
             text=text,
-            options=pb.TranslateOptions(attention=mode, max_output_tokens=max_output_tokens),
+            options=pb.TranslateOptions(
+                attention=mode,
+                max_output_tokens=max_output_tokens,
+                beam_size=beam_size,
+                length_penalty=length_penalty,
+            ),
         )
         return self.stub.Translate(request, timeout=self.timeout_s)
 

@@ -14,10 +14,12 @@ import numpy as np
 
 from attnserve.service.errors import ErrorCode, RequestError, invalid
 from attnserve.service.manifest import Manifest
-from attnserve.service.runtime.decoding import greedy_decode
+from attnserve.service.runtime.decoding import Hypothesis, beam_decode, greedy_decode
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, RuntimeConfig
 
 log = logging.getLogger(__name__)
+MAX_BEAM_SIZE = 16
+MAX_LENGTH_PENALTY = 2.0
 
 
 class AttentionMode(Enum):
@@ -35,6 +37,8 @@ class PreparedRequest:
     source_ids: tuple[int, ...]
     max_output_tokens: int
     attention: AttentionMode
+    beam_size: int = 1
+    length_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -56,17 +60,26 @@ class SourceCodec:
         vocab = manifest.source_vocab
         self._alphabet = "".join(t for t in vocab.tokens[3:] if len(t) == 1)
 
-    def prepare(self, text: str, attention: AttentionMode, max_output_tokens: int = 0) -> PreparedRequest:
+    def prepare(
+        self,
+        text: str,
+        attention: AttentionMode,
+        max_output_tokens: int = 0,
+        beam_size: int = 1,
+        length_penalty: float = 0.0,
+    ) -> PreparedRequest:
         """Validates and tokenises one request.
 
         Args:
             text: the source text; surrounding whitespace is ignored.
             attention: which attention weights to return.
             max_output_tokens: 0 for the model's maximum; larger values are capped to it.
+            beam_size: 0 or 1 for greedy decoding, up to MAX_BEAM_SIZE for beam search.
+            length_penalty: GNMT alpha for ranking beam hypotheses, 0..MAX_LENGTH_PENALTY.
 
         Raises:
             RequestError: INVALID_ARGUMENT for empty text, text over the model's maximum
-                length, or characters outside the model's alphabet.
+                length, characters outside the model's alphabet, or out-of-range options.
         """
         m = self.manifest
         text = text.strip()
@@ -88,9 +101,15 @@ class SourceCodec:
             raise invalid(f"model {m.name!r} does not return {attention.value} attention")
         if max_output_tokens < 0:
             raise invalid("max_output_tokens must not be negative")
+        if not 0 <= beam_size <= MAX_BEAM_SIZE:
+            raise invalid(f"beam_size must be between 1 and {MAX_BEAM_SIZE} (0 means 1), got {beam_size}")
+        if not 0 <= length_penalty <= MAX_LENGTH_PENALTY:  # also rejects NaN
+            raise invalid(f"length_penalty must be between 0 and {MAX_LENGTH_PENALTY}, got {length_penalty}")
         limit = min(max_output_tokens or m.max_output_tokens, m.max_output_tokens)
         tokens = tuple(text)
-        return PreparedRequest(tokens, tuple(m.source_vocab.encode(tokens)), limit, attention)
+        return PreparedRequest(
+            tokens, tuple(m.source_vocab.encode(tokens)), limit, attention, max(beam_size, 1), length_penalty
+        )
 
 
 class Translator:
@@ -114,25 +133,34 @@ class Translator:
             return [self.translate_batch([r])[0] for r in requests]
 
     def _decode(self, requests: list[PreparedRequest]) -> list[Translation]:
+        """Decodes the batch; requests with different beam settings are decoded in separate groups."""
+        groups: dict[tuple[int, float], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.beam_size, r.length_penalty), []).append(i)
+        results: list[Translation | None] = [None] * len(requests)
         vocab = self.manifest.target_vocab
-        hyps = greedy_decode(
-            self.model,
-            [list(r.source_ids) for r in requests],
-            vocab.bos_id,
-            vocab.eos_id,
-            [r.max_output_tokens for r in requests],
-        )
-        results = []
-        for req, hyp in zip(requests, hyps, strict=True):
-            keep = [i for i, t in enumerate(hyp.token_ids) if t not in vocab.special_ids]
-            tokens = tuple(vocab.tokens[hyp.token_ids[i]] for i in keep)
-            results.append(
-                Translation(
-                    output_tokens=tokens,
-                    text=self.manifest.target_separator.join(tokens),
-                    source_tokens=req.source_tokens,
-                    attention=hyp.attention[keep] if req.attention is AttentionMode.CROSS else None,
-                    batch_size=len(requests),
-                )
+        for (beam_size, length_penalty), rows in groups.items():
+            args = (
+                self.model,
+                [list(requests[i].source_ids) for i in rows],
+                vocab.bos_id,
+                vocab.eos_id,
+                [requests[i].max_output_tokens for i in rows],
             )
+            hyps = beam_decode(*args, beam_size, length_penalty) if beam_size > 1 else greedy_decode(*args)
+            for i, hyp in zip(rows, hyps, strict=True):
+                results[i] = self._translation(requests[i], hyp, len(requests))
         return results
+
+    def _translation(self, request: PreparedRequest, hyp: Hypothesis, batch_size: int) -> Translation:
+        """The domain result for one hypothesis (special tokens dropped with their attention rows)."""
+        vocab = self.manifest.target_vocab
+        keep = [i for i, t in enumerate(hyp.token_ids) if t not in vocab.special_ids]
+        tokens = tuple(vocab.tokens[hyp.token_ids[i]] for i in keep)
+        return Translation(
+            output_tokens=tokens,
+            text=self.manifest.target_separator.join(tokens),
+            source_tokens=request.source_tokens,
+            attention=hyp.attention[keep] if request.attention is AttentionMode.CROSS else None,
+            batch_size=batch_size,
+        )

@@ -101,3 +101,86 @@ def greedy_decode(
         )
         for row in range(batch)
     ]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (N, V) logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def length_normalised(score: float, length: int, alpha: float) -> float:
+    """GNMT length penalty: score / ((5 + length) / 6) ** alpha; alpha 0 leaves the score."""
+    return score / (((5 + length) / 6) ** alpha)
+
+
+def beam_decode(
+    model: StepModel,
+    sources: list[list[int]],
+    bos_id: int,
+    eos_id: int,
+    max_steps: list[int],
+    beam_size: int,
+    length_penalty: float = 0.0,
+) -> list[Hypothesis]:
+    """Beam search over a batch: every row keeps `beam_size` hypotheses, all rows step together.
+
+    A finished hypothesis only extends with </s> at no cost, so it keeps its score; a row that
+    reaches its limit is finished there. The best hypothesis by length-normalised log-probability
+    is returned with its own attention.
+
+    Args:
+        model, sources, bos_id, eos_id, max_steps: as for greedy_decode.
+        beam_size: hypotheses kept per row (1 gives greedy decoding).
+        length_penalty: GNMT alpha; 0 ranks by total log-probability.
+
+    Returns:
+        One hypothesis per row, in input order.
+    """
+    src_ids, src_mask = pad_batch(sources)  # (B, S)
+    batch, src_len = src_ids.shape
+    K = beam_size
+    state = {k: np.repeat(v, K, axis=0) for k, v in model.encode(src_ids, src_mask).items()}  # (B*K, ...)
+    limits = np.repeat(np.asarray(max_steps), K)  # (B*K,)
+    width = int(limits.max(initial=0))
+    scores = np.tile(np.r_[0.0, np.full(K - 1, -np.inf)], batch)  # (B*K,): one live beam at first
+    tokens = np.zeros((batch * K, width), dtype=np.int64)
+    attention = np.zeros((batch * K, width, src_len), dtype=np.float32)
+    lengths = np.zeros(batch * K, dtype=np.int64)
+    finished = limits == 0
+    prev = np.full(batch * K, bos_id, dtype=np.int64)
+    for t in range(width):
+        if finished.all():
+            break
+        logits, weights, state = model.step(prev, state)  # (B*K, V), (B*K, S)
+        logp = _log_softmax(logits.astype(np.float64))
+        logp[finished] = -np.inf
+        logp[finished, eos_id] = 0.0  # finished hypotheses carry their score unchanged
+        vocab = logp.shape[1]
+        total = (scores[:, None] + logp).reshape(batch, K * vocab)  # (B, K*V)
+        best = np.argsort(-total, axis=1, kind="stable")[:, :K]  # (B, K)
+        parent = (best // vocab + np.arange(batch)[:, None] * K).ravel()  # (B*K,)
+        token = (best % vocab).ravel()
+        scores = total[np.arange(batch)[:, None], best].ravel()
+        was_finished = finished[parent]
+        tokens, attention, lengths = tokens[parent], attention[parent], lengths[parent].copy()
+        state = {k: v[parent] for k, v in state.items()}
+        grow = ~was_finished & (token != eos_id)
+        tokens[grow, t] = token[grow]
+        attention[grow, t] = weights[parent][grow]
+        lengths[grow] += 1
+        finished = was_finished | (token == eos_id) | (lengths >= limits)
+        prev = np.where(finished, eos_id, token)
+    src_lengths = src_mask.sum(axis=1)
+    results = []
+    for row in range(batch):
+        beams = range(row * K, row * K + K)
+        pick = max(beams, key=lambda i: length_normalised(scores[i], int(lengths[i]), length_penalty))
+        results.append(
+            Hypothesis(
+                token_ids=tokens[pick, : lengths[pick]].tolist(),
+                attention=attention[pick, : lengths[pick], : src_lengths[row]],
+                finished=bool(finished[pick]),
+            )
+        )
+    return results

@@ -67,6 +67,21 @@ def test_same_answer_as_the_runtime_in_process(client, bundled_manifest):
         assert tuple(client.translate(MODEL, word).output_tokens) == want.output_tokens
 
 
+def test_beam_search_over_grpc_matches_the_runtime(client, bundled_manifest):
+    from attnserve.service.translation import AttentionMode, Translator
+
+    local = Translator(bundled_manifest)
+    for word in ("colonel", "pneumonia"):
+        want = local.translate_batch([local.codec.prepare(word, AttentionMode.CROSS, beam_size=5)])[0]
+        got = client.translate(MODEL, word, attention=True, beam_size=5)
+        assert tuple(got.output_tokens) == want.output_tokens
+        assert got.attention.rows == len(want.output_tokens)
+    with pytest.raises(grpc.RpcError) as info:
+        client.translate(MODEL, "cat", beam_size=64)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "beam_size must be between 1 and 16" in info.value.details()
+
+
 def test_concurrent_requests_share_batches(client):
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"] * 3
     futures = [client.stub.Translate.future(_request(w), timeout=60) for w in words]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from attnserve.models.g2p_data import load_split
-from attnserve.service.runtime.decoding import greedy_decode, pad_batch
+from attnserve.service.runtime.decoding import beam_decode, greedy_decode, length_normalised, pad_batch
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, ProviderError, RuntimeConfig, choose_providers
 
 
@@ -64,3 +64,62 @@ def test_provider_selection_is_explicit():
         )
     with pytest.raises(ProviderError, match="none of"):
         choose_providers(RuntimeConfig(("NoSuchExecutionProvider",)))
+
+
+def _sequence_logprob(model, src, token_ids, bos_id, eos_id) -> float:
+    """log P(token_ids + </s> | src) under the model, by teacher forcing through step()."""
+    ids, mask = pad_batch([src])
+    state = model.encode(ids, mask)
+    prev, total = np.array([bos_id]), 0.0
+    for token in [*token_ids, eos_id]:
+        logits, _, state = model.step(prev, state)
+        logp = logits[0].astype(np.float64) - np.log(np.exp(logits[0].astype(np.float64)).sum())
+        total += logp[token]
+        prev = np.array([token])
+    return total
+
+
+def test_beam_of_one_is_greedy_and_beams_are_batch_invariant(model, bundled_manifest, sources):
+    vocab = bundled_manifest.target_vocab
+    limits = [32] * len(sources)
+    greedy = greedy_decode(model, sources, vocab.bos_id, vocab.eos_id, limits)
+    assert [h.token_ids for h in beam_decode(model, sources, vocab.bos_id, vocab.eos_id, limits, 1)] == [
+        h.token_ids for h in greedy
+    ]
+    beams = beam_decode(model, sources, vocab.bos_id, vocab.eos_id, limits, 4)
+    for src, hyp in zip(sources, beams, strict=True):
+        (alone,) = beam_decode(model, [src], vocab.bos_id, vocab.eos_id, [32], 4)
+        assert hyp.token_ids == alone.token_ids
+        assert hyp.attention.shape == (len(hyp.token_ids), len(src))
+        np.testing.assert_allclose(hyp.attention.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_beam_search_finds_likelier_outputs_than_greedy(model, bundled_manifest):
+    vocab = bundled_manifest.target_vocab
+    words = [e.word for e in load_split("test")[::40]]  # ~160 words
+    sources = [bundled_manifest.source_vocab.encode(list(w)) for w in words]
+    limits = [32] * len(sources)
+    greedy = greedy_decode(model, sources, vocab.bos_id, vocab.eos_id, limits)
+    beams = beam_decode(model, sources, vocab.bos_id, vocab.eos_id, limits, 8)
+    gains = [
+        _sequence_logprob(model, s, b.token_ids, vocab.bos_id, vocab.eos_id)
+        - _sequence_logprob(model, s, g.token_ids, vocab.bos_id, vocab.eos_id)
+        for s, g, b in zip(sources, greedy, beams, strict=True)
+    ]
+    assert min(gains) > -1e-6 or np.mean(gains) > 0  # beam search is not exact, but never worse on average
+    assert sum(g > 1e-6 for g in gains) >= 1, "beam search changed no output"
+
+
+def test_beam_respects_per_row_limits(model, bundled_manifest, sources):
+    vocab = bundled_manifest.target_vocab
+    limits = [i % 3 for i in range(len(sources))]
+    for limit, hyp in zip(
+        limits, beam_decode(model, sources, vocab.bos_id, vocab.eos_id, limits, 3), strict=True
+    ):
+        assert len(hyp.token_ids) <= limit
+        assert hyp.attention.shape[0] == len(hyp.token_ids)
+
+
+def test_length_normalisation():
+    assert length_normalised(-6.0, 1, 0.0) == -6.0
+    assert length_normalised(-6.0, 7, 1.0) == pytest.approx(-3.0)  # ((5 + 7) / 6) ** 1 = 2

@@ -2,6 +2,7 @@
 
 import string
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,3 +79,33 @@ def test_one_failing_request_does_not_fail_its_batch(translator, codec):
     assert results[0].output_tokens == translator.translate_batch([good])[0].output_tokens
     assert isinstance(results[1], RequestError) and results[1].code is ErrorCode.INTERNAL
     assert "10000" not in results[1].message and "onnx" not in results[1].message.lower()
+
+
+@pytest.mark.parametrize(
+    ("beam_size", "length_penalty", "message"),
+    [
+        (17, 0.0, "beam_size must be between 1 and 16"),
+        (4, -0.1, "length_penalty"),
+        (4, float("nan"), "length_penalty"),
+        (4, 2.5, "length_penalty"),
+    ],
+)
+def test_out_of_range_beam_options_are_invalid(codec, beam_size, length_penalty, message):
+    with pytest.raises(RequestError, match=message) as info:
+        codec.prepare("cat", AttentionMode.NONE, beam_size=beam_size, length_penalty=length_penalty)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_a_batch_mixing_beam_settings_equals_each_setting_alone(translator, codec):
+    words = ["pneumonia", "colonel", "wednesday", "yacht"]
+    settings_ = [(0, 0.0), (4, 0.0), (4, 1.0), (1, 0.0)]
+    mixed = [
+        codec.prepare(w, AttentionMode.CROSS, beam_size=b, length_penalty=lp)
+        for w in words
+        for b, lp in settings_
+    ]
+    together = translator.translate_batch(mixed)
+    for request, result in zip(mixed, together, strict=True):
+        (alone,) = translator.translate_batch([request])
+        assert result.output_tokens == alone.output_tokens
+        np.testing.assert_allclose(result.attention, alone.attention, atol=1e-5)
