@@ -19,6 +19,7 @@ from attnserve.service.config import AppArgs, LocalOptions, load_serve_config
 
 log = logging.getLogger("attnserve")
 DEPLOY_TIMEOUT_S = 300
+SHUTDOWN_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -111,15 +112,25 @@ def _last_line(message: str) -> str:
 
 
 def stop(endpoints: Endpoints) -> None:
-    """Removes the applications; a local Ray is shut down entirely, a cluster is left running."""
-    try:
+    """Removes the applications; a local Ray is shut down entirely, a cluster is left running.
+
+    Serve's graceful shutdown gets SHUTDOWN_TIMEOUT_S: when a supervisor has signalled the whole
+    process group (systemd's default), the raylet is already gone and Serve would wait forever.
+    """
+
+    def remove() -> None:
         if endpoints.local:
             serve.shutdown()
         else:
             for name in endpoints.applications:
                 serve.delete(name)
-    finally:
-        ray.shutdown()
+
+    worker = threading.Thread(target=remove, name="serve-shutdown", daemon=True)
+    worker.start()
+    worker.join(SHUTDOWN_TIMEOUT_S)
+    if worker.is_alive():
+        log.warning("Serve did not shut down within %d s; stopping Ray anyway", SHUTDOWN_TIMEOUT_S)
+    ray.shutdown()
 
 
 def serve_until_signalled(options: LocalOptions) -> None:
