@@ -158,7 +158,7 @@ def run_bench(cfg: BenchConfig) -> list[Row]:
         from attnserve.service import server
 
         options = LocalOptions(
-            model_repository=cfg.repository, batching=cfg.batching,
+            model_repository=cfg.repository, **cfg.batching.model_dump(),
             grpc_port=_free_port(), http_port=_free_port(), metrics_port=_free_port(),
         )  # fmt: skip
         print("starting attnserve (local Ray) for the gRPC runs ...", flush=True)

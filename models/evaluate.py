@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from attnserve.models.g2p_data import G2PEntry
 from attnserve.models.scoring import error_rates
-from attnserve.service.runtime.decoding import StepModel, beam_decode, greedy_decode
+from attnserve.service.runtime.decoding import StepModel, decode
 from attnserve.service.vocab import Vocab
 
 
@@ -29,8 +29,7 @@ def predict_words(
     for start in tqdm(starts, desc="decode", unit="batch", disable=not progress):
         rows = order[start : start + batch_size]
         sources = [src_vocab.encode(list(words[i])) for i in rows]
-        args = (model, sources, tgt_vocab.bos_id, tgt_vocab.eos_id, [max_steps] * len(rows))
-        hyps = beam_decode(*args, beam_size) if beam_size > 1 else greedy_decode(*args)
+        hyps = decode(model, sources, tgt_vocab.bos_id, tgt_vocab.eos_id, [max_steps] * len(rows), beam_size)
         for i, hyp in zip(rows, hyps, strict=True):
             predictions[i] = tgt_vocab.decode(hyp.token_ids)
     return predictions

@@ -15,22 +15,14 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from attnserve.service.config import DEFAULT_SERVE_CONFIG, BatchingConfig, LocalOptions
+    from attnserve.service.config import DEFAULT_SERVE_CONFIG, LocalOptions
     from attnserve.service.server import DeployError, serve_until_signalled
 
-    batching = None
-    if args.max_batch_size or args.batch_wait_ms is not None:
-        defaults = BatchingConfig()
-        batching = BatchingConfig(
-            max_batch_size=args.max_batch_size or defaults.max_batch_size,
-            batch_wait_timeout_s=(
-                defaults.batch_wait_timeout_s if args.batch_wait_ms is None else args.batch_wait_ms / 1000
-            ),
-        )
     options = LocalOptions(
         serve_config=args.serve_config or DEFAULT_SERVE_CONFIG, address=args.address, num_cpus=args.num_cpus,
         metrics_port=args.metrics_port, grpc_port=args.grpc_port, http_port=args.http_port,
-        host=args.host, model_repository=args.repository, batching=batching,
+        host=args.host, model_repository=args.repository, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
     )  # fmt: skip
     try:
         serve_until_signalled(options)

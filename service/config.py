@@ -76,7 +76,8 @@ class LocalOptions:
     http_port: int | None = None
     host: str | None = None
     model_repository: Path | None = None
-    batching: BatchingConfig | None = None
+    max_batch_size: int | None = None  # batching overrides apply to every model
+    batch_wait_timeout_s: float | None = None
 
 
 def load_serve_config(options: LocalOptions) -> ServeDeploySchema:
@@ -109,8 +110,14 @@ def apply_overrides(raw: dict[str, Any], options: LocalOptions) -> dict[str, Any
         if options.model_repository is not None:
             args["model_repository"] = str(options.model_repository)
         args["model_repository"] = str(Path(args["model_repository"]).resolve())
-        if options.batching is not None:
-            args["model_defaults"]["batching"] = options.batching.model_dump()
+        batching = {
+            "max_batch_size": options.max_batch_size,
+            "batch_wait_timeout_s": options.batch_wait_timeout_s,
+        }
+        batching = {k: v for k, v in batching.items() if v is not None}
+        if batching:
+            merged = {**args["model_defaults"]["batching"], **batching}
+            args["model_defaults"]["batching"] = BatchingConfig.model_validate(merged).model_dump()
             for deployment in app.get("deployments", []):
                 deployment.pop("user_config", None)
         app["args"] = args

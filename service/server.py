@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import ray
 from ray import serve
 from ray.serve._private import api as serve_api  # the path `serve run config.yaml` takes
+from ray.serve._private.common import DeploymentStatus
 from ray.serve.config import gRPCOptions
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
@@ -92,10 +93,14 @@ def _wait_until_running(config: ServeDeploySchema) -> None:
     while time.monotonic() < deadline:
         apps = serve.status().applications
         statuses = {n: apps[n].status for n in names if n in apps}
-        failed = [n for n, s in statuses.items() if s in (ApplicationStatus.DEPLOY_FAILED, "DEPLOY_FAILED")]
+        failed = [n for n, s in statuses.items() if s == ApplicationStatus.DEPLOY_FAILED]
         if failed:
             app = apps[failed[0]]
-            reasons = [_last_line(d.message) for d in app.deployments.values() if d.status == "DEPLOY_FAILED"]
+            reasons = [
+                _last_line(d.message)
+                for d in app.deployments.values()
+                if d.status == DeploymentStatus.DEPLOY_FAILED
+            ]
             raise DeployError(
                 f"application {failed[0]!r} failed to deploy: {'; '.join(reasons) or app.message}"
             )

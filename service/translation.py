@@ -14,7 +14,7 @@ import numpy as np
 
 from attnserve.service.errors import ErrorCode, RequestError, invalid
 from attnserve.service.manifest import Manifest
-from attnserve.service.runtime.decoding import Hypothesis, beam_decode, greedy_decode
+from attnserve.service.runtime.decoding import Hypothesis, decode
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, RuntimeConfig
 
 log = logging.getLogger(__name__)
@@ -140,14 +140,15 @@ class Translator:
         results: list[Translation | None] = [None] * len(requests)
         vocab = self.manifest.target_vocab
         for (beam_size, length_penalty), rows in groups.items():
-            args = (
+            hyps = decode(
                 self.model,
                 [list(requests[i].source_ids) for i in rows],
                 vocab.bos_id,
                 vocab.eos_id,
                 [requests[i].max_output_tokens for i in rows],
+                beam_size,
+                length_penalty,
             )
-            hyps = beam_decode(*args, beam_size, length_penalty) if beam_size > 1 else greedy_decode(*args)
             for i, hyp in zip(rows, hyps, strict=True):
                 results[i] = self._translation(requests[i], hyp, len(requests))
         return results

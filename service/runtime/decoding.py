@@ -184,3 +184,18 @@ def beam_decode(
             )
         )
     return results
+
+
+def decode(
+    model: StepModel,
+    sources: list[list[int]],
+    bos_id: int,
+    eos_id: int,
+    max_steps: list[int],
+    beam_size: int = 1,
+    length_penalty: float = 0.0,
+) -> list[Hypothesis]:
+    """Greedy decoding for beam_size 1 (it drops finished rows as it goes), beam search above."""
+    if beam_size > 1:
+        return beam_decode(model, sources, bos_id, eos_id, max_steps, beam_size, length_penalty)
+    return greedy_decode(model, sources, bos_id, eos_id, max_steps)

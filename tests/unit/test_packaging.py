@@ -39,7 +39,7 @@ def test_shipped_serve_configs_validate(path):
 def test_overrides_apply_and_replace_per_model_batching(tmp_path):
     options = LocalOptions(
         serve_config=ROOT / "deploy/serve/attnserve.yaml", grpc_port=6001, http_port=6002,
-        model_repository=Path("elsewhere"), batching=BatchingConfig(max_batch_size=4),
+        model_repository=Path("elsewhere"), max_batch_size=4,
     )  # fmt: skip
     config = load_serve_config(options)
     assert config.grpc_options.port == 6001 and config.http_options.port == 6002
