@@ -7,10 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnserve.models.evaluate import predict_words
-from attnserve.models.torch_runner import TorchBahdanauRunner
-from attnserve.service.runtime.decoding import StepModel, pad_batch
-from attnserve.service.vocab import Vocab
+from attnserve.service.runtime.decoding import SourceBatch, StepModel, greedy_decode
 
 
 @dataclass(frozen=True)
@@ -19,12 +16,12 @@ class ParityReport:
 
     max_abs_diff: float
     batch_sizes: tuple[int, ...]
-    greedy_words: int
+    greedy_examples: int
     greedy_matches: int
 
     @property
     def greedy_identical(self) -> bool:
-        return self.greedy_matches == self.greedy_words
+        return self.greedy_matches == self.greedy_examples
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -32,22 +29,29 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def check_parity(
-    torch_model: TorchBahdanauRunner,
+    torch_model: StepModel,
     onnx_model: StepModel,
-    words: Sequence[str],
-    src_vocab: Vocab,
-    tgt_vocab: Vocab,
+    probes: Sequence[SourceBatch],
+    greedy: Sequence[SourceBatch],
+    bos_id: int,
+    eos_id: int,
     max_steps: int,
-    batch_sizes: Sequence[int] = (1, 5, 17),
     steps: int = 4,
 ) -> ParityReport:
-    """Compares encoder and decoder-step outputs on real words, then greedy output on all words."""
+    """Compares encoder and decoder-step outputs on the probe batches, then greedy output on `greedy`.
+
+    Args:
+        torch_model, onnx_model: the same model behind PyTorch and ONNX Runtime.
+        probes: batches (of different sizes) for the per-graph comparison.
+        greedy: batches whose greedy decoding must be identical token for token.
+        bos_id, eos_id, max_steps: as for greedy_decode.
+        steps: decoder steps compared per probe.
+    """
     worst = 0.0
-    for size in batch_sizes:
-        ids, mask = pad_batch([src_vocab.encode(list(w)) for w in words[:size]])
-        s_torch, s_onnx = torch_model.encode(ids, mask), onnx_model.encode(ids, mask)
+    for batch in probes:
+        s_torch, s_onnx = torch_model.encode(batch.inputs), onnx_model.encode(batch.inputs)
         worst = max(worst, _max_diff(s_torch, s_onnx))
-        prev = np.full(len(ids), tgt_vocab.bos_id, dtype=np.int64)
+        prev = np.full(len(batch.lengths), bos_id, dtype=np.int64)
         for _ in range(steps):
             l_t, a_t, s_torch = torch_model.step(prev, s_torch)
             l_o, a_o, s_onnx = onnx_model.step(prev, s_onnx)
@@ -55,7 +59,11 @@ def check_parity(
                 worst, _max_diff({"l": l_t, "a": a_t}, {"l": l_o, "a": a_o}), _max_diff(s_torch, s_onnx)
             )
             prev = l_t.argmax(1).astype(np.int64)
-    ref = predict_words(torch_model, words, src_vocab, tgt_vocab, max_steps)
-    got = predict_words(onnx_model, words, src_vocab, tgt_vocab, max_steps)
-    matches = sum(r == g for r, g in zip(ref, got, strict=True))
-    return ParityReport(worst, tuple(batch_sizes), len(words), matches)
+    total = matches = 0
+    for batch in greedy:
+        limits = [max_steps] * len(batch.lengths)
+        ref = greedy_decode(torch_model, batch, bos_id, eos_id, limits)
+        got = greedy_decode(onnx_model, batch, bos_id, eos_id, limits)
+        total += len(ref)
+        matches += sum(r.token_ids == g.token_ids for r, g in zip(ref, got, strict=True))
+    return ParityReport(worst, tuple(len(b.lengths) for b in probes), total, matches)

@@ -11,24 +11,16 @@ from pathlib import Path
 
 import torch
 
-from attnserve.export.onnx_graphs import (
-    DECODER_IO,
-    DECODER_WIRING,
-    ENCODER_IO,
-    OPSET,
-    export_graphs,
-)
+from attnserve.export.onnx_graphs import OPSET, export_graphs
 from attnserve.export.parity import check_parity
+from attnserve.models.architectures import Architecture, Tensor, architecture
 from attnserve.models.checkpoint import load_checkpoint
-from attnserve.models.evaluate import evaluate_g2p
-from attnserve.models.g2p_data import load_split
-from attnserve.models.torch_runner import TorchBahdanauRunner
-from attnserve.models.train import MAX_OUTPUT_TOKENS
+from attnserve.models.tasks import task as task_named
+from attnserve.models.torch_runner import TorchStepModel
 from attnserve.service.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
 
 log = logging.getLogger(__name__)
-MAX_SOURCE_TOKENS = 32
 
 
 class ParityError(RuntimeError):
@@ -45,16 +37,15 @@ class ExportConfig:
     version: str = "1"
     force: bool = False
     tolerance: float = 1e-4
-    parity_words: int = 200
-    eval_limit: int = 0  # 0 = the whole test split
+    parity_examples: int = 200
+    eval_limit: int = 0  # 0 = the whole evaluation splits
 
 
-def _tensors(items) -> list[dict]:
+def _tensors(items: list[Tensor]) -> list[dict]:
     return [{"name": n, "dtype": d, "shape": s} for n, d, s in items]
 
 
-def _graph_entry(path: Path, io) -> dict:
-    inputs, outputs = io
+def _graph_entry(path: Path, inputs: list[Tensor], outputs: list[Tensor]) -> dict:
     return {
         "file": path.name,
         "sha256": sha256_of(path),
@@ -65,6 +56,13 @@ def _graph_entry(path: Path, io) -> dict:
 
 def _write_manifest(folder: Path, body: dict) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", "utf-8")
+
+
+def _graphs(arch: Architecture, paths: dict[str, Path]) -> dict:
+    return {
+        "encoder": _graph_entry(paths["encoder"], arch.encoder_inputs, arch.encoder_outputs),
+        "decoder_step": _graph_entry(paths["decoder_step"], arch.decoder_inputs, arch.decoder_outputs),
+    }
 
 
 def export_model(cfg: ExportConfig) -> Path:
@@ -79,33 +77,31 @@ def export_model(cfg: ExportConfig) -> Path:
     if entry.exists() and not cfg.force:
         raise FileExistsError(f"{entry} exists; pass --force to replace it")
     model, src_vocab, tgt_vocab, payload = load_checkpoint(cfg.checkpoint)
+    arch, meta = architecture(payload["architecture"]), payload["meta"]
+    task = task_named(meta["task"])
     staging = entry.with_name(f".{cfg.version}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
-    log.info("exporting %s to ONNX (opset %d)", cfg.checkpoint, OPSET)
-    graphs = export_graphs(model, staging)
-    meta = payload["meta"]
+    log.info("exporting %s (%s on %s) to ONNX (opset %d)", cfg.checkpoint, arch.name, task.name, OPSET)
+    probes = [task.source_batches("test", n, n, src_vocab)[0] for n in (1, 5, 17)]
+    graphs = export_graphs(model, arch, probes[1], staging)
     body = {
         "format_revision": FORMAT_REVISION,
         "name": cfg.name,
         "version": cfg.version,
-        "task": meta.get("task", "g2p"),
-        "architecture": payload["architecture"],
-        "description": "English word -> ARPAbet phonemes (stress removed), CMU Pronouncing Dictionary",
-        "source": {
-            "tokenizer": "characters",
-            "lowercase": True,
-            "vocab": list(src_vocab.tokens),
-            "max_tokens": MAX_SOURCE_TOKENS,
+        "task": task.name,
+        "architecture": arch.name,
+        "description": task.description,
+        "source": {**task.source_spec, "vocab": list(src_vocab.tokens), "max_tokens": task.max_source_tokens},
+        "target": {
+            "vocab": list(tgt_vocab.tokens),
+            "separator": task.target_separator,
+            "max_tokens": task.max_output_tokens,
         },
-        "target": {"vocab": list(tgt_vocab.tokens), "separator": " ", "max_tokens": MAX_OUTPUT_TOKENS},
-        "graphs": {
-            "encoder": _graph_entry(graphs["encoder"], ENCODER_IO),
-            "decoder_step": _graph_entry(graphs["decoder_step"], DECODER_IO),
-        },
-        "decoder": DECODER_WIRING,
-        "attention_modes": ["cross"],
+        "graphs": _graphs(arch, graphs),
+        "decoder": arch.wiring,
+        "attention_modes": list(arch.attention_modes),
         "opset": OPSET,
         "model_config": payload["config"],
         "training": {**meta.get("training", {}), "train_config": meta.get("train_config")},
@@ -114,28 +110,26 @@ def export_model(cfg: ExportConfig) -> Path:
     _write_manifest(staging, body)
 
     onnx_model = OnnxSeq2Seq(Manifest.load(staging))
-    test = load_split("test")
     parity = check_parity(
-        TorchBahdanauRunner(model),
+        TorchStepModel(model, arch),
         onnx_model,
-        [e.word for e in test[: cfg.parity_words]],
-        src_vocab,
-        tgt_vocab,
-        MAX_OUTPUT_TOKENS,
+        probes,
+        task.source_batches("test", cfg.parity_examples, 64, src_vocab),
+        tgt_vocab.bos_id,
+        tgt_vocab.eos_id,
+        task.max_output_tokens,
     )
-    log.info(
-        "parity: max |torch - ORT| = %.2e, greedy identical on %d/%d words",
-        parity.max_abs_diff,
-        parity.greedy_matches,
-        parity.greedy_words,
-    )
+    log.info("parity: max |torch - ORT| = %.2e, greedy identical on %d/%d examples",
+             parity.max_abs_diff, parity.greedy_matches, parity.greedy_examples)  # fmt: skip
     if parity.max_abs_diff > cfg.tolerance or not parity.greedy_identical:
         raise ParityError(f"ONNX Runtime differs from PyTorch: {parity}")
 
-    log.info("evaluating the exported graphs on the test split")
-    test = test[: cfg.eval_limit] if cfg.eval_limit else test
-    metrics = evaluate_g2p(onnx_model, test, src_vocab, tgt_vocab, MAX_OUTPUT_TOKENS, progress=True)
-    body["metrics"] = {"test": metrics, "dev": meta.get("dev_metrics", {})}
+    log.info("evaluating the exported graphs on %s", ", ".join(task.eval_splits))
+    metrics = {
+        split: task.evaluate_model(onnx_model, split, src_vocab, tgt_vocab, cfg.eval_limit, progress=True)
+        for split in task.eval_splits
+    }
+    body["metrics"] = {**metrics, "dev": meta.get("dev_metrics", {})}
     body["export"] = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -146,5 +140,5 @@ def export_model(cfg: ExportConfig) -> Path:
     if entry.exists():
         shutil.rmtree(entry)
     staging.rename(entry)
-    log.info("wrote %s: test WER %.2f%% PER %.2f%%", entry, 100 * metrics["wer"], 100 * metrics["per"])
+    log.info("wrote %s: %s", entry, metrics)
     return entry

@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 
-from attnserve.models.bahdanau import BahdanauConfig, BahdanauSeq2Seq
+from attnserve.models.architectures import architecture
 from attnserve.service.vocab import Vocab
 
 FORMAT_REVISION = 1
-ARCHITECTURES = {"bahdanau-gru": (BahdanauConfig, BahdanauSeq2Seq)}
 
 
 def save_checkpoint(
@@ -45,9 +44,10 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, Vocab, Vocab, dict[str
         raise ValueError(
             f"{path}: checkpoint format revision {payload.get('format_revision')} is not {FORMAT_REVISION}"
         )
-    if payload["architecture"] not in ARCHITECTURES:
-        raise ValueError(f"{path}: unknown architecture {payload['architecture']!r}")
-    config_cls, model_cls = ARCHITECTURES[payload["architecture"]]
-    model = model_cls(config_cls(**payload["config"]))
+    try:
+        arch = architecture(payload["architecture"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    model = arch.model_cls(arch.config_cls(**payload["config"]))
     model.load_state_dict(payload.pop("state_dict"))
     return model.eval(), Vocab(tuple(payload["src_vocab"])), Vocab(tuple(payload["tgt_vocab"])), payload

@@ -1,4 +1,4 @@
-"""Evaluates a G2P model through the shared decode loop (works for ONNX Runtime and PyTorch)."""
+"""Predicts with a text model through the shared decode loop (ONNX Runtime or PyTorch)."""
 
 from __future__ import annotations
 
@@ -6,47 +6,32 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from attnserve.models.g2p_data import G2PEntry
-from attnserve.models.scoring import error_rates
-from attnserve.service.runtime.decoding import StepModel, decode
+from attnserve.service.runtime.decoding import SourceBatch, StepModel, decode
 from attnserve.service.vocab import Vocab
 
 
-def predict_words(
+def predict(
     model: StepModel,
-    words: Sequence[str],
+    sources: Sequence[Sequence[str]],
     src_vocab: Vocab,
     tgt_vocab: Vocab,
     max_steps: int,
     batch_size: int = 256,
     progress: bool = False,
     beam_size: int = 1,
-) -> list[list[str]]:
-    """Phoneme predictions for words (greedy, or beam search when beam_size > 1), batched by length."""
-    order = sorted(range(len(words)), key=lambda i: len(words[i]))
-    predictions: list[list[str]] = [[] for _ in words]
+) -> list[list[str] | None]:
+    """Output tokens per source (greedy, or beam search when beam_size > 1), batched by length.
+
+    A source with a token outside src_vocab cannot be read by the model and gets None.
+    """
+    readable = [i for i, s in enumerate(sources) if all(t in src_vocab for t in s)]
+    order = sorted(readable, key=lambda i: len(sources[i]))
+    predictions: list[list[str] | None] = [None] * len(sources)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="decode", unit="batch", disable=not progress):
         rows = order[start : start + batch_size]
-        sources = [src_vocab.encode(list(words[i])) for i in rows]
-        hyps = decode(model, sources, tgt_vocab.bos_id, tgt_vocab.eos_id, [max_steps] * len(rows), beam_size)
+        batch = SourceBatch.from_ids([src_vocab.encode(sources[i]) for i in rows])
+        hyps = decode(model, batch, tgt_vocab.bos_id, tgt_vocab.eos_id, [max_steps] * len(rows), beam_size)
         for i, hyp in zip(rows, hyps, strict=True):
             predictions[i] = tgt_vocab.decode(hyp.token_ids)
     return predictions
-
-
-def evaluate_g2p(
-    model: StepModel,
-    entries: Sequence[G2PEntry],
-    src_vocab: Vocab,
-    tgt_vocab: Vocab,
-    max_steps: int,
-    batch_size: int = 256,
-    progress: bool = False,
-    beam_size: int = 1,
-) -> dict[str, float]:
-    """WER/PER of the predictions on entries. Returns {"wer", "per", "words"}."""
-    preds = predict_words(
-        model, [e.word for e in entries], src_vocab, tgt_vocab, max_steps, batch_size, progress, beam_size
-    )
-    return error_rates(preds, [e.pronunciations for e in entries])

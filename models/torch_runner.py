@@ -1,32 +1,36 @@
-"""Adapts a PyTorch encode()/decode_step() model to the numpy StepModel interface."""
+"""Runs a PyTorch model behind the decode loop's numpy interface, wired like its ONNX graphs."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
-from attnserve.models.bahdanau import BahdanauSeq2Seq
-from attnserve.service.runtime.decoding import State
+from attnserve.models.architectures import Architecture
+from attnserve.service.manifest import DecoderSpec
+from attnserve.service.runtime.wiring import WiredStepModel
 
 
-class TorchBahdanauRunner:
-    """Runs a BahdanauSeq2Seq in eval mode behind the decode loop's numpy interface."""
+def _graph(method, inputs: list, outputs: list):
+    """A model method as a no-grad function of named numpy arrays to named numpy arrays."""
+    in_names, out_names = [n for n, _, _ in inputs], [n for n, _, _ in outputs]
 
-    def __init__(self, model: BahdanauSeq2Seq):
+    @torch.no_grad()
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in in_names]
+        return {n: t.numpy() for n, t in zip(out_names, method(*args), strict=True)}
+
+    return run
+
+
+class TorchStepModel(WiredStepModel):
+    """A model in eval mode as a StepModel (training-time evaluation and parity checks)."""
+
+    def __init__(self, model: nn.Module, arch: Architecture):
         self.model = model.eval()
-
-    @torch.no_grad()
-    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> State:
-        """src_ids (B, S), src_mask (B, S) -> {state, memory, keys, src_mask}."""
-        mask = torch.from_numpy(src_mask)
-        memory, keys, state = self.model.encode(torch.from_numpy(src_ids), mask)
-        return {"state": state.numpy(), "memory": memory.numpy(), "keys": keys.numpy(), "src_mask": src_mask}
-
-    @torch.no_grad()
-    def step(self, prev_tokens: np.ndarray, state: State):
-        """prev_tokens (B,) -> logits (B, V), attention (B, S), next state."""
-        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
-        logits, new_state, weights = self.model.decode_step(
-            torch.from_numpy(prev_tokens), t["state"], t["memory"], t["keys"], t["src_mask"]
+        super().__init__(
+            DecoderSpec(**arch.wiring),
+            _graph(model.encode, arch.encoder_inputs, arch.encoder_outputs),
+            _graph(model.decode_step, arch.decoder_inputs, arch.decoder_outputs),
+            [n for n, _, _ in arch.decoder_inputs],
         )
-        return logits.numpy(), weights.numpy(), {**state, "state": new_state.numpy()}

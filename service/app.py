@@ -19,7 +19,12 @@ from ray.serve.handle import DeploymentHandle
 from attnserve.service import metrics
 from attnserve.service.config import AppArgs, BatchingConfig
 from attnserve.service.errors import ErrorCode, RequestError
-from attnserve.service.grpc_mapping import attention_from_pb, model_info_to_pb, translation_to_pb
+from attnserve.service.grpc_mapping import (
+    attention_from_pb,
+    caption_to_pb,
+    model_info_to_pb,
+    translation_to_pb,
+)
 from attnserve.service.manifest import Manifest, ManifestError, discover
 from attnserve.service.runtime.onnx_model import RuntimeConfig
 from attnserve.service.translation import PreparedRequest, SourceCodec, Translation, Translator
@@ -93,11 +98,7 @@ class TranslatorIngress:
         manifest = self.manifests.get(request.model)
 
         async def work() -> pb.TranslateResponse:
-            if manifest is None:
-                served = ", ".join(sorted(self.manifests))
-                raise RequestError(
-                    ErrorCode.NOT_FOUND, f"no model named {request.model!r}; served models: {served}"
-                )
+            self._check_served(request.model)
             options = request.options
             prepared = self.codecs[request.model].prepare(
                 request.text,
@@ -105,11 +106,37 @@ class TranslatorIngress:
                 options.max_output_tokens,
                 options.beam_size,
                 options.length_penalty,
+                request.locale,
             )
             return translation_to_pb(await self._call_model(request.model, prepared), manifest)
 
         model, version = (manifest.name, manifest.version) if manifest else (UNKNOWN_MODEL_TAG, "")
         return await _answer("Translate", model, version, grpc_context, work)
+
+    async def Caption(self, request: pb.CaptionRequest, grpc_context: RayServegRPCContext):
+        """Decodes and checks the image before it joins a batch; every error gets its own status."""
+        manifest = self.manifests.get(request.model)
+
+        async def work() -> pb.CaptionResponse:
+            self._check_served(request.model)
+            options = request.options
+            prepared = self.codecs[request.model].prepare_image(
+                request.image,
+                attention_from_pb(options.attention),
+                options.max_output_tokens,
+                options.beam_size,
+                options.length_penalty,
+            )
+            return caption_to_pb(await self._call_model(request.model, prepared), manifest)
+
+        model, version = (manifest.name, manifest.version) if manifest else (UNKNOWN_MODEL_TAG, "")
+        return await _answer("Caption", model, version, grpc_context, work)
+
+    def _check_served(self, name: str) -> None:
+        """NOT_FOUND with the served names for a model that is not served."""
+        if name not in self.manifests:
+            served = ", ".join(sorted(self.manifests))
+            raise RequestError(ErrorCode.NOT_FOUND, f"no model named {name!r}; served models: {served}")
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext):
         """Served models with their manifest figures and the providers they run on."""

@@ -40,8 +40,9 @@ def _translate(args: argparse.Namespace) -> int:
     with Client(args.target, timeout_s=args.timeout) as client:
         try:
             response = client.translate(
-                args.model, args.text, args.attention, args.max_output_tokens, args.beam, args.length_penalty
-            )
+                args.model, args.text, args.attention, args.max_output_tokens, args.beam, args.length_penalty,
+                args.locale,
+            )  # fmt: skip
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -52,6 +53,31 @@ def _translate(args: argparse.Namespace) -> int:
             "columns = source tokens"
         )
         print(format_attention(response.attention))
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    import grpc
+
+    from attnserve.service.client import Client, format_attention_maps
+
+    with Client(args.target, timeout_s=args.timeout) as client:
+        try:
+            response = client.caption(
+                args.model, args.image.read_bytes(), args.attention, args.max_output_tokens, args.beam,
+                args.length_penalty,
+            )  # fmt: skip
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(response.text)
+    if args.attention:
+        a = response.attention
+        print(
+            f"\nattention ({response.model} v{response.model_version}): one {a.grid_height}x{a.grid_width} "
+            f"map per word (image resized to {response.input_height}x{response.input_width})"
+        )
+        print(format_attention_maps(a))
     return 0
 
 
@@ -72,24 +98,27 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from attnserve.models.train import TrainConfig, train_g2p
+    from attnserve.models.tasks import task
+    from attnserve.models.train import TrainConfig, train
 
-    model_config = dict(
-        embed_size=args.embed_size,
-        encoder_size=args.encoder_size,
-        decoder_size=args.decoder_size,
-        attention_size=args.attention_size,
-    )
     cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        threads=args.threads,
-        max_train_words=args.max_train_words,
-    )
-    train_g2p(args.out, model_config, cfg)
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
+        threads=args.threads, max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples,
+    )  # fmt: skip
+    train(args.out, task(args.task), args.architecture, dict(args.set), cfg)
     return 0
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """`name=value` with the value parsed as JSON where it is JSON (numbers), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -114,28 +143,23 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from attnserve.models.evaluate import evaluate_g2p
-    from attnserve.models.g2p_data import load_split
+    from attnserve.models.tasks import task
     from attnserve.service.manifest import Manifest
     from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
 
     manifest = Manifest.load(args.entry)
-    entries = load_split(args.split)[: args.limit or None]
-    got = evaluate_g2p(
-        OnnxSeq2Seq(manifest),
-        entries,
-        manifest.source_vocab,
-        manifest.target_vocab,
-        manifest.max_output_tokens,
-        progress=True,
-        beam_size=args.beam,
-    )
-    recorded = manifest.metrics.get(args.split, {})
+    model, the_task = OnnxSeq2Seq(manifest), task(manifest.task)
     decoding = f"beam {args.beam}" if args.beam > 1 else "greedy"
-    print(f"{manifest.name} v{manifest.version} on {int(got['words'])} {args.split} words ({decoding})")
-    for key in ("wer", "per"):
-        note = f"  (manifest: {100 * recorded[key]:.2f}%)" if key in recorded else ""
-        print(f"  {key.upper()} {100 * got[key]:.2f}%{note}")
+    for split in args.split or the_task.eval_splits:
+        got = the_task.evaluate_model(
+            model, split, manifest.source_vocab, manifest.target_vocab, args.limit, progress=True,
+            beam_size=args.beam,
+        )  # fmt: skip
+        recorded = manifest.metrics.get(split, {})
+        print(f"{manifest.name} v{manifest.version} on {split} ({decoding})")
+        for key, value in got.items():
+            note = f"  (manifest: {recorded[key]:.4f})" if key in recorded else ""
+            print(f"  {key} {value:.4f}{note}")
     return 0
 
 
@@ -183,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, help_ in (
         ("translate", _translate, "translate text with a served model"),
+        ("caption", _caption, "caption a PNG or JPEG image with a served model"),
         ("models", _models, "list the served models"),
     ):
         p = sub.add_parser(name, help=help_)
@@ -190,25 +215,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
         p.set_defaults(handler=handler)
         if name == "translate":
-            p.add_argument("--model", required=True)
             p.add_argument("text")
-            p.add_argument("--attention", action="store_true", help="print the attention matrix")
+            p.add_argument("--locale", default="", help="the text's CLDR locale, e.g. de_DE (date models)")
+        elif name == "caption":
+            p.add_argument("image", type=Path, help="a PNG or JPEG file")
+        if name != "models":
+            p.add_argument("--model", required=True)
+            p.add_argument("--attention", action="store_true", help="print the attention weights")
             p.add_argument("--max-output-tokens", type=int, default=0)
             p.add_argument("--beam", type=int, default=0, help="beam size (0/1 = greedy, up to 16)")
             p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for beam ranking")
 
-    p = sub.add_parser("train", help="train the Bahdanau G2P model on CMUdict (needs the train extra)")
+    p = sub.add_parser("train", help="train a model family on a task (needs the train extra)")
+    p.add_argument("--task", default="g2p", help="g2p or dates")
+    p.add_argument("--architecture", default="bahdanau-gru", help="bahdanau-gru or luong-gru")
     p.add_argument("--out", type=Path, default=Path("runs/g2p-bahdanau"))
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
+                   help="a model config field, e.g. --set hidden_size=256 --set score=dot")  # fmt: skip
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps warming up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-train-words", type=int, default=0, help="0 = all; small for a smoke run")
-    p.add_argument("--embed-size", type=int, default=64)
-    p.add_argument("--encoder-size", type=int, default=192)
-    p.add_argument("--decoder-size", type=int, default=384)
-    p.add_argument("--attention-size", type=int, default=128)
+    p.add_argument("--max-train-examples", type=int, default=0, help="0 = all; small for a smoke run")
+    p.add_argument("--max-eval-examples", type=int, default=0, help="0 = whole dev/test splits")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("export", help="export a checkpoint into the model repository")
@@ -217,12 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="g2p-bahdanau")
     p.add_argument("--version", default="1")
     p.add_argument("--force", action="store_true", help="replace an existing entry")
-    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test words (0 = all)")
+    p.add_argument(
+        "--eval-limit", type=int, default=0, help="evaluate on the first N test examples (0 = all)"
+    )
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("eval", help="evaluate a repository entry through the serving runtime")
     p.add_argument("entry", type=Path, help="e.g. model_repository/g2p-bahdanau/1")
-    p.add_argument("--split", default="test", choices=("dev", "test"))
+    p.add_argument("--split", action="append", help="dev, test, ... (default: the task's test splits)")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy, what the manifest records)")
     p.set_defaults(handler=_eval)

@@ -46,6 +46,31 @@ def translation_to_pb(result: Translation, manifest: Manifest) -> pb.TranslateRe
     return response
 
 
+def caption_to_pb(result: Translation, manifest: Manifest) -> pb.CaptionResponse:
+    """CaptionResponse for one result; attention as one grid-shaped map per output word."""
+    image = manifest.image
+    response = pb.CaptionResponse(
+        text=result.text,
+        output_tokens=result.output_tokens,
+        model=manifest.name,
+        model_version=manifest.version,
+        batch_size=result.batch_size,
+        input_height=image.height,
+        input_width=image.width,
+    )
+    if result.attention is not None:
+        response.attention.CopyFrom(
+            pb.AttentionMaps(
+                steps=len(result.attention),
+                grid_height=image.grid_height,
+                grid_width=image.grid_width,
+                weights=result.attention.ravel().tolist(),  # (T, gh * gw) row-major = (T, gh, gw)
+                labels=result.output_tokens,
+            )
+        )
+    return response
+
+
 def model_info_to_pb(manifest: Manifest, providers: tuple[str, ...]) -> pb.ModelInfo:
     """ModelInfo from a manifest, its test-split figures and the providers in use."""
     metrics = {k: float(v) for k, v in manifest.metrics.get("test", {}).items()}
@@ -59,4 +84,7 @@ def model_info_to_pb(manifest: Manifest, providers: tuple[str, ...]) -> pb.Model
         max_source_tokens=manifest.max_source_tokens,
         max_output_tokens=manifest.max_output_tokens,
         execution_providers=list(providers),
+        description=manifest.description,
+        reads_locale=manifest.reads_locale,
+        rpc="Caption" if manifest.image else "Translate",
     )

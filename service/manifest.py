@@ -57,6 +57,17 @@ class DecoderSpec:
 
 
 @dataclass(frozen=True)
+class ImageSpec:
+    """The input of an image model: size and channels it takes, and its attention grid."""
+
+    height: int
+    width: int
+    channels: int
+    grid_height: int
+    grid_width: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed manifest.json; `path` is the folder holding it."""
 
@@ -75,6 +86,9 @@ class Manifest:
     decoder_step: GraphSpec
     decoder: DecoderSpec
     attention_modes: tuple[str, ...]
+    description: str = ""
+    reads_locale: bool = False
+    image: ImageSpec | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -118,6 +132,12 @@ class Manifest:
             return GraphSpec(g["file"], g["sha256"], specs(g["inputs"]), specs(g["outputs"]))
 
         src, tgt = raw["source"], raw["target"]
+        image = None
+        if src.get("kind") == "image":
+            grid = src["grid"]
+            image = ImageSpec(
+                int(src["height"]), int(src["width"]), int(src["channels"]), int(grid[0]), int(grid[1])
+            )
         return cls(
             path=folder,
             name=raw["name"],
@@ -134,6 +154,9 @@ class Manifest:
             decoder_step=graph(raw["graphs"]["decoder_step"]),
             decoder=DecoderSpec(**raw["decoder"]),
             attention_modes=tuple(raw.get("attention_modes", ())),
+            description=raw.get("description", ""),
+            reads_locale=bool(src.get("locale_token", False)),
+            image=image,
             metrics=raw.get("metrics", {}),
             raw=raw,
         )

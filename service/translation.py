@@ -13,9 +13,11 @@ from enum import Enum
 import numpy as np
 
 from attnserve.service.errors import ErrorCode, RequestError, invalid
+from attnserve.service.images import decode_image
 from attnserve.service.manifest import Manifest
-from attnserve.service.runtime.decoding import Hypothesis, decode
+from attnserve.service.runtime.decoding import Hypothesis, SourceBatch, decode
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, RuntimeConfig
+from attnserve.service.vocab import locale_token
 
 log = logging.getLogger(__name__)
 MAX_BEAM_SIZE = 16
@@ -39,6 +41,7 @@ class PreparedRequest:
     attention: AttentionMode
     beam_size: int = 1
     length_penalty: float = 0.0
+    image: np.ndarray | None = None  # (C, H, W) pixels for image models
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,12 @@ class SourceCodec:
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         vocab = manifest.source_vocab
-        self._alphabet = "".join(t for t in vocab.tokens[3:] if len(t) == 1)
+        alphabet = "".join(t for t in vocab.tokens[3:] if len(t) == 1)
+        self._alphabet = (
+            f"it accepts only these characters: {alphabet}"
+            if len(alphabet) <= 100
+            else f"its {len(alphabet)} characters are listed in its manifest"
+        )
 
     def prepare(
         self,
@@ -67,6 +75,7 @@ class SourceCodec:
         max_output_tokens: int = 0,
         beam_size: int = 1,
         length_penalty: float = 0.0,
+        locale: str = "",
     ) -> PreparedRequest:
         """Validates and tokenises one request.
 
@@ -76,12 +85,16 @@ class SourceCodec:
             max_output_tokens: 0 for the model's maximum; larger values are capped to it.
             beam_size: 0 or 1 for greedy decoding, up to MAX_BEAM_SIZE for beam search.
             length_penalty: GNMT alpha for ranking beam hypotheses, 0..MAX_LENGTH_PENALTY.
+            locale: the text's CLDR locale, for models that read one (others ignore it); a
+                locale the model was not trained on is read as unknown.
 
         Raises:
             RequestError: INVALID_ARGUMENT for empty text, text over the model's maximum
                 length, characters outside the model's alphabet, or out-of-range options.
         """
         m = self.manifest
+        if m.image is not None:
+            raise invalid(f"model {m.name!r} captions images; call Caption")
         text = text.strip()
         if m.lowercase:
             text = text.lower()
@@ -94,9 +107,41 @@ class SourceCodec:
         unknown = sorted({c for c in text if c not in m.source_vocab})
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:10])
-            raise invalid(
-                f"model {m.name!r} cannot read {shown}; it accepts only these characters: {self._alphabet}"
-            )
+            raise invalid(f"model {m.name!r} cannot read {shown}; {self._alphabet}")
+        limit, beam_size = self._options(attention, max_output_tokens, beam_size, length_penalty)
+        tokens = tuple(text)
+        if m.reads_locale:
+            tokens = (locale_token(locale, m.source_vocab), *tokens)
+        return PreparedRequest(
+            tokens, tuple(m.source_vocab.encode(tokens)), limit, attention, beam_size, length_penalty
+        )
+
+    def prepare_image(
+        self,
+        data: bytes,
+        attention: AttentionMode,
+        max_output_tokens: int = 0,
+        beam_size: int = 1,
+        length_penalty: float = 0.0,
+    ) -> PreparedRequest:
+        """Validates and decodes one image request (options as for `prepare`).
+
+        Raises:
+            RequestError: INVALID_ARGUMENT for a text model, an image that is not a small PNG
+                or JPEG, or out-of-range options.
+        """
+        m = self.manifest
+        if m.image is None:
+            raise invalid(f"model {m.name!r} translates text; call Translate")
+        pixels = decode_image(data, m.image)  # (C, H, W)
+        limit, beam_size = self._options(attention, max_output_tokens, beam_size, length_penalty)
+        return PreparedRequest((), (), limit, attention, beam_size, length_penalty, pixels)
+
+    def _options(
+        self, attention: AttentionMode, max_output_tokens: int, beam_size: int, length_penalty: float
+    ) -> tuple[int, int]:
+        """Validates the decoding options; returns (output token limit, beam size)."""
+        m = self.manifest
         if attention.value not in m.attention_modes and attention is not AttentionMode.NONE:
             raise invalid(f"model {m.name!r} does not return {attention.value} attention")
         if max_output_tokens < 0:
@@ -105,11 +150,7 @@ class SourceCodec:
             raise invalid(f"beam_size must be between 1 and {MAX_BEAM_SIZE} (0 means 1), got {beam_size}")
         if not 0 <= length_penalty <= MAX_LENGTH_PENALTY:  # also rejects NaN
             raise invalid(f"length_penalty must be between 0 and {MAX_LENGTH_PENALTY}, got {length_penalty}")
-        limit = min(max_output_tokens or m.max_output_tokens, m.max_output_tokens)
-        tokens = tuple(text)
-        return PreparedRequest(
-            tokens, tuple(m.source_vocab.encode(tokens)), limit, attention, max(beam_size, 1), length_penalty
-        )
+        return min(max_output_tokens or m.max_output_tokens, m.max_output_tokens), max(beam_size, 1)
 
 
 class Translator:
@@ -142,7 +183,7 @@ class Translator:
         for (beam_size, length_penalty), rows in groups.items():
             hyps = decode(
                 self.model,
-                [list(requests[i].source_ids) for i in rows],
+                self._source_batch([requests[i] for i in rows]),
                 vocab.bos_id,
                 vocab.eos_id,
                 [requests[i].max_output_tokens for i in rows],
@@ -152,6 +193,15 @@ class Translator:
             for i, hyp in zip(rows, hyps, strict=True):
                 results[i] = self._translation(requests[i], hyp, len(requests))
         return results
+
+    def _source_batch(self, requests: list[PreparedRequest]) -> SourceBatch:
+        """Token ids, or pixels for an image model, of the requests as one encoder batch."""
+        image = self.manifest.image
+        if image is None:
+            return SourceBatch.from_ids([list(r.source_ids) for r in requests])
+        return SourceBatch.from_images(
+            np.stack([r.image for r in requests]), image.grid_height * image.grid_width
+        )
 
     def _translation(self, request: PreparedRequest, hyp: Hypothesis, batch_size: int) -> Translation:
         """The domain result for one hypothesis (special tokens dropped with their attention rows)."""

@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIALS = (PAD, BOS, EOS)
+UNKNOWN_LOCALE = "<locale:?>"  # source token for a locale a model was not trained on
+
+
+def locale_token(locale: str, vocab: Vocab) -> str:
+    """The source token for a CLDR locale: its own if the vocabulary has one, else UNKNOWN_LOCALE."""
+    tag = f"<locale:{locale}>"
+    return tag if tag in vocab else UNKNOWN_LOCALE
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,12 @@ def bundled_manifest():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A small Bahdanau model trained for one short epoch on real CMUdict words."""
-    from attnserve.models.train import TrainConfig, train_g2p
+    from attnserve.models.tasks import task
+    from attnserve.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-train")
-    return train_g2p(out, TINY_MODEL, TrainConfig(epochs=1, batch_size=64, max_train_words=1500))
+    cfg = TrainConfig(epochs=1, batch_size=64, max_train_examples=1500, max_eval_examples=150)
+    return train(out, task("g2p"), "bahdanau-gru", TINY_MODEL, cfg)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""Greedy decoding over any encoder + single-step decoder (plain numpy; knows nothing of Ray).
+"""Greedy and beam decoding over any encoder + single-step decoder (plain numpy, no Ray).
 
-A `StepModel` exposes `encode()` and `step()`. The decoder state is a dict of arrays whose first
-axis is the batch, so the loop can drop finished rows after every step and keep decoding only
+A `StepModel` exposes `encode()` and `step()`; a `SourceBatch` holds the encoder's inputs (token
+ids and mask for text, pixels for images) and how many attention columns of each row are real.
+The decoder state is a dict of arrays whose first axis is the batch, so the loop can drop finished rows after every step and keep decoding only
 the rows still running. The same loop drives ONNX Runtime (serving, evaluation) and PyTorch
 (training-time evaluation, parity tests).
 
@@ -21,8 +22,8 @@ State = dict[str, np.ndarray]
 class StepModel(Protocol):
     """An encoder plus a single decoder step, numpy in and out."""
 
-    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> State:
-        """src_ids (B, S) int64, src_mask (B, S) bool -> the decoder's initial state."""
+    def encode(self, inputs: dict[str, np.ndarray]) -> State:
+        """The encoder's named inputs (batch first) -> the decoder's initial state."""
         ...
 
     def step(self, prev_tokens: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray, State]:
@@ -48,9 +49,28 @@ def pad_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, 
     return ids, ids != pad_id
 
 
+@dataclass(frozen=True)
+class SourceBatch:
+    """Encoder inputs for B rows and, per row, how many attention columns are real (B,)."""
+
+    inputs: dict[str, np.ndarray]
+    lengths: np.ndarray
+
+    @classmethod
+    def from_ids(cls, sources: list[list[int]]) -> SourceBatch:
+        """Text: padded `src_ids` (B, S) and `src_mask` (B, S) from one id list per row."""
+        ids, mask = pad_batch(sources)
+        return cls({"src_ids": ids, "src_mask": mask}, mask.sum(axis=1))
+
+    @classmethod
+    def from_images(cls, images: np.ndarray, cells: int) -> SourceBatch:
+        """Images (B, C, H, W) float32 attended over a grid of `cells` feature vectors."""
+        return cls({"images": images}, np.full(len(images), cells))
+
+
 def greedy_decode(
     model: StepModel,
-    sources: list[list[int]],
+    source: SourceBatch,
     bos_id: int,
     eos_id: int,
     max_steps: list[int],
@@ -59,16 +79,15 @@ def greedy_decode(
 
     Args:
         model: the encoder and decoder step.
-        sources: one list of source token ids per row (non-empty, without padding).
+        source: the encoder inputs of the batch.
         bos_id: id fed at the first step; eos_id: id that ends a row.
         max_steps: per row, the most tokens to emit (</s> not counted).
 
     Returns:
         One hypothesis per row, in input order.
     """
-    src_ids, src_mask = pad_batch(sources)  # (B, S)
-    batch, src_len = src_ids.shape
-    state = model.encode(src_ids, src_mask)
+    batch, src_len = len(source.lengths), int(source.lengths.max())
+    state = model.encode(source.inputs)
     limits = np.asarray(max_steps)
     tokens = np.zeros((batch, int(limits.max(initial=0))), dtype=np.int64)
     attention = np.zeros((batch, tokens.shape[1], src_len), dtype=np.float32)
@@ -92,11 +111,10 @@ def greedy_decode(
         if not keep.all():
             active, prev = active[keep], prev[keep]
             state = {k: v[keep] for k, v in state.items()}
-    src_lengths = src_mask.sum(axis=1)
     return [
         Hypothesis(
             token_ids=tokens[row, : lengths[row]].tolist(),
-            attention=attention[row, : lengths[row], : src_lengths[row]],
+            attention=attention[row, : lengths[row], : source.lengths[row]],
             finished=bool(finished[row]),
         )
         for row in range(batch)
@@ -116,7 +134,7 @@ def length_normalised(score: float, length: int, alpha: float) -> float:
 
 def beam_decode(
     model: StepModel,
-    sources: list[list[int]],
+    source: SourceBatch,
     bos_id: int,
     eos_id: int,
     max_steps: list[int],
@@ -130,17 +148,16 @@ def beam_decode(
     is returned with its own attention.
 
     Args:
-        model, sources, bos_id, eos_id, max_steps: as for greedy_decode.
+        model, source, bos_id, eos_id, max_steps: as for greedy_decode.
         beam_size: hypotheses kept per row (1 gives greedy decoding).
         length_penalty: GNMT alpha; 0 ranks by total log-probability.
 
     Returns:
         One hypothesis per row, in input order.
     """
-    src_ids, src_mask = pad_batch(sources)  # (B, S)
-    batch, src_len = src_ids.shape
+    batch, src_len = len(source.lengths), int(source.lengths.max())
     K = beam_size
-    state = {k: np.repeat(v, K, axis=0) for k, v in model.encode(src_ids, src_mask).items()}  # (B*K, ...)
+    state = {k: np.repeat(v, K, axis=0) for k, v in model.encode(source.inputs).items()}  # (B*K, ...)
     limits = np.repeat(np.asarray(max_steps), K)  # (B*K,)
     width = int(limits.max(initial=0))
     scores = np.tile(np.r_[0.0, np.full(K - 1, -np.inf)], batch)  # (B*K,): one live beam at first
@@ -171,7 +188,6 @@ def beam_decode(
         lengths[grow] += 1
         finished = was_finished | (token == eos_id) | (lengths >= limits)
         prev = np.where(finished, eos_id, token)
-    src_lengths = src_mask.sum(axis=1)
     results = []
     for row in range(batch):
         beams = range(row * K, row * K + K)
@@ -179,7 +195,7 @@ def beam_decode(
         results.append(
             Hypothesis(
                 token_ids=tokens[pick, : lengths[pick]].tolist(),
-                attention=attention[pick, : lengths[pick], : src_lengths[row]],
+                attention=attention[pick, : lengths[pick], : source.lengths[row]],
                 finished=bool(finished[pick]),
             )
         )
@@ -188,7 +204,7 @@ def beam_decode(
 
 def decode(
     model: StepModel,
-    sources: list[list[int]],
+    source: SourceBatch,
     bos_id: int,
     eos_id: int,
     max_steps: list[int],
@@ -197,5 +213,5 @@ def decode(
 ) -> list[Hypothesis]:
     """Greedy decoding for beam_size 1 (it drops finished rows as it goes), beam search above."""
     if beam_size > 1:
-        return beam_decode(model, sources, bos_id, eos_id, max_steps, beam_size, length_penalty)
-    return greedy_decode(model, sources, bos_id, eos_id, max_steps)
+        return beam_decode(model, source, bos_id, eos_id, max_steps, beam_size, length_penalty)
+    return greedy_decode(model, source, bos_id, eos_id, max_steps)

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from attnserve.service.manifest import Manifest
-from attnserve.service.runtime.decoding import State
+from attnserve.service.runtime.wiring import WiredStepModel
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def choose_providers(config: RuntimeConfig) -> list[str]:
     return chosen
 
 
-class OnnxSeq2Seq:
-    """Encoder and decoder-step sessions wired as the manifest describes."""
+class OnnxSeq2Seq(WiredStepModel):
+    """Encoder and decoder-step ONNX Runtime sessions wired as the manifest describes."""
 
     def __init__(self, manifest: Manifest, config: RuntimeConfig = RuntimeConfig()):
         self.manifest = manifest
@@ -75,31 +75,23 @@ class OnnxSeq2Seq:
         )
         self.providers = tuple(self.decoder.get_providers())
         log.info("%s v%s runs on %s", manifest.name, manifest.version, ", ".join(self.providers))
-        spec = manifest.decoder
-        self._encoder_outputs = [o.name for o in self.encoder.get_outputs()]
-        self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
-        self._state_inputs = [i.name for i in self.decoder.get_inputs() if i.name != spec.token_input]
-        unknown = set(self._state_inputs) - set(spec.initial_state)
-        if unknown:
-            raise ValueError(f"{manifest.path}: decoder inputs {sorted(unknown)} have no initial_state")
+        try:
+            super().__init__(
+                manifest.decoder,
+                _named(self.encoder),
+                _named(self.decoder),
+                [i.name for i in self.decoder.get_inputs()],
+            )
+        except ValueError as e:
+            raise ValueError(f"{manifest.path}: {e}") from e
 
-    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> State:
-        """src_ids (B, S) int64, src_mask (B, S) bool -> the decoder step's initial inputs."""
-        inputs = {"src_ids": src_ids, "src_mask": src_mask}
-        outputs = dict(zip(self._encoder_outputs, self.encoder.run(None, inputs), strict=True))
-        sources = {"encoder": outputs, "input": inputs}
-        state = {}
-        for name, origin in self.manifest.decoder.initial_state.items():
-            kind, _, key = origin.partition(":")
-            state[name] = sources[kind][key]
-        return state
 
-    def step(self, prev_tokens: np.ndarray, state: State):
-        """prev_tokens (B,) int64 -> logits (B, V), attention (B, S), next state."""
-        spec = self.manifest.decoder
-        feeds = {spec.token_input: prev_tokens, **{k: state[k] for k in self._state_inputs}}
-        outputs = dict(zip(self._decoder_outputs, self.decoder.run(None, feeds), strict=True))
-        new_state = dict(state)
-        for out_name, in_name in spec.recurrent.items():
-            new_state[in_name] = outputs[out_name]
-        return outputs[spec.logits_output], outputs[spec.attention_output], new_state
+def _named(session: ort.InferenceSession):
+    """A session as a function of named inputs to named outputs (inputs it does not take are ignored)."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, session.run(None, {k: feeds[k] for k in inputs}), strict=True))
+
+    return run

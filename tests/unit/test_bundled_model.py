@@ -1,23 +1,46 @@
-"""The bundled model, re-evaluated through the serving runtime, must match its manifest."""
+"""Every bundled model, re-evaluated through the serving runtime, must match its manifest and targets."""
 
-from attnserve.models.evaluate import evaluate_g2p
-from attnserve.models.g2p_data import load_split
+import pytest
+
+from attnserve.models.tasks import task
+from attnserve.service.manifest import discover
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
+from tests.conftest import BUNDLED_REPOSITORY
 
 TOLERANCE = 0.01  # one point
+# The issue's targets: (metric, bound, "max" if the figure must stay at or below the bound).
+TARGETS = {
+    "g2p-bahdanau": {"test": [("wer", 0.35, "max"), ("per", 0.09, "max")]},
+    "dates-luong": {"test": [("exact_match", 0.99, "min")]},
+}
+ENTRIES = {m.name: m for m in discover(BUNDLED_REPOSITORY)}
 
 
-def test_bundled_model_meets_targets_and_its_manifest(bundled_manifest):
-    m = bundled_manifest
-    recorded = m.metrics["test"]
-    entries = load_split("test")
-    assert int(recorded["words"]) == len(entries), "manifest figures must cover the whole test split"
-    got = evaluate_g2p(OnnxSeq2Seq(m), entries, m.source_vocab, m.target_vocab, m.max_output_tokens)
-    assert abs(got["wer"] - recorded["wer"]) <= TOLERANCE, (got, recorded)
-    assert abs(got["per"] - recorded["per"]) <= TOLERANCE, (got, recorded)
-    assert got["wer"] <= 0.35 and got["per"] <= 0.09, got  # the issue's targets
+def test_every_bundled_model_has_targets():
+    assert set(ENTRIES) == set(TARGETS)
 
 
-def test_bundled_model_is_small(bundled_manifest):
-    size = sum(f.stat().st_size for f in bundled_manifest.path.iterdir())
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_bundled_model_meets_targets_and_its_manifest(name):
+    m = ENTRIES[name]
+    the_task, model = task(m.task), OnnxSeq2Seq(m)
+    for split in the_task.eval_splits:
+        recorded = m.metrics[split]
+        got = the_task.evaluate_model(model, split, m.source_vocab, m.target_vocab)
+        assert got.keys() == recorded.keys(), "manifest figures must cover the whole split"
+        for key, value in got.items():
+            assert abs(value - recorded[key]) <= TOLERANCE * max(1.0, abs(recorded[key])), (
+                split,
+                got,
+                recorded,
+            )
+        for metric, bound, kind in TARGETS[name].get(split, []):
+            assert got[metric] <= bound if kind == "max" else got[metric] >= bound, (split, metric, got)
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_bundled_model_is_small_and_records_its_training(name):
+    m = ENTRIES[name]
+    size = sum(f.stat().st_size for f in m.path.iterdir())
     assert size < 20 * 2**20, f"bundled entry is {size / 2**20:.1f} MiB"
+    assert m.raw["training"]["seconds"] > 0 and m.raw["training"]["hardware"]

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from attnserve.models.g2p_data import load_split
-from attnserve.service.runtime.decoding import beam_decode, greedy_decode, length_normalised, pad_batch
+from attnserve.service.runtime.decoding import (
+    SourceBatch,
+    beam_decode,
+    greedy_decode,
+    length_normalised,
+    pad_batch,
+)
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, ProviderError, RuntimeConfig, choose_providers
 
 
@@ -21,7 +27,7 @@ def sources(bundled_manifest):
 
 def _decode(model, manifest, sources, limits):
     vocab = manifest.target_vocab
-    return greedy_decode(model, sources, vocab.bos_id, vocab.eos_id, limits)
+    return greedy_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits)
 
 
 def test_batched_equals_one_by_one(model, bundled_manifest, sources):
@@ -68,8 +74,7 @@ def test_provider_selection_is_explicit():
 
 def _sequence_logprob(model, src, token_ids, bos_id, eos_id) -> float:
     """log P(token_ids + </s> | src) under the model, by teacher forcing through step()."""
-    ids, mask = pad_batch([src])
-    state = model.encode(ids, mask)
+    state = model.encode(SourceBatch.from_ids([src]).inputs)
     prev, total = np.array([bos_id]), 0.0
     for token in [*token_ids, eos_id]:
         logits, _, state = model.step(prev, state)
@@ -82,13 +87,14 @@ def _sequence_logprob(model, src, token_ids, bos_id, eos_id) -> float:
 def test_beam_of_one_is_greedy_and_beams_are_batch_invariant(model, bundled_manifest, sources):
     vocab = bundled_manifest.target_vocab
     limits = [32] * len(sources)
-    greedy = greedy_decode(model, sources, vocab.bos_id, vocab.eos_id, limits)
-    assert [h.token_ids for h in beam_decode(model, sources, vocab.bos_id, vocab.eos_id, limits, 1)] == [
-        h.token_ids for h in greedy
-    ]
-    beams = beam_decode(model, sources, vocab.bos_id, vocab.eos_id, limits, 4)
+    greedy = greedy_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits)
+    assert [
+        h.token_ids
+        for h in beam_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 1)
+    ] == [h.token_ids for h in greedy]
+    beams = beam_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 4)
     for src, hyp in zip(sources, beams, strict=True):
-        (alone,) = beam_decode(model, [src], vocab.bos_id, vocab.eos_id, [32], 4)
+        (alone,) = beam_decode(model, SourceBatch.from_ids([src]), vocab.bos_id, vocab.eos_id, [32], 4)
         assert hyp.token_ids == alone.token_ids
         assert hyp.attention.shape == (len(hyp.token_ids), len(src))
         np.testing.assert_allclose(hyp.attention.sum(axis=1), 1.0, atol=1e-5)
@@ -99,8 +105,8 @@ def test_beam_search_finds_likelier_outputs_than_greedy(model, bundled_manifest)
     words = [e.word for e in load_split("test")[::40]]  # ~160 words
     sources = [bundled_manifest.source_vocab.encode(list(w)) for w in words]
     limits = [32] * len(sources)
-    greedy = greedy_decode(model, sources, vocab.bos_id, vocab.eos_id, limits)
-    beams = beam_decode(model, sources, vocab.bos_id, vocab.eos_id, limits, 8)
+    greedy = greedy_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits)
+    beams = beam_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 8)
     gains = [
         _sequence_logprob(model, s, b.token_ids, vocab.bos_id, vocab.eos_id)
         - _sequence_logprob(model, s, g.token_ids, vocab.bos_id, vocab.eos_id)
@@ -114,7 +120,9 @@ def test_beam_respects_per_row_limits(model, bundled_manifest, sources):
     vocab = bundled_manifest.target_vocab
     limits = [i % 3 for i in range(len(sources))]
     for limit, hyp in zip(
-        limits, beam_decode(model, sources, vocab.bos_id, vocab.eos_id, limits, 3), strict=True
+        limits,
+        beam_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 3),
+        strict=True,
     ):
         assert len(hyp.token_ids) <= limit
         assert hyp.attention.shape[0] == len(hyp.token_ids)

@@ -9,9 +9,10 @@ import pytest
 
 from attnserve.export.parity import check_parity
 from attnserve.export.pipeline import ExportConfig, export_model
+from attnserve.models.architectures import BAHDANAU, DYNAMIC_AXES
 from attnserve.models.checkpoint import load_checkpoint
-from attnserve.models.g2p_data import load_split
-from attnserve.models.torch_runner import TorchBahdanauRunner
+from attnserve.models.tasks import task
+from attnserve.models.torch_runner import TorchStepModel
 from attnserve.service.manifest import Manifest, ManifestError
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
 
@@ -23,16 +24,11 @@ ONNX_DTYPES = {
 
 
 def test_parity_on_batch_sizes_other_than_the_export_one(tiny_checkpoint, tiny_entry):
-    model, src_vocab, tgt_vocab, _ = load_checkpoint(tiny_checkpoint)
-    words = [e.word for e in load_split("test")[200:400]]  # not the words the export checked
+    model, src_vocab, _, _ = load_checkpoint(tiny_checkpoint)
+    batches = task("g2p").source_batches("test", 400, 64, src_vocab)[3:]  # not the words the export checked
+    probes = [task("g2p").source_batches("test", n, n, src_vocab)[0] for n in (2, 11, 64)]
     report = check_parity(
-        TorchBahdanauRunner(model),
-        OnnxSeq2Seq(Manifest.load(tiny_entry)),
-        words,
-        src_vocab,
-        tgt_vocab,
-        32,
-        batch_sizes=(1, 2, 11, 64),
+        TorchStepModel(model, BAHDANAU), OnnxSeq2Seq(Manifest.load(tiny_entry)), probes, batches, 1, 2, 32
     )
     assert report.max_abs_diff < 1e-4
     assert report.greedy_identical, report
@@ -51,11 +47,11 @@ def test_manifest_matches_the_onnx_graphs(entry_fixture, request):
                 dims = v.type.tensor_type.shape.dim
                 assert len(dims) == len(t.shape)
                 for want, dim in zip(t.shape, dims, strict=True):
-                    if want in ("batch", "src_len"):
+                    if want in DYNAMIC_AXES:
                         assert dim.dim_param, f"{v.name}: axis {want} must be dynamic"
     recorded = manifest.raw["export"]["parity"]
     assert recorded["max_abs_diff"] < 1e-4
-    assert recorded["greedy_matches"] == recorded["greedy_words"] >= 200
+    assert recorded["greedy_matches"] == recorded["greedy_examples"] >= 200
 
 
 def test_export_refuses_to_overwrite_without_force(tiny_checkpoint, tiny_entry):
