@@ -2,9 +2,9 @@
 
 A `StepModel` exposes `encode()` and `step()`; a `SourceBatch` holds the encoder's inputs (token
 ids and mask for text, pixels for images) and how many attention columns of each row are real.
-The decoder state is a dict of arrays whose first axis is the batch, so the loop can drop finished rows after every step and keep decoding only
-the rows still running. The same loop drives ONNX Runtime (serving, evaluation) and PyTorch
-(training-time evaluation, parity tests).
+The decoder state is a dict of arrays whose first axis is the batch, so the loop can drop
+finished rows after every step and keep decoding only the rows still running. The same loop
+drives ONNX Runtime (serving, evaluation) and PyTorch (training-time evaluation, parity tests).
 
 Shapes: B batch, S source length, V target vocabulary.
 """
