@@ -25,7 +25,9 @@ class ParityReport:
 
 
 def _max_diff(a: dict, b: dict) -> float:
-    return max(float(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)).max()) for k in a)
+    return max(
+        float(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)).max(initial=0.0)) for k in a
+    )
 
 
 def check_parity(

@@ -15,6 +15,7 @@ from torch import nn
 
 from attnserve.models.bahdanau import BahdanauConfig, BahdanauSeq2Seq
 from attnserve.models.luong import LuongConfig, LuongSeq2Seq
+from attnserve.models.transformer import TransformerConfig, TransformerSeq2Seq
 
 Tensor = tuple[str, str, list[str | int]]  # name, dtype, shape (sizes or axis names)
 DYNAMIC_AXES = frozenset({"batch", "src_len", "past_len", "next_len"})
@@ -121,7 +122,53 @@ LUONG = Architecture(
     },
 )
 
-ARCHITECTURES = {a.name: a for a in (BAHDANAU, LUONG)}
+_CACHE = ["batch", "layers", "heads", "past_len", "head_size"]
+_CROSS = ["batch", "layers", "heads", "src_len", "head_size"]
+TRANSFORMER = Architecture(
+    name="transformer",
+    config_cls=TransformerConfig,
+    model_cls=TransformerSeq2Seq,
+    encoder_inputs=TEXT_INPUTS,
+    encoder_outputs=[
+        ("memory", "float32", ["batch", "src_len", "d_model"]),
+        ("cross_k", "float32", _CROSS),
+        ("cross_v", "float32", _CROSS),
+        ("init_past_k", "float32", _CACHE),
+        ("init_past_v", "float32", _CACHE),
+        ("encoder_attention", "float32", ["batch", "encoder_layers", "heads", "src_len", "src_len"]),
+    ],
+    decoder_inputs=[
+        ("prev_token", "int64", ["batch"]),
+        ("past_k", "float32", _CACHE),
+        ("past_v", "float32", _CACHE),
+        ("cross_k", "float32", _CROSS),
+        ("cross_v", "float32", _CROSS),
+        ("src_mask", "bool", ["batch", "src_len"]),
+    ],
+    decoder_outputs=[
+        ("logits", "float32", ["batch", "vocab"]),
+        ("new_past_k", "float32", ["batch", "layers", "heads", "next_len", "head_size"]),
+        ("new_past_v", "float32", ["batch", "layers", "heads", "next_len", "head_size"]),
+        ("attention", "float32", ["batch", "src_len"]),
+        ("cross_attention_heads", "float32", ["batch", "layers", "heads", "src_len"]),
+        ("self_attention_heads", "float32", ["batch", "layers", "heads", "next_len"]),
+    ],
+    wiring={
+        "token_input": "prev_token",
+        "logits_output": "logits",
+        "attention_output": "attention",
+        "initial_state": {
+            "past_k": "encoder:init_past_k",
+            "past_v": "encoder:init_past_v",
+            "cross_k": "encoder:cross_k",
+            "cross_v": "encoder:cross_v",
+            "src_mask": "input:src_mask",
+        },
+        "recurrent": {"new_past_k": "past_k", "new_past_v": "past_v"},
+    },
+)
+
+ARCHITECTURES = {a.name: a for a in (BAHDANAU, LUONG, TRANSFORMER)}
 
 
 def architecture(name: str) -> Architecture:

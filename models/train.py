@@ -77,8 +77,9 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
              sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     first = task.train_batches(1, cfg.batch_size, rng, src_vocab, tgt_vocab, cfg.max_train_examples)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        optim, max_lr=cfg.lr, total_steps=cfg.epochs * len(first) + 1, pct_start=cfg.warmup
+    total = cfg.epochs * len(first) + 1
+    sched = torch.optim.lr_scheduler.OneCycleLR(  # at least two warm-up steps, also in smoke runs
+        optim, max_lr=cfg.lr, total_steps=total, pct_start=min(0.5, max(cfg.warmup, 2 / total))
     )
     best_path, best, history, started = out_dir / "checkpoint.pt", None, [], time.time()
 
