@@ -60,7 +60,7 @@ def export_graphs(
     model = model.eval()
     runner = TorchStepModel(model, arch)
     state = runner.encode(example.inputs)
-    bos = np.full(len(example.lengths), 1, dtype=np.int64)
+    bos = np.full(example.size, 1, dtype=np.int64)
     _, _, state = runner.step(bos, state)
     feeds = {arch.wiring["token_input"]: bos, **state}
     enc_args = tuple(torch.from_numpy(example.inputs[n]) for n, _, _ in arch.encoder_inputs)

@@ -53,7 +53,7 @@ def check_parity(
     for batch in probes:
         s_torch, s_onnx = torch_model.encode(batch.inputs), onnx_model.encode(batch.inputs)
         worst = max(worst, _max_diff(s_torch, s_onnx))
-        prev = np.full(len(batch.lengths), bos_id, dtype=np.int64)
+        prev = np.full(batch.size, bos_id, dtype=np.int64)
         for _ in range(steps):
             l_t, a_t, s_torch = torch_model.step(prev, s_torch)
             l_o, a_o, s_onnx = onnx_model.step(prev, s_onnx)
@@ -63,9 +63,9 @@ def check_parity(
             prev = l_t.argmax(1).astype(np.int64)
     total = matches = 0
     for batch in greedy:
-        limits = [max_steps] * len(batch.lengths)
+        limits = [max_steps] * batch.size
         ref = greedy_decode(torch_model, batch, bos_id, eos_id, limits)
         got = greedy_decode(onnx_model, batch, bos_id, eos_id, limits)
         total += len(ref)
         matches += sum(r.token_ids == g.token_ids for r, g in zip(ref, got, strict=True))
-    return ParityReport(worst, tuple(len(b.lengths) for b in probes), total, matches)
+    return ParityReport(worst, tuple(b.size for b in probes), total, matches)

@@ -15,7 +15,7 @@ from attnserve.export.onnx_graphs import OPSET, export_graphs
 from attnserve.export.parity import check_parity
 from attnserve.models.architectures import Architecture, Tensor, architecture
 from attnserve.models.checkpoint import load_checkpoint
-from attnserve.models.tasks import task as task_named
+from attnserve.models.registry import task as task_named
 from attnserve.models.torch_runner import TorchStepModel
 from attnserve.service.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
@@ -93,7 +93,7 @@ def export_model(cfg: ExportConfig) -> Path:
         "task": task.name,
         "architecture": arch.name,
         "description": task.description,
-        "source": {**task.source_spec, "vocab": list(src_vocab.tokens), "max_tokens": task.max_source_tokens},
+        "source": task.source_section(src_vocab, model.config),
         "target": {
             "vocab": list(tgt_vocab.tokens),
             "separator": task.target_separator,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from attnserve.models.bahdanau import BahdanauConfig, BahdanauSeq2Seq
+from attnserve.models.captioner import Captioner, CaptionerConfig
 from attnserve.models.luong import LuongConfig, LuongSeq2Seq
 from attnserve.models.transformer import TransformerConfig, TransformerSeq2Seq
 
@@ -33,6 +34,26 @@ def text_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: float
     )
 
 
+def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: float) -> torch.Tensor:
+    """Teacher-forced cross-entropy plus the doubly stochastic attention penalty."""
+    logits, attention = model(batch["images"], batch["tgt_in"])  # (B, T, V), (B, T, N)
+    tgt_out = batch["tgt_out"]
+    ce = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=0, label_smoothing=smoothing
+    )
+    return ce + model.doubly_stochastic_penalty(attention, tgt_out != 0)
+
+
+def text_config(config_cls: type, src_vocab_size: int, tgt_vocab_size: int, **fields):
+    """A text model's config: both vocabulary sizes and the given fields."""
+    return config_cls(src_vocab_size, tgt_vocab_size, **fields)
+
+
+def image_config(config_cls: type, src_vocab_size: int, tgt_vocab_size: int, **fields):
+    """An image model's config: the caption vocabulary size and the given fields."""
+    return config_cls(tgt_vocab_size, **fields)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One model family as training, export and serving see it."""
@@ -47,6 +68,11 @@ class Architecture:
     wiring: dict = field(default_factory=dict)
     attention_modes: tuple[str, ...] = ("cross",)
     loss: Callable[[nn.Module, dict[str, torch.Tensor], float], torch.Tensor] = text_loss
+    make_config: Callable[..., object] = text_config
+
+    def new_model(self, src_vocab_size: int, tgt_vocab_size: int, **fields) -> nn.Module:
+        """A freshly initialised model for the given vocabulary sizes and config fields."""
+        return self.model_cls(self.make_config(self.config_cls, src_vocab_size, tgt_vocab_size, **fields))
 
 
 BAHDANAU = Architecture(
@@ -168,7 +194,47 @@ TRANSFORMER = Architecture(
     },
 )
 
-ARCHITECTURES = {a.name: a for a in (BAHDANAU, LUONG, TRANSFORMER)}
+CAPTIONER = Architecture(
+    name="captioner-lstm",
+    config_cls=CaptionerConfig,
+    model_cls=Captioner,
+    encoder_inputs=[("images", "float32", ["batch", "channels", "height", "width"])],
+    encoder_outputs=[
+        ("memory", "float32", ["batch", "cells", "memory_size"]),
+        ("keys", "float32", ["batch", "cells", "attention_size"]),
+        ("init_h", "float32", ["batch", "decoder_size"]),
+        ("init_c", "float32", ["batch", "decoder_size"]),
+    ],
+    decoder_inputs=[
+        ("prev_token", "int64", ["batch"]),
+        ("h", "float32", ["batch", "decoder_size"]),
+        ("c", "float32", ["batch", "decoder_size"]),
+        ("memory", "float32", ["batch", "cells", "memory_size"]),
+        ("keys", "float32", ["batch", "cells", "attention_size"]),
+    ],
+    decoder_outputs=[
+        ("logits", "float32", ["batch", "vocab"]),
+        ("new_h", "float32", ["batch", "decoder_size"]),
+        ("new_c", "float32", ["batch", "decoder_size"]),
+        ("attention", "float32", ["batch", "cells"]),
+    ],
+    wiring={
+        "token_input": "prev_token",
+        "logits_output": "logits",
+        "attention_output": "attention",
+        "initial_state": {
+            "h": "encoder:init_h",
+            "c": "encoder:init_c",
+            "memory": "encoder:memory",
+            "keys": "encoder:keys",
+        },
+        "recurrent": {"new_h": "h", "new_c": "c"},
+    },
+    loss=caption_loss,
+    make_config=image_config,
+)
+
+ARCHITECTURES = {a.name: a for a in (BAHDANAU, LUONG, TRANSFORMER, CAPTIONER)}
 
 
 def architecture(name: str) -> Architecture:

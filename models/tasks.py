@@ -83,6 +83,10 @@ class TextTask:
         unreadable = sum(p is None for p in preds)
         return {**metrics, "unreadable": float(unreadable)} if unreadable else metrics
 
+    def source_section(self, src_vocab: Vocab, config) -> dict:
+        """The manifest's `source`: how the service tokenises text for this model."""
+        return {**self.source_spec, "vocab": list(src_vocab.tokens), "max_tokens": self.max_source_tokens}
+
     def source_batches(self, split: str, count: int, batch_size: int, src_vocab: Vocab) -> list[SourceBatch]:
         """The first `count` readable sources of a split, in batches (parity checks)."""
         ids = [
@@ -195,17 +199,3 @@ def _date_vocabularies() -> tuple[Vocab, Vocab]:
              for c in dates_data.format_date(d, style, locale=loc)}  # fmt: skip
     tags = {f"<locale:{loc}>" for loc in trained} | {UNKNOWN_LOCALE}
     return Vocab.build([chars | tags | set("0123456789")]), Vocab.build(["0123456789-"])
-
-
-TASKS = {t.name: t for t in (G2PTask, DatesTask)}
-
-
-def task(name: str, **kwargs) -> TextTask:
-    """A task by name.
-
-    Raises:
-        ValueError: for an unknown name.
-    """
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
-    return TASKS[name](**kwargs)

@@ -72,7 +72,7 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
     src_vocab, tgt_vocab = task.vocabularies()
-    model = arch.model_cls(arch.config_cls(len(src_vocab), len(tgt_vocab), **model_config))
+    model = arch.new_model(len(src_vocab), len(tgt_vocab), **model_config)
     log.info("%s on %s: %s, %.2fM parameters", arch.name, task.name, model.config,
              sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

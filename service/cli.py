@@ -98,7 +98,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from attnserve.models.tasks import task
+    from attnserve.models.registry import task
     from attnserve.models.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -143,7 +143,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from attnserve.models.tasks import task
+    from attnserve.models.registry import task
     from attnserve.service.manifest import Manifest
     from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
 

@@ -196,8 +196,7 @@ class Translator:
 
     def _source_batch(self, requests: list[PreparedRequest]) -> SourceBatch:
         """Token ids, or pixels for an image model, of the requests as one encoder batch."""
-        image = self.manifest.image
-        if image is None:
+        if self.manifest.image is None:
             return SourceBatch.from_ids([list(r.source_ids) for r in requests])
         return SourceBatch.from_images(
             np.stack([r.image for r in requests]), image.grid_height * image.grid_width

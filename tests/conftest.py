@@ -23,7 +23,7 @@ def bundled_manifest():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A small Bahdanau model trained for one short epoch on real CMUdict words."""
-    from attnserve.models.tasks import task
+    from attnserve.models.registry import task
     from attnserve.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-train")

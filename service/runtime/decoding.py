@@ -51,10 +51,20 @@ def pad_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, 
 
 @dataclass(frozen=True)
 class SourceBatch:
-    """Encoder inputs for B rows and, per row, how many attention columns are real (B,)."""
+    """Encoder inputs for B rows and, per row, how many attention columns are real (B,);
+    lengths None means every column is (images attended over a whole feature grid)."""
 
     inputs: dict[str, np.ndarray]
-    lengths: np.ndarray
+    lengths: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        """Rows in the batch."""
+        return len(next(iter(self.inputs.values())))
+
+    def columns(self, row: int) -> slice:
+        """The real attention columns of a row."""
+        return slice(None) if self.lengths is None else slice(0, int(self.lengths[row]))
 
     @classmethod
     def from_ids(cls, sources: list[list[int]]) -> SourceBatch:
@@ -63,9 +73,9 @@ class SourceBatch:
         return cls({"src_ids": ids, "src_mask": mask}, mask.sum(axis=1))
 
     @classmethod
-    def from_images(cls, images: np.ndarray, cells: int) -> SourceBatch:
-        """Images (B, C, H, W) float32 attended over a grid of `cells` feature vectors."""
-        return cls({"images": images}, np.full(len(images), cells))
+    def from_images(cls, images: np.ndarray) -> SourceBatch:
+        """Images (B, C, H, W) float32, attended over every cell of the encoder's feature grid."""
+        return cls({"images": images})
 
 
 def greedy_decode(
@@ -86,11 +96,11 @@ def greedy_decode(
     Returns:
         One hypothesis per row, in input order.
     """
-    batch, src_len = len(source.lengths), int(source.lengths.max())
+    batch = source.size
     state = model.encode(source.inputs)
     limits = np.asarray(max_steps)
     tokens = np.zeros((batch, int(limits.max(initial=0))), dtype=np.int64)
-    attention = np.zeros((batch, tokens.shape[1], src_len), dtype=np.float32)
+    attention = np.zeros((batch, tokens.shape[1], 0), dtype=np.float32)  # widened at the first step
     lengths = np.zeros(batch, dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
     active = np.flatnonzero(limits > 0)  # rows still decoding, as indices into the batch
@@ -99,6 +109,8 @@ def greedy_decode(
     t = 0
     while len(active):
         logits, weights, state = model.step(prev, state)  # (b, V), (b, S), ...
+        if t == 0:
+            attention = np.zeros((batch, tokens.shape[1], weights.shape[1]), dtype=np.float32)
         prev = logits.argmax(axis=1).astype(np.int64)  # (b,)
         ended = prev == eos_id
         emit = active[~ended]
@@ -114,7 +126,7 @@ def greedy_decode(
     return [
         Hypothesis(
             token_ids=tokens[row, : lengths[row]].tolist(),
-            attention=attention[row, : lengths[row], : source.lengths[row]],
+            attention=attention[row, : lengths[row], source.columns(row)],
             finished=bool(finished[row]),
         )
         for row in range(batch)
@@ -155,14 +167,14 @@ def beam_decode(
     Returns:
         One hypothesis per row, in input order.
     """
-    batch, src_len = len(source.lengths), int(source.lengths.max())
+    batch = source.size
     K = beam_size
     state = {k: np.repeat(v, K, axis=0) for k, v in model.encode(source.inputs).items()}  # (B*K, ...)
     limits = np.repeat(np.asarray(max_steps), K)  # (B*K,)
     width = int(limits.max(initial=0))
     scores = np.tile(np.r_[0.0, np.full(K - 1, -np.inf)], batch)  # (B*K,): one live beam at first
     tokens = np.zeros((batch * K, width), dtype=np.int64)
-    attention = np.zeros((batch * K, width, src_len), dtype=np.float32)
+    attention = np.zeros((batch * K, width, 0), dtype=np.float32)  # widened at the first step
     lengths = np.zeros(batch * K, dtype=np.int64)
     finished = limits == 0
     prev = np.full(batch * K, bos_id, dtype=np.int64)
@@ -170,6 +182,8 @@ def beam_decode(
         if finished.all():
             break
         logits, weights, state = model.step(prev, state)  # (B*K, V), (B*K, S)
+        if t == 0:
+            attention = np.zeros((batch * K, width, weights.shape[1]), dtype=np.float32)
         logp = _log_softmax(logits.astype(np.float64))
         logp[finished] = -np.inf
         logp[finished, eos_id] = 0.0  # finished hypotheses carry their score unchanged
@@ -195,7 +209,7 @@ def beam_decode(
         results.append(
             Hypothesis(
                 token_ids=tokens[pick, : lengths[pick]].tolist(),
-                attention=attention[pick, : lengths[pick], : source.lengths[row]],
+                attention=attention[pick, : lengths[pick], source.columns(row)],
                 finished=bool(finished[pick]),
             )
         )

@@ -1,0 +1,107 @@
+"""The image-captioning task: Fashion-MNIST scenes, exact captions, attention localisation."""
+
+from __future__ import annotations
+
+import random
+from typing import ClassVar
+
+import numpy as np
+from tqdm import tqdm
+
+from attnserve.models import scenes_data
+from attnserve.models.caption_scoring import attention_localisation, exact_match
+from attnserve.models.tasks import Batch, TextTask
+from attnserve.service.runtime.decoding import SourceBatch, StepModel, decode, pad_batch
+from attnserve.service.vocab import SPECIALS, Vocab
+
+
+class CaptionTask(TextTask):
+    """Scenes of one to four Fashion-MNIST items -> "a bag top left and a sneaker bottom right".
+
+    Training scenes are composed afresh every epoch from the training images; dev scenes use
+    held-out training images and test scenes only the Fashion-MNIST test images.
+    """
+
+    name = "caption"
+    description = "Scene of 1-4 Fashion-MNIST items on a 2x2 canvas -> caption naming each item and its place"
+    max_source_tokens = 0
+    max_output_tokens = 32
+    primary, minimise = "exact_match", False
+    sizes: ClassVar[dict[str, int]] = {"train": 40_000, "dev": 1_000, "test": 2_000}
+
+    def __init__(self, train_examples: int = 0):
+        self.train_size = train_examples or self.sizes["train"]
+
+    def vocabularies(self) -> tuple[Vocab, Vocab]:
+        """No source tokens (the source is pixels); the caption grammar's words."""
+        return Vocab(SPECIALS), Vocab.build([scenes_data.caption_vocab()])
+
+    def source_section(self, src_vocab: Vocab, config) -> dict:
+        """The manifest's `source`: the image size and channels, and the attention grid."""
+        size = scenes_data.CANVAS
+        return {"kind": "image", "height": size, "width": size, "channels": 1,
+                "grid": [config.grid_height, config.grid_width], "vocab": list(src_vocab.tokens),
+                "max_tokens": 0}  # fmt: skip
+
+    def _scenes(self, split: str, limit: int = 0) -> list[scenes_data.Scene]:
+        return scenes_data.generate(split, min(limit or self.sizes[split], self.sizes[split]), seed=0)
+
+    def source_batches(self, split: str, count: int, batch_size: int, src_vocab: Vocab) -> list[SourceBatch]:
+        scenes = self._scenes(split, count)
+        return [_images(scenes[i : i + batch_size]) for i in range(0, len(scenes), batch_size)]
+
+    def evaluate_model(
+        self,
+        model: StepModel,
+        split: str,
+        src_vocab: Vocab,
+        tgt_vocab: Vocab,
+        limit: int = 0,
+        progress: bool = False,
+        beam_size: int = 1,
+    ) -> dict[str, float]:
+        """Exact caption match and attention localisation on a split's scenes."""
+        scenes = self._scenes(split, limit)
+        preds, maps = [], []
+        for start in tqdm(range(0, len(scenes), 256), desc="decode", unit="batch", disable=not progress):
+            chunk = scenes[start : start + 256]
+            hyps = decode(model, _images(chunk), tgt_vocab.bos_id, tgt_vocab.eos_id,
+                          [self.max_output_tokens] * len(chunk), beam_size)  # fmt: skip
+            preds += [tgt_vocab.decode(h.token_ids) for h in hyps]
+            maps += [h.attention for h in hyps]
+        grid = _grid_of(maps[0].shape[1])
+        return {
+            "exact_match": exact_match(preds, [s.caption for s in scenes]),
+            "localisation": attention_localisation(scenes, preds, maps, grid),
+            "examples": float(len(scenes)),
+        }
+
+    def train_batches(
+        self,
+        epoch: int,
+        batch_size: int,
+        rng: random.Random,
+        src_vocab: Vocab,
+        tgt_vocab: Vocab,
+        limit: int = 0,
+    ) -> list[Batch]:
+        """Batches of fresh scenes: images (B, 1, 56, 56) and tgt_in/tgt_out (B, T)."""
+        scenes = scenes_data.generate("train", limit or self.train_size, seed=epoch)
+        batches = []
+        for start in range(0, len(scenes), batch_size):
+            chunk = scenes[start : start + batch_size]
+            ids = [tgt_vocab.encode(s.caption) for s in chunk]
+            tgt_in, _ = pad_batch([[tgt_vocab.bos_id, *t] for t in ids])  # (B, T)
+            tgt_out, _ = pad_batch([[*t, tgt_vocab.eos_id] for t in ids])  # (B, T)
+            batches.append({"images": _images(chunk).inputs["images"], "tgt_in": tgt_in, "tgt_out": tgt_out})
+        return batches
+
+
+def _images(scenes: list[scenes_data.Scene]) -> SourceBatch:
+    """The scenes' canvases as an encoder batch (B, 1, 56, 56)."""
+    return SourceBatch.from_images(np.stack([s.image for s in scenes])[:, None])  # (B, 1, H, W)
+
+
+def _grid_of(cells: int) -> tuple[int, int]:
+    side = int(round(cells**0.5))
+    return side, side
