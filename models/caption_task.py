@@ -103,5 +103,5 @@ def _images(scenes: list[scenes_data.Scene]) -> SourceBatch:
 
 
 def _grid_of(cells: int) -> tuple[int, int]:
-    side = int(round(cells**0.5))
+    side = round(cells**0.5)
     return side, side

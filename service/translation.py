@@ -198,9 +198,7 @@ class Translator:
         """Token ids, or pixels for an image model, of the requests as one encoder batch."""
         if self.manifest.image is None:
             return SourceBatch.from_ids([list(r.source_ids) for r in requests])
-        return SourceBatch.from_images(
-            np.stack([r.image for r in requests]), image.grid_height * image.grid_width
-        )
+        return SourceBatch.from_images(np.stack([r.image for r in requests]))
 
     def _translation(self, request: PreparedRequest, hyp: Hypothesis, batch_size: int) -> Translation:
         """The domain result for one hypothesis (special tokens dropped with their attention rows)."""

@@ -34,9 +34,10 @@ def _rejected(data: bytes, match: str) -> None:
 def test_png_and_jpeg_become_the_models_input(fmt, size, mode):
     rng = np.random.default_rng(0)
     shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
-    pixels = decode_image(_encode(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode), fmt), SPEC)
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    pixels = decode_image(_encode(image, fmt), SPEC)
     assert pixels.shape == (1, 56, 56) and pixels.dtype == np.float32
-    assert 0.0 <= pixels.min() and pixels.max() <= 1.0
+    assert pixels.min() >= 0.0 and pixels.max() <= 1.0
 
 
 def test_pixels_keep_their_values_and_layout():
