@@ -78,7 +78,7 @@ def export_model(cfg: ExportConfig) -> Path:
         raise FileExistsError(f"{entry} exists; pass --force to replace it")
     model, src_vocab, tgt_vocab, payload = load_checkpoint(cfg.checkpoint)
     arch, meta = architecture(payload["architecture"]), payload["meta"]
-    task = task_named(meta["task"])
+    task = task_named(meta["task"], **meta.get("task_args", {}))
     staging = entry.with_name(f".{cfg.version}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from attnserve.models.caption_task import CaptionTask
-from attnserve.models.tasks import DatesTask, G2PTask, TextTask
+from attnserve.models.tasks import DatesTask, G2PTask, ParallelTextTask, TextTask
 
-TASKS = {t.name: t for t in (G2PTask, DatesTask, CaptionTask)}
+TASKS = {t.name: t for t in (G2PTask, DatesTask, CaptionTask, ParallelTextTask)}
 
 
 def task(name: str, **kwargs) -> TextTask:

@@ -108,7 +108,8 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
         if _is_better(task, dev[task.primary], best):
             best = dev[task.primary]
             save_checkpoint(best_path, arch.name, model, src_vocab, tgt_vocab, task=task.name,
-                            train_config=asdict(cfg), dev_metrics=dev, epoch=epoch)  # fmt: skip
+                            task_args=task.arguments, train_config=asdict(cfg), dev_metrics=dev,
+                            epoch=epoch)  # fmt: skip
 
     model, src_vocab, tgt_vocab, payload = load_checkpoint(best_path)
     seconds = round(time.time() - started, 1)

@@ -106,7 +106,16 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples,
     )  # fmt: skip
-    train(args.out, task(args.task), args.architecture, dict(args.set), cfg)
+    task_args = {k: v for k, v in (("path", args.data), ("tokens", args.tokens)) if v}
+    if args.task != "parallel-text" and task_args:
+        print("error: --data and --tokens are for --task parallel-text", file=sys.stderr)
+        return 2
+    try:
+        the_task = task(args.task, **task_args)
+    except (OSError, TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(args.out, the_task, args.architecture, dict(args.set), cfg)
     return 0
 
 
@@ -227,8 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for beam ranking")
 
     p = sub.add_parser("train", help="train a model family on a task (needs the train extra)")
-    p.add_argument("--task", default="g2p", help="g2p or dates")
-    p.add_argument("--architecture", default="bahdanau-gru", help="bahdanau-gru or luong-gru")
+    p.add_argument("--task", default="g2p", help="g2p, dates, caption or parallel-text (your own TSV)")
+    p.add_argument("--data", help="parallel-text: a TSV file of source<TAB>target lines")
+    p.add_argument("--tokens", choices=("chars", "words"), help="parallel-text: read as characters or words")
+    p.add_argument(
+        "--architecture", default="bahdanau-gru", help="bahdanau-gru, luong-gru, transformer, captioner-lstm"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/g2p-bahdanau"))
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
                    help="a model config field, e.g. --set hidden_size=256 --set score=dot")  # fmt: skip

@@ -79,6 +79,7 @@ class Manifest:
     source_vocab: Vocab
     target_vocab: Vocab
     lowercase: bool
+    words: bool  # source read as whitespace-separated words, not characters
     target_separator: str
     max_source_tokens: int
     max_output_tokens: int
@@ -147,6 +148,7 @@ class Manifest:
             source_vocab=Vocab(tuple(src["vocab"])),
             target_vocab=Vocab(tuple(tgt["vocab"])),
             lowercase=bool(src.get("lowercase", False)),
+            words=src.get("tokenizer", "characters") == "words",
             target_separator=tgt.get("separator", " "),
             max_source_tokens=int(src["max_tokens"]),
             max_output_tokens=int(tgt["max_tokens"]),

@@ -61,11 +61,12 @@ class SourceCodec:
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         vocab = manifest.source_vocab
-        alphabet = "".join(t for t in vocab.tokens[3:] if len(t) == 1)
+        known = [t for t in vocab.tokens[3:] if not t.startswith("<")]
+        unit = "words" if manifest.words else "characters"
         self._alphabet = (
-            f"it accepts only these characters: {alphabet}"
-            if len(alphabet) <= 100
-            else f"its {len(alphabet)} characters are listed in its manifest"
+            f"it accepts only these characters: {''.join(known)}"
+            if len(known) <= 100 and not manifest.words
+            else f"its {len(known)} {unit} are listed in its manifest"
         )
 
     def prepare(
@@ -100,16 +101,17 @@ class SourceCodec:
             text = text.lower()
         if not text:
             raise invalid("text is empty")
-        if len(text) > m.max_source_tokens:
+        tokens = tuple(text.split()) if m.words else tuple(text)
+        unit = "words" if m.words else "characters"
+        if len(tokens) > m.max_source_tokens:
             raise invalid(
-                f"text has {len(text)} characters; model {m.name!r} accepts at most {m.max_source_tokens}"
+                f"text has {len(tokens)} {unit}; model {m.name!r} accepts at most {m.max_source_tokens}"
             )
-        unknown = sorted({c for c in text if c not in m.source_vocab})
+        unknown = sorted({t for t in tokens if t not in m.source_vocab})
         if unknown:
-            shown = ", ".join(repr(c) for c in unknown[:10])
+            shown = ", ".join(repr(t) for t in unknown[:10])
             raise invalid(f"model {m.name!r} cannot read {shown}; {self._alphabet}")
         limit, beam_size = self._options(attention, max_output_tokens, beam_size, length_penalty)
-        tokens = tuple(text)
         if m.reads_locale:
             tokens = (locale_token(locale, m.source_vocab), *tokens)
         return PreparedRequest(

@@ -1,0 +1,148 @@
+"""Show, attend and tell: a CNN encoder and an LSTM decoder with soft additive attention.
+
+The CNN turns an image into an H x W grid of feature vectors plus a learned embedding of each
+grid position (convolutions alone cannot tell the decoder where a feature is); the flattened
+grid is the memory the decoder attends over. At step t the query is the previous state h(t-1);
+the context z(t) = sum_i a(t,i) m(i), scaled by the gate beta(t) = sigmoid(f_beta(h(t-1))) when
+`gate` is on, feeds the LSTM together with the embedding of y(t-1) (Xu et al., 2015). The
+doubly stochastic penalty pushes every grid cell to receive, summed over the caption, about as
+much attention as any other.
+
+Shapes: B batch, T caption length, N = H * W grid cells, C memory (feature) size, E embedding,
+D decoder size, A attention size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attnserve.models.attention import AdditiveScore
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """Hyper-parameters; the model's only constructor argument and stored in checkpoints."""
+
+    vocab_size: int
+    channels: tuple[int, ...] = (32, 64)  # CNN stage widths; every stage halves H and W
+    embed_size: int = 64
+    decoder_size: int = 256
+    attention_size: int = 128
+    dropout: float = 0.1
+    alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty
+    gate: bool = True  # scale the context by the gating scalar beta(t)
+    image_size: int = 56
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            raise ValueError("channels needs at least one stage")
+        if self.image_size % self.stride:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the stride {self.stride}")
+
+    @property
+    def stride(self) -> int:
+        """Pixels per grid cell along each axis."""
+        return 2 ** len(self.channels)
+
+    @property
+    def grid_height(self) -> int:
+        return self.image_size // self.stride
+
+    @property
+    def grid_width(self) -> int:
+        return self.image_size // self.stride
+
+    @property
+    def memory_size(self) -> int:
+        return self.channels[-1]
+
+
+def _conv(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()]
+
+
+class Captioner(nn.Module):
+    """CNN grid encoder, LSTM decoder with additive attention over the grid cells."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        c = self.config = config
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for ch in c.channels:
+            layers += _conv(in_ch, ch, 2) + _conv(ch, ch, 1)
+            in_ch = ch
+        self.cnn = nn.Sequential(*layers)
+        C, N = c.memory_size, c.grid_height * c.grid_width
+        self.position = nn.Parameter(torch.randn(N, C))  # (N, C) learned grid-cell embedding
+        self.init_h = nn.Linear(C, c.decoder_size)
+        self.init_c = nn.Linear(C, c.decoder_size)
+        self.attention = AdditiveScore(c.decoder_size, C, c.attention_size)
+        self.f_beta = nn.Linear(c.decoder_size, 1) if c.gate else None
+        self.embed = nn.Embedding(c.vocab_size, c.embed_size, padding_idx=0)
+        self.cell = nn.LSTMCell(c.embed_size + C, c.decoder_size)
+        self.readout = nn.Linear(c.decoder_size + C + c.embed_size, c.decoder_size)
+        self.out = nn.Linear(c.decoder_size, c.vocab_size)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def encode(self, images: torch.Tensor):
+        """Encodes a batch of images.
+
+        Args:
+            images: (B, 1, H0, W0) float32 in [0, 1], H0 = W0 = config.image_size.
+
+        Returns:
+            memory (B, N, C) in row-major grid order, projected attention keys (B, N, A), and the
+            initial LSTM state h0 (B, D), c0 (B, D) computed from the mean of the memory.
+        """
+        features = self.cnn(images)  # (B, C, H, W)
+        memory = features.flatten(2).transpose(1, 2) + self.position  # (B, N, C)
+        mean = memory.mean(1)  # (B, C)
+        h0, c0 = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, D)
+        return memory, self.attention.project_keys(memory), h0, c0
+
+    def decode_step(self, prev_token, h, c, memory, keys):
+        """One decoder step.
+
+        Args:
+            prev_token: (B,) int64 previous output token (<s> at the first step).
+            h, c: (B, D) previous LSTM state.
+            memory: (B, N, C) grid features; keys: (B, N, A) projected keys.
+
+        Returns:
+            logits (B, V), new h (B, D), new c (B, D), attention weights a(t) (B, N).
+        """
+        emb = self.dropout(self.embed(prev_token))  # (B, E)
+        mask = torch.ones_like(memory[..., 0], dtype=torch.bool)  # (B, N): every cell is real
+        context, weights = self.attention(h, memory, memory, mask, projected_keys=keys)  # (B, C), (B, N)
+        if self.f_beta is not None:
+            context = torch.sigmoid(self.f_beta(h)) * context  # (B, C)
+        h, c = self.cell(torch.cat([emb, context], dim=1), (h, c))  # (B, D)
+        hidden = torch.tanh(self.readout(torch.cat([h, context, emb], dim=1)))  # (B, D)
+        return self.out(self.dropout(hidden)), h, c, weights
+
+    def forward(self, images, tgt_in):
+        """Teacher-forced logits (B, T, V) and attention (B, T, N) for tgt_in (B, T) starting with <s>."""
+        memory, keys, h, c = self.encode(images)
+        logits, attention = [], []
+        for t in range(tgt_in.size(1)):
+            step_logits, h, c, weights = self.decode_step(tgt_in[:, t], h, c, memory, keys)
+            logits.append(step_logits)
+            attention.append(weights)
+        return torch.stack(logits, dim=1), torch.stack(attention, dim=1)
+
+    def doubly_stochastic_penalty(self, attention: torch.Tensor, tgt_mask: torch.Tensor) -> torch.Tensor:
+        """alpha_c * mean over the batch of sum_i (1 - sum_t a(t, i))^2, over real target steps only.
+
+        Args:
+            attention: (B, T, N) attention weights of every decoder step.
+            tgt_mask: (B, T) bool, True for real target steps (the caption tokens and </s>).
+
+        Returns:
+            A scalar tensor.
+        """
+        total = (attention * tgt_mask.unsqueeze(2).to(attention.dtype)).sum(1)  # (B, N)
+        return self.config.alpha_c * ((1.0 - total) ** 2).sum(1).mean()
