@@ -7,8 +7,10 @@ SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: serve test test-unit test-integration lint format bench train export eval render-k8s system-deps clean
-# Debian packages the tests use: a real Prometheus (+ promtool) and docker-compose to validate the compose file.
+# Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
+# file, and the Fashion-MNIST images the captioner is trained and scored on.
 SYSTEM_TOOLS := prometheus promtool docker-compose
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
 $(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +28,12 @@ serve: $(SERVE_STAMP)  ## start the service on the bundled models (Ctrl-C stops 
 	$(BIN)/attnserve serve
 
 system-deps:  ## install the Debian packages the tests need, if missing (apt, as root)
-	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || echo $$t; done; \
+	  [ -f $(FASHION_MNIST) ] || echo dataset-fashion-mnist); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing: $$missing; run 'sudo make system-deps'" >&2; exit 1; fi; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+	    prometheus docker-compose dataset-fashion-mnist >/dev/null; \
 	fi
 
 test: $(DEV_STAMP) system-deps  ## lint + the whole test suite (what CI runs)

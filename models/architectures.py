@@ -191,7 +191,10 @@ TRANSFORMER = Architecture(
             "src_mask": "input:src_mask",
         },
         "recurrent": {"new_past_k": "past_k", "new_past_v": "past_v"},
+        "step_attention": {"cross_heads": "cross_attention_heads", "decoder_self": "self_attention_heads"},
+        "encoder_attention": {"encoder_self": "encoder_attention"},
     },
+    attention_modes=("cross", "cross_heads", "encoder_self", "decoder_self"),
 )
 
 CAPTIONER = Architecture(

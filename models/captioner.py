@@ -33,7 +33,7 @@ class CaptionerConfig:
     attention_size: int = 128
     dropout: float = 0.1
     alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty
-    gate: bool = True  # scale the context by the gating scalar beta(t)
+    gate: bool = False  # scale the context by the gating scalar beta(t) (slows learning here)
     image_size: int = 56
 
     def __post_init__(self) -> None:

@@ -10,6 +10,9 @@ from attnserve.v1 import translator_pb2 as pb
 _ATTENTION_FROM_PB = {
     pb.ATTENTION_MODE_NONE: AttentionMode.NONE,
     pb.ATTENTION_MODE_CROSS: AttentionMode.CROSS,
+    pb.ATTENTION_MODE_CROSS_HEADS: AttentionMode.CROSS_HEADS,
+    pb.ATTENTION_MODE_ENCODER_SELF: AttentionMode.ENCODER_SELF,
+    pb.ATTENTION_MODE_DECODER_SELF: AttentionMode.DECODER_SELF,
 }
 _ATTENTION_TO_PB = {v: k for k, v in _ATTENTION_FROM_PB.items()}
 
@@ -41,6 +44,19 @@ def translation_to_pb(result: Translation, manifest: Manifest) -> pb.TranslateRe
                 weights=result.attention.ravel().tolist(),
                 row_labels=result.output_tokens,
                 col_labels=result.source_tokens,
+            )
+        )
+    for h in result.heads:
+        response.attention_heads.append(
+            pb.AttentionMatrix(
+                rows=h.weights.shape[0],
+                cols=h.weights.shape[1],
+                weights=h.weights.ravel().tolist(),
+                row_labels=h.row_labels,
+                col_labels=h.col_labels,
+                mode=_ATTENTION_TO_PB[h.mode],
+                layer=h.layer,
+                head=h.head,
             )
         )
     return response

@@ -46,7 +46,8 @@ class DecoderSpec:
 
     initial_state maps each decoder input to where its first value comes from:
     "encoder:<output name>" or "input:<encoder input name>". recurrent maps a decoder output to
-    the decoder input it feeds at the next step.
+    the decoder input it feeds at the next step. step_attention and encoder_attention name the
+    outputs holding extra attention modes (per layer and head, self-attention).
     """
 
     token_input: str
@@ -54,6 +55,8 @@ class DecoderSpec:
     attention_output: str
     initial_state: dict[str, str]
     recurrent: dict[str, str]
+    step_attention: dict[str, str] = field(default_factory=dict)  # mode -> decoder output
+    encoder_attention: dict[str, str] = field(default_factory=dict)  # mode -> encoder output
 
 
 @dataclass(frozen=True)

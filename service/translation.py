@@ -29,6 +29,9 @@ class AttentionMode(Enum):
 
     NONE = "none"
     CROSS = "cross"
+    CROSS_HEADS = "cross_heads"
+    ENCODER_SELF = "encoder_self"
+    DECODER_SELF = "decoder_self"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,18 @@ class PreparedRequest:
 
 
 @dataclass(frozen=True)
+class HeadAttention:
+    """One layer and head of a per-head attention mode, with the labels of its rows and columns."""
+
+    mode: AttentionMode
+    layer: int
+    head: int
+    weights: np.ndarray  # (rows, cols)
+    row_labels: tuple[str, ...]
+    col_labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Translation:
     """The result for one request. attention: (output tokens, source tokens) or None."""
 
@@ -53,6 +68,7 @@ class Translation:
     source_tokens: tuple[str, ...]
     attention: np.ndarray | None
     batch_size: int
+    heads: tuple[HeadAttention, ...] = ()
 
 
 class SourceCodec:
@@ -155,6 +171,9 @@ class SourceCodec:
         return min(max_output_tokens or m.max_output_tokens, m.max_output_tokens), max(beam_size, 1)
 
 
+_MATRIX_MODES = (AttentionMode.NONE, AttentionMode.CROSS)  # served without per-head outputs
+
+
 class Translator:
     """Decodes batches of prepared requests with one model's ONNX Runtime sessions."""
 
@@ -183,6 +202,7 @@ class Translator:
         results: list[Translation | None] = [None] * len(requests)
         vocab = self.manifest.target_vocab
         for (beam_size, length_penalty), rows in groups.items():
+            extras = {requests[i].attention.value for i in rows} - {m.value for m in _MATRIX_MODES}
             hyps = decode(
                 self.model,
                 self._source_batch([requests[i] for i in rows]),
@@ -191,6 +211,7 @@ class Translator:
                 [requests[i].max_output_tokens for i in rows],
                 beam_size,
                 length_penalty,
+                tuple(sorted(extras)),
             )
             for i, hyp in zip(rows, hyps, strict=True):
                 results[i] = self._translation(requests[i], hyp, len(requests))
@@ -207,10 +228,31 @@ class Translator:
         vocab = self.manifest.target_vocab
         keep = [i for i, t in enumerate(hyp.token_ids) if t not in vocab.special_ids]
         tokens = tuple(vocab.tokens[hyp.token_ids[i]] for i in keep)
+        mode = request.attention
         return Translation(
             output_tokens=tokens,
             text=self.manifest.target_separator.join(tokens),
             source_tokens=request.source_tokens,
-            attention=hyp.attention[keep] if request.attention is AttentionMode.CROSS else None,
+            attention=hyp.attention[keep] if mode is AttentionMode.CROSS else None,
             batch_size=batch_size,
+            heads=()
+            if mode in _MATRIX_MODES
+            else self._heads(mode, hyp, keep, tokens, request.source_tokens),
+        )
+
+    def _heads(self, mode, hyp: Hypothesis, keep: list[int], tokens, source) -> tuple[HeadAttention, ...]:
+        """Per layer and head matrices of a per-head mode, labelled."""
+        value = hyp.extras[mode.value]
+        if mode is AttentionMode.ENCODER_SELF:  # (Le, H, S, S)
+            rows, cols, matrices = source, source, value
+        elif mode is AttentionMode.CROSS_HEADS:  # (T, L, H, S) -> (L, H, T, S)
+            rows, cols, matrices = tokens, source, value[keep].transpose(1, 2, 0, 3)
+        else:  # DECODER_SELF (T, L, H, T): step t attends to the decoder inputs <s>, y(1) .. y(t)
+            inputs = ["<s>", *(self.manifest.target_vocab.tokens[i] for i in hyp.token_ids)]
+            cols = tuple(inputs[: len(hyp.token_ids)])
+            rows, matrices = tokens, value[keep][..., : len(cols)].transpose(1, 2, 0, 3)
+        return tuple(
+            HeadAttention(mode, layer, head, matrices[layer, head], tuple(rows), tuple(cols))
+            for layer in range(matrices.shape[0])
+            for head in range(matrices.shape[1])
         )

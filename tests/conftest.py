@@ -38,3 +38,17 @@ def tiny_entry(tiny_checkpoint, tmp_path_factory) -> Path:
 
     repo = tmp_path_factory.mktemp("tiny-repo")
     return export_model(ExportConfig(tiny_checkpoint, repo, "tiny-g2p", eval_limit=200))
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer_entry(tmp_path_factory) -> Path:
+    """A small Transformer trained for one short epoch on real CMUdict words and exported."""
+    from attnserve.export.pipeline import ExportConfig, export_model
+    from attnserve.models.registry import task
+    from attnserve.models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny-transformer")
+    config = dict(d_model=32, heads=2, encoder_layers=2, decoder_layers=2, ff_size=64)
+    cfg = TrainConfig(epochs=1, batch_size=64, max_train_examples=1000, max_eval_examples=100, threads=1)
+    checkpoint = train(out, task("g2p"), "transformer", config, cfg)
+    return export_model(ExportConfig(checkpoint, out / "repo", "tiny-transformer", eval_limit=100))

@@ -11,7 +11,7 @@ Shapes: B batch, S source length, V target vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -31,13 +31,43 @@ class StepModel(Protocol):
         ...
 
 
+EXTRA_PREFIX = "attention:"  # state entries holding extra attention outputs (see wiring.py)
+
+
 @dataclass(frozen=True)
 class Hypothesis:
-    """One decoded sequence: token ids (without </s>) and its attention (T, S_src)."""
+    """One decoded sequence: token ids (without </s>), its attention (T, S_src), and any extra
+    attention asked for by name: per-step outputs stacked to (T, ...) (a growing last axis is
+    zero-padded to T), encoder outputs as they are for this row."""
 
     token_ids: list[int]
     attention: np.ndarray
     finished: bool
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _stack_steps(steps: list[np.ndarray]) -> np.ndarray:
+    """Per-step arrays (..., X_t) -> (T, ..., max X_t), zero-padded on the last axis."""
+    if not steps:
+        return np.zeros((0,), dtype=np.float32)
+    width = max(a.shape[-1] for a in steps)
+    out = np.zeros((len(steps), *steps[0].shape[:-1], width), dtype=np.float32)
+    for t, a in enumerate(steps):
+        out[t, ..., : a.shape[-1]] = a
+    return out
+
+
+def _extras(state: State, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(per-step names, encoder names) of the requested extra attention outputs.
+
+    Raises:
+        ValueError: if a requested encoder output is not in the encoder's state.
+    """
+    encoder = [n for n in names if n.startswith("encoder")]
+    missing = [n for n in encoder if EXTRA_PREFIX + n not in state]
+    if missing:
+        raise ValueError(f"the model returns no {missing} attention")
+    return [n for n in names if n not in encoder], encoder
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +114,7 @@ def greedy_decode(
     bos_id: int,
     eos_id: int,
     max_steps: list[int],
+    extras: tuple[str, ...] = (),
 ) -> list[Hypothesis]:
     """Greedy decoding of a batch of source id lists.
 
@@ -92,12 +123,19 @@ def greedy_decode(
         source: the encoder inputs of the batch.
         bos_id: id fed at the first step; eos_id: id that ends a row.
         max_steps: per row, the most tokens to emit (</s> not counted).
+        extras: extra attention outputs to collect by name (e.g. "cross_heads", "encoder_self").
 
     Returns:
         One hypothesis per row, in input order.
+
+    Raises:
+        ValueError: if the model does not return a requested extra attention.
     """
     batch = source.size
     state = model.encode(source.inputs)
+    step_names, encoder_names = _extras(state, extras)
+    encoder_out = {n: state[EXTRA_PREFIX + n] for n in encoder_names}
+    collected: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in range(batch)] for n in step_names}
     limits = np.asarray(max_steps)
     tokens = np.zeros((batch, int(limits.max(initial=0))), dtype=np.int64)
     attention = np.zeros((batch, tokens.shape[1], 0), dtype=np.float32)  # widened at the first step
@@ -116,6 +154,9 @@ def greedy_decode(
         emit = active[~ended]
         tokens[emit, t] = prev[~ended]
         attention[emit, t] = weights[~ended]
+        for name in step_names:
+            for row, value in zip(emit, state[EXTRA_PREFIX + name][~ended], strict=True):
+                collected[name][row].append(value)
         lengths[emit] += 1
         finished[active[ended]] = True
         t += 1
@@ -128,9 +169,22 @@ def greedy_decode(
             token_ids=tokens[row, : lengths[row]].tolist(),
             attention=attention[row, : lengths[row], source.columns(row)],
             finished=bool(finished[row]),
+            extras=_row_extras(collected, encoder_out, row, source),
         )
         for row in range(batch)
     ]
+
+
+def _row_extras(collected, encoder_out, row: int, source: SourceBatch, origin: int | None = None):
+    """One row's extra attention: steps stacked, source axes cut to the row's real length."""
+    cols = source.columns(row)
+    out = {n: _stack_steps(steps[row if origin is None else origin]) for n, steps in collected.items()}
+    for name, value in out.items():
+        if name.startswith("cross") and value.size:
+            out[name] = value[..., cols]
+    for name, value in encoder_out.items():
+        out[name] = value[row][..., cols, cols]
+    return out
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -152,6 +206,7 @@ def beam_decode(
     max_steps: list[int],
     beam_size: int,
     length_penalty: float = 0.0,
+    extras: tuple[str, ...] = (),
 ) -> list[Hypothesis]:
     """Beam search over a batch: every row keeps `beam_size` hypotheses, all rows step together.
 
@@ -160,7 +215,7 @@ def beam_decode(
     is returned with its own attention.
 
     Args:
-        model, source, bos_id, eos_id, max_steps: as for greedy_decode.
+        model, source, bos_id, eos_id, max_steps, extras: as for greedy_decode.
         beam_size: hypotheses kept per row (1 gives greedy decoding).
         length_penalty: GNMT alpha; 0 ranks by total log-probability.
 
@@ -169,7 +224,11 @@ def beam_decode(
     """
     batch = source.size
     K = beam_size
-    state = {k: np.repeat(v, K, axis=0) for k, v in model.encode(source.inputs).items()}  # (B*K, ...)
+    state = model.encode(source.inputs)
+    step_names, encoder_names = _extras(state, extras)
+    encoder_out = {n: state[EXTRA_PREFIX + n] for n in encoder_names}
+    state = {k: np.repeat(v, K, axis=0) for k, v in state.items()}  # (B*K, ...)
+    collected: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in range(batch * K)] for n in step_names}
     limits = np.repeat(np.asarray(max_steps), K)  # (B*K,)
     width = int(limits.max(initial=0))
     scores = np.tile(np.r_[0.0, np.full(K - 1, -np.inf)], batch)  # (B*K,): one live beam at first
@@ -199,6 +258,11 @@ def beam_decode(
         grow = ~was_finished & (token != eos_id)
         tokens[grow, t] = token[grow]
         attention[grow, t] = weights[parent][grow]
+        for name in step_names:
+            values = state[EXTRA_PREFIX + name]  # already reordered to the new beams
+            collected[name] = [list(collected[name][p]) for p in parent]
+            for i in np.flatnonzero(grow):
+                collected[name][i].append(values[i])
         lengths[grow] += 1
         finished = was_finished | (token == eos_id) | (lengths >= limits)
         prev = np.where(finished, eos_id, token)
@@ -211,6 +275,7 @@ def beam_decode(
                 token_ids=tokens[pick, : lengths[pick]].tolist(),
                 attention=attention[pick, : lengths[pick], source.columns(row)],
                 finished=bool(finished[pick]),
+                extras=_row_extras(collected, encoder_out, row, source, origin=pick),
             )
         )
     return results
@@ -224,8 +289,9 @@ def decode(
     max_steps: list[int],
     beam_size: int = 1,
     length_penalty: float = 0.0,
+    extras: tuple[str, ...] = (),
 ) -> list[Hypothesis]:
     """Greedy decoding for beam_size 1 (it drops finished rows as it goes), beam search above."""
     if beam_size > 1:
-        return beam_decode(model, source, bos_id, eos_id, max_steps, beam_size, length_penalty)
-    return greedy_decode(model, source, bos_id, eos_id, max_steps)
+        return beam_decode(model, source, bos_id, eos_id, max_steps, beam_size, length_penalty, extras)
+    return greedy_decode(model, source, bos_id, eos_id, max_steps, extras)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from attnserve.service.manifest import DecoderSpec
-from attnserve.service.runtime.decoding import State
+from attnserve.service.runtime.decoding import EXTRA_PREFIX, State
 
 Graph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -38,11 +38,14 @@ class WiredStepModel:
 
     def encode(self, inputs: dict[str, np.ndarray]) -> State:
         """The encoder's named inputs (batch first) -> the decoder step's initial inputs."""
-        sources = {"encoder": self._encoder(inputs), "input": inputs}
+        outputs = self._encoder(inputs)
+        sources = {"encoder": outputs, "input": inputs}
         state = {}
         for name, origin in self.spec.initial_state.items():
             kind, _, key = origin.partition(":")
             state[name] = sources[kind][key]
+        for mode, output in self.spec.encoder_attention.items():
+            state[EXTRA_PREFIX + mode] = outputs[output]
         return state
 
     def step(self, prev_tokens: np.ndarray, state: State):
@@ -53,4 +56,6 @@ class WiredStepModel:
         new_state = dict(state)
         for out_name, in_name in self.spec.recurrent.items():
             new_state[in_name] = outputs[out_name]
+        for mode, output in self.spec.step_attention.items():
+            new_state[EXTRA_PREFIX + mode] = outputs[output]
         return outputs[self.spec.logits_output], outputs[self.spec.attention_output], new_state

@@ -18,6 +18,8 @@ import pytest
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
 
 STARTUP_TIMEOUT_S = 240
+BYOM_DATA = ROOT / "examples" / "byom" / "names-en-fr.tsv"
+BYOM_MODEL = "names-en-fr"
 
 
 def free_port() -> int:
@@ -48,13 +50,32 @@ def _pump(stream, sink: list[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory) -> RunningService:
-    """`attnserve serve` on the bundled models, on free local ports, with a 20 ms batch window."""
+def served_repository(tmp_path_factory) -> Path:
+    """The bundled models plus one a user brings: trained for a few steps on the shipped TSV and
+    exported with the CLI, exactly as the README's "Bring your own model" section does."""
+    repo, run = tmp_path_factory.mktemp("served-repository"), tmp_path_factory.mktemp("byom-run")
+    for entry in BUNDLED_REPOSITORY.iterdir():
+        if entry.is_dir():
+            (repo / entry.name).symlink_to(entry)
+    exe = str(Path(sys.executable).with_name("attnserve"))
+    train = [exe, "train", "--task", "parallel-text", "--data", str(BYOM_DATA), "--architecture", "luong-gru",
+             "--out", str(run), "--epochs", "1", "--batch-size", "32", "--threads", "1",
+             "--set", "hidden_size=32", "--set", "embed_size=16"]  # fmt: skip
+    export = [exe, "export", str(run / "checkpoint.pt"), "--repository", str(repo), "--name", BYOM_MODEL]
+    for cmd in (train, export):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return repo
+
+
+@pytest.fixture(scope="session")
+def service(served_repository) -> RunningService:
+    """`attnserve serve` on the served repository, on free local ports, with a 20 ms batch window."""
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     exe = Path(sys.executable).with_name("attnserve")
     cmd = [
         str(exe), "serve", "--serve-config", str(ROOT / "deploy/serve/attnserve.yaml"),
-        "--repository", str(BUNDLED_REPOSITORY), "--grpc-port", str(grpc_port),
+        "--repository", str(served_repository), "--grpc-port", str(grpc_port),
         "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--batch-wait-ms", "20",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
