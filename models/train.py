@@ -37,6 +37,7 @@ class TrainConfig:
     threads: int = 2
     max_train_examples: int = 0  # 0 = all; a small number gives a quick smoke run
     max_eval_examples: int = 0  # 0 = the whole dev and test splits
+    init_from: str = ""  # a checkpoint of the same family and vocabularies to continue from
 
 
 def _cpu_name() -> str:
@@ -73,10 +74,21 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
     rng = random.Random(cfg.seed)
     src_vocab, tgt_vocab = task.vocabularies()
     model = arch.new_model(len(src_vocab), len(tgt_vocab), **model_config)
+    earlier = 0.0  # training seconds of the checkpoint continued from
+    if cfg.init_from:
+        start, start_src, start_tgt, start_payload = load_checkpoint(Path(cfg.init_from))
+        earlier = start_payload["meta"].get("training", {}).get("seconds", 0.0)
+        if (start_src, start_tgt) != (src_vocab, tgt_vocab) or start.config != model.config:
+            raise ValueError(f"{cfg.init_from} has another model config or other vocabularies")
+        model.load_state_dict(start.state_dict())
+        log.info("continuing from %s", cfg.init_from)
     log.info("%s on %s: %s, %.2fM parameters", arch.name, task.name, model.config,
              sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    first = task.train_batches(1, cfg.batch_size, rng, src_vocab, tgt_vocab, cfg.max_train_examples)
+    data_seed = cfg.seed * 10_000  # generated tasks draw other examples under another seed
+    first = task.train_batches(
+        data_seed + 1, cfg.batch_size, rng, src_vocab, tgt_vocab, cfg.max_train_examples
+    )
     total = cfg.epochs * len(first) + 1
     sched = torch.optim.lr_scheduler.OneCycleLR(  # at least two warm-up steps, also in smoke runs
         optim, max_lr=cfg.lr, total_steps=total, pct_start=min(0.5, max(cfg.warmup, 2 / total))
@@ -90,7 +102,7 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
 
     for epoch in range(1, cfg.epochs + 1):
         batches = first if epoch == 1 else task.train_batches(
-            epoch, cfg.batch_size, rng, src_vocab, tgt_vocab, cfg.max_train_examples
+            data_seed + epoch, cfg.batch_size, rng, src_vocab, tgt_vocab, cfg.max_train_examples
         )  # fmt: skip
         model.train()
         bar = tqdm(batches[: len(first)], desc=f"epoch {epoch}/{cfg.epochs}", unit="batch")
@@ -112,7 +124,7 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
                             epoch=epoch)  # fmt: skip
 
     model, src_vocab, tgt_vocab, payload = load_checkpoint(best_path)
-    seconds = round(time.time() - started, 1)
+    seconds = round(time.time() - started + earlier, 1)
     results = {split: evaluate(split) for split in task.eval_splits}
     training = {
         "seconds": seconds,

@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
         threads=args.threads, max_train_examples=args.max_train_examples,
-        max_eval_examples=args.max_eval_examples,
+        max_eval_examples=args.max_eval_examples, init_from=args.init_from,
     )  # fmt: skip
     task_args = {k: v for k, v in (("path", args.data), ("tokens", args.tokens)) if v}
     if args.task != "parallel-text" and task_args:
@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-train-examples", type=int, default=0, help="0 = all; small for a smoke run")
     p.add_argument("--max-eval-examples", type=int, default=0, help="0 = whole dev/test splits")
+    p.add_argument("--init-from", default="", help="continue from a checkpoint of the same model config")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("export", help="export a checkpoint into the model repository")
