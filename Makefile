@@ -58,14 +58,16 @@ format: $(DEV_STAMP)
 bench: $(DEV_STAMP)  ## gRPC load at concurrency 1/8/32 vs the in-process engine; writes bench/results/bench.json
 	$(BIN)/attnserve bench
 
-train: $(DEV_STAMP)  ## full training of the bundled G2P model (~45 min on 2 cores)
-	$(BIN)/attnserve train --out runs/g2p-bahdanau
+MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
 
-export: $(DEV_STAMP)  ## export the trained checkpoint into the model repository (replaces the bundled entry)
-	$(BIN)/attnserve export runs/g2p-bahdanau/checkpoint.pt --force
+train: $(DEV_STAMP)  ## train a bundled model as its recipe says: make train MODEL=dates-luong
+	$(BIN)/attnserve train --recipe $(MODEL)
 
-eval: $(DEV_STAMP)  ## re-evaluate the bundled model through the serving runtime
-	$(BIN)/attnserve eval model_repository/g2p-bahdanau/1
+export: $(DEV_STAMP)  ## export runs/$(MODEL) into the model repository (replaces the bundled entry)
+	$(BIN)/attnserve export runs/$(MODEL)/checkpoint.pt --name $(MODEL) --force
+
+eval: $(DEV_STAMP)  ## re-evaluate a bundled model through the serving runtime
+	$(BIN)/attnserve eval model_repository/$(MODEL)/1
 
 render-k8s: $(DEV_STAMP)  ## regenerate deploy/kubernetes/rayservice-*.yaml from deploy/serve/*.yaml
 	$(BIN)/attnserve render-k8s

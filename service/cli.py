@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_RUN = Path("runs/model")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -101,6 +102,8 @@ def _train(args: argparse.Namespace) -> int:
     from attnserve.models.registry import task
     from attnserve.models.train import TrainConfig, train
 
+    if args.recipe:
+        return _train_recipe(args)
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
         threads=args.threads, max_train_examples=args.max_train_examples,
@@ -116,6 +119,28 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     train(args.out, the_task, args.architecture, dict(args.set), cfg)
+    return 0
+
+
+def _train_recipe(args: argparse.Namespace) -> int:
+    """Trains a bundled model with the settings recorded in models/recipes.yaml."""
+    from importlib import resources
+
+    import yaml
+
+    from attnserve.models.registry import task
+    from attnserve.models.train import TrainConfig, train
+
+    recipes = yaml.safe_load(resources.files("attnserve.models").joinpath("recipes.yaml").read_text("utf-8"))
+    if args.recipe not in recipes:
+        print(f"error: no recipe {args.recipe!r}; recipes: {', '.join(recipes)}", file=sys.stderr)
+        return 2
+    recipe = recipes[args.recipe]
+    out = args.out if args.out != DEFAULT_RUN else Path("runs") / args.recipe
+    checkpoint = None
+    for stage in recipe["train"]:
+        cfg = TrainConfig(**stage, init_from=str(checkpoint) if checkpoint else "")
+        checkpoint = train(out, task(recipe["task"]), recipe["architecture"], recipe["model"], cfg)
     return 0
 
 
@@ -242,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--architecture", default="bahdanau-gru", help="bahdanau-gru, luong-gru, transformer, captioner-lstm"
     )
-    p.add_argument("--out", type=Path, default=Path("runs/g2p-bahdanau"))
+    p.add_argument("--recipe", help="train a bundled model as recorded in models/recipes.yaml")
+    p.add_argument("--out", type=Path, default=DEFAULT_RUN, help="default runs/<recipe> for --recipe")
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
                    help="a model config field, e.g. --set hidden_size=256 --set score=dot")  # fmt: skip
     p.add_argument("--epochs", type=int, default=12)
