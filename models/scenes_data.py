@@ -150,9 +150,12 @@ def split_indices(split: str) -> tuple[str, np.ndarray]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if split == "test":
-        return "t10k", np.arange(len(load_fashion_mnist("t10k")[1]))
-    n = len(load_fashion_mnist("train")[1])
-    return "train", np.array([i for i in range(n) if image_split(i) == split])
+        part, indices = "t10k", np.arange(len(load_fashion_mnist("t10k")[1]))
+    else:
+        n = len(load_fashion_mnist("train")[1])
+        part, indices = "train", np.array([i for i in range(n) if image_split(i) == split])
+    indices.flags.writeable = False  # shared by every caller
+    return part, indices
 
 
 def generate(split: str, count: int, seed: int) -> list[Scene]:
