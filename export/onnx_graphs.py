@@ -22,6 +22,7 @@ class _Method(nn.Module):
     def __init__(self, model: nn.Module, method: str):
         super().__init__()
         self.model, self.method = model, method
+        self.eval()  # the exporter restores the wrapper's mode afterwards, children included
 
     def forward(self, *args):
         return getattr(self.model, self.method)(*args)

@@ -27,7 +27,7 @@ def text_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: float
     """Teacher-forced cross-entropy of a text-to-text model."""
     logits = model(batch["src_ids"], batch["src_mask"], batch["tgt_in"])  # (B, T, V)
     return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
+        logits.float().reshape(-1, logits.size(-1)),
         batch["tgt_out"].reshape(-1),
         ignore_index=0,
         label_smoothing=smoothing,
@@ -39,7 +39,10 @@ def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: fl
     logits, attention = model(batch["images"], batch["tgt_in"])  # (B, T, V), (B, T, N)
     tgt_out = batch["tgt_out"]
     ce = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=0, label_smoothing=smoothing
+        logits.float().reshape(-1, logits.size(-1)),
+        tgt_out.reshape(-1),
+        ignore_index=0,
+        label_smoothing=smoothing,
     )
     return ce + model.doubly_stochastic_penalty(attention, tgt_out != 0)
 

@@ -141,6 +141,11 @@ class G2PTask(TextTask):
     def examples(self, split: str) -> list[TextExample]:
         return [TextExample(tuple(e.word), e.pronunciations) for e in g2p_data.load_split(split)]
 
+    def vocabularies(self) -> tuple[Vocab, Vocab]:
+        """Letters of every word (the alphabet is closed), phonemes of the training words."""
+        words = [e.source for split in ("train", "dev", "test") for e in self.examples(split)]
+        return Vocab.build(words), super().vocabularies()[1]
+
 
 class DatesTask(TextTask):
     """A date written as in a CLDR locale -> ISO 8601, with a locale token before the characters.

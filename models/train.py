@@ -38,6 +38,8 @@ class TrainConfig:
     max_train_examples: int = 0  # 0 = all; a small number gives a quick smoke run
     max_eval_examples: int = 0  # 0 = the whole dev and test splits
     init_from: str = ""  # a checkpoint of the same family and vocabularies to continue from
+    adam_beta2: float = 0.999
+    bf16: bool = False  # bfloat16 autocast for the forward pass (faster on CPUs with AVX512-BF16/AMX)
 
 
 def _cpu_name() -> str:
@@ -84,7 +86,9 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
         log.info("continuing from %s", cfg.init_from)
     log.info("%s on %s: %s, %.2fM parameters", arch.name, task.name, model.config,
              sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
     data_seed = cfg.seed * 10_000  # generated tasks draw other examples under another seed
     first = task.train_batches(
         data_seed + 1, cfg.batch_size, rng, src_vocab, tgt_vocab, cfg.max_train_examples
@@ -107,7 +111,10 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
         model.train()
         bar = tqdm(batches[: len(first)], desc=f"epoch {epoch}/{cfg.epochs}", unit="batch")
         for batch in bar:
-            loss = arch.loss(model, {k: torch.from_numpy(v) for k, v in batch.items()}, cfg.label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = arch.loss(
+                    model, {k: torch.from_numpy(v) for k, v in batch.items()}, cfg.label_smoothing
+                )
             optim.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
