@@ -1,0 +1,30 @@
+"""Every bundled model has a recipe, and every recipe builds a valid model and training config."""
+
+from importlib import resources
+
+import pytest
+import yaml
+
+from attnserve.models.architectures import architecture
+from attnserve.models.registry import TASKS
+from attnserve.models.train import TrainConfig
+from attnserve.service.manifest import discover
+from tests.conftest import BUNDLED_REPOSITORY
+
+RECIPES = yaml.safe_load(resources.files("attnserve.models").joinpath("recipes.yaml").read_text("utf-8"))
+
+
+def test_every_bundled_model_has_a_recipe_of_its_task_and_family():
+    for manifest in discover(BUNDLED_REPOSITORY):
+        recipe = RECIPES[manifest.name]
+        assert (recipe["task"], recipe["architecture"]) == (manifest.task, manifest.architecture)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_builds_its_model_and_stages(name):
+    recipe = RECIPES[name]
+    assert recipe["task"] in TASKS
+    model = architecture(recipe["architecture"]).new_model(40, 30, **recipe["model"])
+    assert sum(p.numel() for p in model.parameters()) > 0
+    stages = [TrainConfig(**stage) for stage in recipe["train"]]
+    assert stages and all(s.epochs > 0 and s.lr > 0 for s in stages)
