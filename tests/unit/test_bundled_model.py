@@ -13,7 +13,7 @@ TARGETS = {
     "g2p-bahdanau": {"test": [("wer", 0.35, "max"), ("per", 0.09, "max")]},
     # The issue asks for 0.99; the bundled model does not reach it yet (README), so this guards
     # its measured level against regressions.
-    "dates-luong": {"test": [("exact_match", 0.88, "min")]},
+    "dates-luong": {"test": [("exact_match", 0.93, "min")]},
 }
 ENTRIES = {m.name: m for m in discover(BUNDLED_REPOSITORY)}
 
