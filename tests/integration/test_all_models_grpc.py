@@ -6,6 +6,9 @@ Runs before test_grpc_service.py, whose last test stops the shared service.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 from PIL import Image
 
 from attnserve.models import dates_data, scenes_data
-from attnserve.service.client import Client
+from attnserve.service.client import Client, attention_maps
 from attnserve.service.manifest import discover
 from attnserve.service.translation import AttentionMode, Translator
 from attnserve.v1 import translator_pb2 as pb
@@ -75,6 +78,59 @@ def test_dates_in_many_locales_match_the_runtime_and_mostly_the_truth(client):
 def test_a_locale_the_model_never_saw_is_read_as_unknown(client):
     got = client.translate(DATES, "7 March 2024", locale="xx_NOWHERE")
     assert got.source_tokens[0] == "<locale:?>" and len(got.text) == 10
+
+
+def test_caption_matches_the_runtime_and_returns_one_map_per_word(client):
+    manifest = MANIFESTS[CAPTION]
+    local = Translator(manifest)
+    scenes = scenes_data.generate("test", 6, seed=11)
+    for scene in scenes:
+        got = client.caption(CAPTION, _png(scene), attention=True)
+        prepared = local.codec.prepare_image(_png(scene), AttentionMode.CROSS)
+        want = local.translate_batch([prepared])[0]
+        assert tuple(got.output_tokens) == want.output_tokens and got.text == " ".join(want.output_tokens)
+        maps = attention_maps(got.attention)
+        assert maps.shape == (len(got.output_tokens), manifest.image.grid_height, manifest.image.grid_width)
+        np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-4)
+        assert list(got.attention.labels) == list(got.output_tokens)
+        assert (got.input_height, got.input_width) == (manifest.image.height, manifest.image.width)
+
+
+def test_caption_accepts_jpeg_and_beam_search(client):
+    scene = scenes_data.generate("test", 1, seed=3)[0]
+    got = client.caption(CAPTION, _png(scene, "JPEG"), beam_size=4)
+    assert got.text and not got.HasField("attention")
+
+
+def test_caption_rejects_what_is_not_a_usable_image(client):
+    scene = scenes_data.generate("test", 1, seed=5)[0]
+    cases = {
+        b"": "empty",
+        b"GIF89a not really": "PNG, JPEG",
+        _png(scene)[:50]: "could not be decoded",
+    }
+    for data, message in cases.items():
+        error = _status(lambda data=data: client.caption(CAPTION, data))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and message in error.details()
+    error = _status(lambda: client.caption("g2p-bahdanau", _png(scene)))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "call Translate" in error.details()
+    error = _status(lambda: client.translate(CAPTION, "a bag"))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "call Caption" in error.details()
+    error = _status(lambda: client.caption("no-such-model", _png(scene)))
+    assert error.code() is grpc.StatusCode.NOT_FOUND and CAPTION in error.details()
+
+
+def test_cli_caption_prints_the_caption_and_the_maps(service, tmp_path):
+    scene = scenes_data.generate("test", 1, seed=9)[0]
+    image = tmp_path / "scene.png"
+    image.write_bytes(_png(scene))
+    exe = str(Path(sys.executable).with_name("attnserve"))
+    out = subprocess.run(
+        [exe, "caption", "--target", service.grpc_address, "--model", CAPTION, str(image), "--attention"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    caption = out.splitlines()[0].split()
+    assert caption and out.count("*") == len(caption)  # one marked peak per word
 
 
 def test_a_model_brought_by_a_user_is_served_beside_the_bundled_ones(client, served_repository):
