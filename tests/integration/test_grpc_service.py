@@ -112,7 +112,7 @@ def test_a_bad_request_does_not_fail_the_good_ones_in_its_batch(client):
     assert "cannot read ' ', '!'" in outcomes[1][1]
     assert "text is empty" in outcomes[3][1]
     assert "at most 32" in outcomes[5][1]
-    assert "served models: g2p-bahdanau" in outcomes[6][1]
+    assert "served models: " in outcomes[6][1] and "g2p-bahdanau" in outcomes[6][1]
     for code, details in outcomes:
         if code != "OK":
             assert not any(marker in details for marker in LEAK_MARKERS), details
