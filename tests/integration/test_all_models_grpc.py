@@ -133,6 +133,28 @@ def test_cli_caption_prints_the_caption_and_the_maps(service, tmp_path):
     assert caption and out.count("*") == len(caption)  # one marked peak per word
 
 
+def test_transformer_attention_per_layer_and_head_and_self_attention(client):
+    config = MANIFESTS["g2p-transformer"].raw["model_config"]
+    for mode, layers in (
+        (pb.ATTENTION_MODE_CROSS_HEADS, config["decoder_layers"]),
+        (pb.ATTENTION_MODE_DECODER_SELF, config["decoder_layers"]),
+        (pb.ATTENTION_MODE_ENCODER_SELF, config["encoder_layers"]),
+    ):
+        request = pb.TranslateRequest(
+            model="g2p-transformer", text="serving", options=pb.TranslateOptions(attention=mode)
+        )
+        got = client.stub.Translate(request, timeout=60)
+        assert not got.HasField("attention") and len(got.attention_heads) == layers * config["heads"]
+        for matrix in got.attention_heads:
+            assert matrix.mode == mode and matrix.rows == len(matrix.row_labels)
+            weights = np.asarray(matrix.weights).reshape(matrix.rows, matrix.cols)
+            np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-4)
+    heads = pb.TranslateOptions(attention=pb.ATTENTION_MODE_CROSS_HEADS)
+    request = pb.TranslateRequest(model="g2p-bahdanau", text="cat", options=heads)
+    error = _status(lambda: client.stub.Translate(request, timeout=60))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "cross_heads" in error.details()
+
+
 def test_a_model_brought_by_a_user_is_served_beside_the_bundled_ones(client, served_repository):
     (manifest,) = [m for m in discover(served_repository) if m.name == BYOM_MODEL]
     got = client.translate(BYOM_MODEL, "German", attention=True)

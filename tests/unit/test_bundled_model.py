@@ -11,6 +11,7 @@ TOLERANCE = 0.01  # one point
 # The issue's targets: (metric, bound, "max" if the figure must stay at or below the bound).
 TARGETS = {
     "g2p-bahdanau": {"test": [("wer", 0.35, "max"), ("per", 0.09, "max")]},
+    "g2p-transformer": {"test": [("wer", 0.30, "max"), ("per", 0.075, "max")]},
     # The issue asks for 0.99; the bundled model does not reach it yet (README), so this guards
     # its measured level against regressions.
     "dates-luong": {"test": [("exact_match", 0.93, "min")]},
