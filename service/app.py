@@ -94,49 +94,41 @@ class TranslatorIngress:
         self.handles = handles
 
     async def Translate(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
-        """Validates before the request joins a batch; every error gets its own status."""
-        manifest = self.manifests.get(request.model)
+        """Validates the text before it joins a batch; every error gets its own status."""
 
-        async def work() -> pb.TranslateResponse:
-            self._check_served(request.model)
-            options = request.options
-            prepared = self.codecs[request.model].prepare(
-                request.text,
-                attention_from_pb(options.attention),
-                options.max_output_tokens,
-                options.beam_size,
-                options.length_penalty,
-                request.locale,
+        def prepare(codec: SourceCodec, mode, o) -> PreparedRequest:
+            return codec.prepare(
+                request.text, mode, o.max_output_tokens, o.beam_size, o.length_penalty, request.locale
             )
-            return translation_to_pb(await self._call_model(request.model, prepared), manifest)
 
-        model, version = (manifest.name, manifest.version) if manifest else (UNKNOWN_MODEL_TAG, "")
-        return await _answer("Translate", model, version, grpc_context, work)
+        return await self._run("Translate", request, grpc_context, prepare, translation_to_pb)
 
     async def Caption(self, request: pb.CaptionRequest, grpc_context: RayServegRPCContext):
         """Decodes and checks the image before it joins a batch; every error gets its own status."""
+
+        def prepare(codec: SourceCodec, mode, o) -> PreparedRequest:
+            return codec.prepare_image(
+                request.image, mode, o.max_output_tokens, o.beam_size, o.length_penalty
+            )
+
+        return await self._run("Caption", request, grpc_context, prepare, caption_to_pb)
+
+    async def _run(self, rpc: str, request, grpc_context: RayServegRPCContext, prepare, to_pb):
+        """Routes one Translate/Caption request: validate (prepare), decode in the model's batch, map."""
         manifest = self.manifests.get(request.model)
 
-        async def work() -> pb.CaptionResponse:
-            self._check_served(request.model)
+        async def work():
+            if manifest is None:
+                served = ", ".join(sorted(self.manifests))
+                raise RequestError(
+                    ErrorCode.NOT_FOUND, f"no model named {request.model!r}; served models: {served}"
+                )
             options = request.options
-            prepared = self.codecs[request.model].prepare_image(
-                request.image,
-                attention_from_pb(options.attention),
-                options.max_output_tokens,
-                options.beam_size,
-                options.length_penalty,
-            )
-            return caption_to_pb(await self._call_model(request.model, prepared), manifest)
+            prepared = prepare(self.codecs[request.model], attention_from_pb(options.attention), options)
+            return to_pb(await self._call_model(request.model, prepared), manifest)
 
         model, version = (manifest.name, manifest.version) if manifest else (UNKNOWN_MODEL_TAG, "")
-        return await _answer("Caption", model, version, grpc_context, work)
-
-    def _check_served(self, name: str) -> None:
-        """NOT_FOUND with the served names for a model that is not served."""
-        if name not in self.manifests:
-            served = ", ".join(sorted(self.manifests))
-            raise RequestError(ErrorCode.NOT_FOUND, f"no model named {name!r}; served models: {served}")
+        return await _answer(rpc, model, version, grpc_context, work)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext):
         """Served models with their manifest figures and the providers they run on."""
