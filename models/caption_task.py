@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from attnserve.models import scenes_data
 from attnserve.models.caption_scoring import attention_localisation, exact_match
-from attnserve.models.tasks import Batch, TextTask
-from attnserve.service.runtime.decoding import SourceBatch, StepModel, decode, pad_batch
+from attnserve.models.tasks import Batch, TextTask, target_arrays
+from attnserve.service.runtime.decoding import SourceBatch, StepModel, decode
 from attnserve.service.vocab import SPECIALS, Vocab
 
 
@@ -90,10 +90,8 @@ class CaptionTask(TextTask):
         batches = []
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
-            ids = [tgt_vocab.encode(s.caption) for s in chunk]
-            tgt_in, _ = pad_batch([[tgt_vocab.bos_id, *t] for t in ids])  # (B, T)
-            tgt_out, _ = pad_batch([[*t, tgt_vocab.eos_id] for t in ids])  # (B, T)
-            batches.append({"images": _images(chunk).inputs["images"], "tgt_in": tgt_in, "tgt_out": tgt_out})
+            targets = target_arrays([tgt_vocab.encode(s.caption) for s in chunk], tgt_vocab)
+            batches.append({"images": _images(chunk).inputs["images"], **targets})
         return batches
 
 

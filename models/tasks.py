@@ -194,12 +194,17 @@ class DatesTask(TextTask):
         return {"exact_match": 1 - rates["wer"], "cer": rates["per"], "examples": rates["words"]}
 
 
+def target_arrays(targets: list[list[int]], tgt_vocab: Vocab) -> Batch:
+    """Teacher-forcing arrays: tgt_in (B, T) starts with <s>, tgt_out (B, T) ends with </s>."""
+    tgt_in, _ = pad_batch([[tgt_vocab.bos_id, *t] for t in targets])
+    tgt_out, _ = pad_batch([[*t, tgt_vocab.eos_id] for t in targets])
+    return {"tgt_in": tgt_in, "tgt_out": tgt_out}
+
+
 def _text_batch(pairs: list[tuple[list[int], list[int]]], tgt_vocab: Vocab) -> Batch:
     """Padded arrays for one batch of (source ids, target ids) pairs."""
     src_ids, src_mask = pad_batch([s for s, _ in pairs])  # (B, S)
-    tgt_in, _ = pad_batch([[tgt_vocab.bos_id, *t] for _, t in pairs])  # (B, T)
-    tgt_out, _ = pad_batch([[*t, tgt_vocab.eos_id] for _, t in pairs])  # (B, T)
-    return {"src_ids": src_ids, "src_mask": src_mask, "tgt_in": tgt_in, "tgt_out": tgt_out}
+    return {"src_ids": src_ids, "src_mask": src_mask, **target_arrays([t for _, t in pairs], tgt_vocab)}
 
 
 class ParallelTextTask(TextTask):

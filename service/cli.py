@@ -33,20 +33,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _translate(args: argparse.Namespace) -> int:
+def _call(args: argparse.Namespace, rpc: str, *params):
+    """One rpc on the served attnserve; prints the status and returns None if it fails."""
     import grpc
 
-    from attnserve.service.client import Client, format_attention
+    from attnserve.service.client import Client
 
     with Client(args.target, timeout_s=args.timeout) as client:
         try:
-            response = client.translate(
-                args.model, args.text, args.attention, args.max_output_tokens, args.beam, args.length_penalty,
-                args.locale,
-            )  # fmt: skip
+            return getattr(client, rpc)(*params)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+            return None
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from attnserve.service.client import format_attention
+
+    response = _call(args, "translate", args.model, args.text, args.attention, args.max_output_tokens,
+                     args.beam, args.length_penalty, args.locale)  # fmt: skip
+    if response is None:
+        return 1
     print(response.text)
     if args.attention:
         print(
@@ -58,19 +65,12 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    import grpc
+    from attnserve.service.client import format_attention_maps
 
-    from attnserve.service.client import Client, format_attention_maps
-
-    with Client(args.target, timeout_s=args.timeout) as client:
-        try:
-            response = client.caption(
-                args.model, args.image.read_bytes(), args.attention, args.max_output_tokens, args.beam,
-                args.length_penalty,
-            )  # fmt: skip
-        except grpc.RpcError as e:
-            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+    response = _call(args, "caption", args.model, args.image.read_bytes(), args.attention,
+                     args.max_output_tokens, args.beam, args.length_penalty)  # fmt: skip
+    if response is None:
+        return 1
     print(response.text)
     if args.attention:
         a = response.attention
@@ -83,17 +83,11 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from attnserve.service.client import Client
-
-    with Client(args.target, timeout_s=args.timeout) as client:
-        try:
-            response = client.list_models()
-        except grpc.RpcError as e:
-            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+    response = _call(args, "list_models")
+    if response is None:
+        return 1
     print(json.dumps(MessageToDict(response), indent=2))
     return 0
 

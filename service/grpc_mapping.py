@@ -36,30 +36,26 @@ def translation_to_pb(result: Translation, manifest: Manifest) -> pb.TranslateRe
         batch_size=result.batch_size,
     )
     if result.attention is not None:
-        rows, cols = result.attention.shape
-        response.attention.CopyFrom(
-            pb.AttentionMatrix(
-                rows=rows,
-                cols=cols,
-                weights=result.attention.ravel().tolist(),
-                row_labels=result.output_tokens,
-                col_labels=result.source_tokens,
-            )
-        )
+        response.attention.CopyFrom(_matrix(result.attention, result.output_tokens, result.source_tokens))
     for h in result.heads:
         response.attention_heads.append(
-            pb.AttentionMatrix(
-                rows=h.weights.shape[0],
-                cols=h.weights.shape[1],
-                weights=h.weights.ravel().tolist(),
-                row_labels=h.row_labels,
-                col_labels=h.col_labels,
+            _matrix(
+                h.weights,
+                h.row_labels,
+                h.col_labels,
                 mode=_ATTENTION_TO_PB[h.mode],
                 layer=h.layer,
                 head=h.head,
             )
         )
     return response
+
+
+def _matrix(weights, row_labels, col_labels, **which) -> pb.AttentionMatrix:
+    """A labelled row-major AttentionMatrix from (rows, cols) weights."""
+    rows, cols = weights.shape
+    return pb.AttentionMatrix(rows=rows, cols=cols, weights=weights.ravel().tolist(),
+                              row_labels=row_labels, col_labels=col_labels, **which)  # fmt: skip
 
 
 def caption_to_pb(result: Translation, manifest: Manifest) -> pb.CaptionResponse:

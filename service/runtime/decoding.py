@@ -57,6 +57,12 @@ def _stack_steps(steps: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def _carried(state: State, step_names: list[str]) -> State:
+    """The state without the extra attention nobody asked for, so rows are not copied for nothing."""
+    keep = {EXTRA_PREFIX + n for n in step_names}
+    return {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX) or k in keep}
+
+
 def _extras(state: State, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """(per-step names, encoder names) of the requested extra attention outputs.
 
@@ -142,11 +148,12 @@ def greedy_decode(
     lengths = np.zeros(batch, dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
     active = np.flatnonzero(limits > 0)  # rows still decoding, as indices into the batch
-    state = {k: v[active] for k, v in state.items()}
+    state = {k: v[active] for k, v in _carried(state, step_names).items()}
     prev = np.full(len(active), bos_id, dtype=np.int64)
     t = 0
     while len(active):
         logits, weights, state = model.step(prev, state)  # (b, V), (b, S), ...
+        state = _carried(state, step_names)
         if t == 0:
             attention = np.zeros((batch, tokens.shape[1], weights.shape[1]), dtype=np.float32)
         prev = logits.argmax(axis=1).astype(np.int64)  # (b,)
@@ -227,7 +234,7 @@ def beam_decode(
     state = model.encode(source.inputs)
     step_names, encoder_names = _extras(state, extras)
     encoder_out = {n: state[EXTRA_PREFIX + n] for n in encoder_names}
-    state = {k: np.repeat(v, K, axis=0) for k, v in state.items()}  # (B*K, ...)
+    state = {k: np.repeat(v, K, axis=0) for k, v in _carried(state, step_names).items()}  # (B*K, ...)
     collected: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in range(batch * K)] for n in step_names}
     limits = np.repeat(np.asarray(max_steps), K)  # (B*K,)
     width = int(limits.max(initial=0))
@@ -241,6 +248,7 @@ def beam_decode(
         if finished.all():
             break
         logits, weights, state = model.step(prev, state)  # (B*K, V), (B*K, S)
+        state = _carried(state, step_names)
         if t == 0:
             attention = np.zeros((batch * K, width, weights.shape[1]), dtype=np.float32)
         logp = _log_softmax(logits.astype(np.float64))
