@@ -70,6 +70,7 @@ def export_model(cfg: ExportConfig) -> Path:
 
     Raises:
         FileExistsError: if the entry exists and cfg.force is not set.
+        ValueError: if the task's tokenizer, rebuilt from its data, does not match the checkpoint.
         ParityError: if ONNX Runtime disagrees with PyTorch beyond cfg.tolerance or on any
             greedy output.
     """
@@ -79,6 +80,11 @@ def export_model(cfg: ExportConfig) -> Path:
     model, src_vocab, tgt_vocab, payload = load_checkpoint(cfg.checkpoint)
     arch, meta = architecture(payload["architecture"]), payload["meta"]
     task = task_named(meta["task"], **meta.get("task_args", {}))
+    if task.assets() and task.vocabularies() != (src_vocab, tgt_vocab):
+        raise ValueError(
+            f"the tokenizer rebuilt from {meta['task_args']} does not match the vocabulary of "
+            f"{cfg.checkpoint}; was the training data changed?"
+        )
     staging = entry.with_name(f".{cfg.version}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -86,6 +92,8 @@ def export_model(cfg: ExportConfig) -> Path:
     log.info("exporting %s (%s on %s) to ONNX (opset %d)", cfg.checkpoint, arch.name, task.name, OPSET)
     probes = [task.source_batches("test", n, n, src_vocab)[0] for n in (1, 5, 17)]
     graphs = export_graphs(model, arch, probes[1], staging)
+    for name, data in task.assets().items():
+        (staging / name).write_bytes(data)
     body = {
         "format_revision": FORMAT_REVISION,
         "name": cfg.name,
@@ -100,6 +108,7 @@ def export_model(cfg: ExportConfig) -> Path:
             "max_tokens": task.max_output_tokens,
         },
         "graphs": _graphs(arch, graphs),
+        "files": {name: sha256_of(staging / name) for name in task.assets()},
         "decoder": arch.wiring,
         "attention_modes": list(arch.attention_modes),
         "opset": OPSET,

@@ -36,12 +36,11 @@ class CaptionTask(TextTask):
         """No source tokens (the source is pixels); the caption grammar's words."""
         return Vocab(SPECIALS), Vocab.build([scenes_data.caption_vocab()])
 
+    def model_fields(self) -> dict:
+        return {"image_size": scenes_data.CANVAS, "image_channels": 1}
+
     def source_section(self, src_vocab: Vocab, config) -> dict:
-        """The manifest's `source`: the image size and channels, and the attention grid."""
-        size = scenes_data.CANVAS
-        return {"kind": "image", "height": size, "width": size, "channels": 1,
-                "grid": [config.grid_height, config.grid_width], "vocab": list(src_vocab.tokens),
-                "max_tokens": 0}  # fmt: skip
+        return image_source_section(src_vocab, config)
 
     def _scenes(self, split: str, limit: int = 0) -> list[scenes_data.Scene]:
         return scenes_data.generate(split, min(limit or self.sizes[split], self.sizes[split]), seed=0)
@@ -62,13 +61,8 @@ class CaptionTask(TextTask):
     ) -> dict[str, float]:
         """Exact caption match and attention localisation on a split's scenes."""
         scenes = self._scenes(split, limit)
-        preds, maps = [], []
-        for start in tqdm(range(0, len(scenes), 256), desc="decode", unit="batch", disable=not progress):
-            chunk = scenes[start : start + 256]
-            hyps = decode(model, _images(chunk), tgt_vocab.bos_id, tgt_vocab.eos_id,
-                          [self.max_output_tokens] * len(chunk), beam_size)  # fmt: skip
-            preds += [tgt_vocab.decode(h.token_ids) for h in hyps]
-            maps += [h.attention for h in hyps]
+        pixels = np.stack([s.image for s in scenes])[:, None]  # (N, 1, H, W)
+        preds, maps = caption_images(model, pixels, tgt_vocab, self.max_output_tokens, beam_size, progress)
         grid = _grid_of(maps[0].shape[1])
         return {
             "exact_match": exact_match(preds, [s.caption for s in scenes]),
@@ -93,6 +87,33 @@ class CaptionTask(TextTask):
             targets = target_arrays([tgt_vocab.encode(s.caption) for s in chunk], tgt_vocab)
             batches.append({"images": _images(chunk).inputs["images"], **targets})
         return batches
+
+
+def image_source_section(src_vocab: Vocab, config) -> dict:
+    """The manifest's `source` for an image model: input size and channels, attention grid."""
+    size = config.image_size
+    return {"kind": "image", "height": size, "width": size, "channels": config.image_channels,
+            "grid": [config.grid_height, config.grid_width], "vocab": list(src_vocab.tokens),
+            "max_tokens": 0}  # fmt: skip
+
+
+def caption_images(
+    model: StepModel,
+    pixels: np.ndarray,
+    tgt_vocab: Vocab,
+    max_tokens: int,
+    beam_size: int = 1,
+    progress: bool = False,
+) -> tuple[list[list[str]], list[np.ndarray]]:
+    """Captions (N, C, H, W) images in batches of 256: (words, attention (T, cells)) per image."""
+    preds, maps = [], []
+    for start in tqdm(range(0, len(pixels), 256), desc="decode", unit="batch", disable=not progress):
+        chunk = pixels[start : start + 256]
+        hyps = decode(model, SourceBatch.from_images(chunk), tgt_vocab.bos_id, tgt_vocab.eos_id,
+                      [max_tokens] * len(chunk), beam_size)  # fmt: skip
+        preds += [tgt_vocab.decode(h.token_ids) for h in hyps]
+        maps += [h.attention for h in hyps]
+    return preds, maps
 
 
 def _images(scenes: list[scenes_data.Scene]) -> SourceBatch:

@@ -35,6 +35,7 @@ class CaptionerConfig:
     alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty
     gate: bool = False  # scale the context by the gating scalar beta(t) (slows learning here)
     image_size: int = 56
+    image_channels: int = 1  # 1 grey, 3 RGB
 
     def __post_init__(self) -> None:
         if not self.channels:
@@ -71,7 +72,7 @@ class Captioner(nn.Module):
         super().__init__()
         c = self.config = config
         layers: list[nn.Module] = []
-        in_ch = 1
+        in_ch = c.image_channels
         for ch in c.channels:
             layers += _conv(in_ch, ch, 2) + _conv(ch, ch, 1)
             in_ch = ch
@@ -92,7 +93,8 @@ class Captioner(nn.Module):
         """Encodes a batch of images.
 
         Args:
-            images: (B, 1, H0, W0) float32 in [0, 1], H0 = W0 = config.image_size.
+            images: (B, I, H0, W0) float32 in [0, 1], I = config.image_channels,
+                H0 = W0 = config.image_size.
 
         Returns:
             memory (B, N, C) in row-major grid order, projected attention keys (B, N, A), and the

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from attnserve.models.caption_task import CaptionTask
-from attnserve.models.tasks import DatesTask, G2PTask, ParallelTextTask, TextTask
+from attnserve.models.image_captions import ImageCaptionTask
+from attnserve.models.parallel_text import ParallelTextTask
+from attnserve.models.tasks import DatesTask, G2PTask, TextTask
 
-TASKS = {t.name: t for t in (G2PTask, DatesTask, CaptionTask, ParallelTextTask)}
+TASKS = {t.name: t for t in (G2PTask, DatesTask, CaptionTask, ParallelTextTask, ImageCaptionTask)}
 
 
 def task(name: str, **kwargs) -> TextTask:

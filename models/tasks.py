@@ -9,7 +9,6 @@ import datetime as dt
 import random
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -87,6 +86,14 @@ class TextTask:
     @property
     def arguments(self) -> dict:
         """What `task()` needs besides the name to rebuild this task (stored in checkpoints)."""
+        return {}
+
+    def model_fields(self) -> dict:
+        """Model config fields the data fixes (an image model's input size)."""
+        return {}
+
+    def assets(self) -> dict[str, bytes]:
+        """Files an exported model ships beside its graphs (a tokenizer), by file name."""
         return {}
 
     def source_section(self, src_vocab: Vocab, config) -> dict:
@@ -205,63 +212,6 @@ def _text_batch(pairs: list[tuple[list[int], list[int]]], tgt_vocab: Vocab) -> B
     """Padded arrays for one batch of (source ids, target ids) pairs."""
     src_ids, src_mask = pad_batch([s for s, _ in pairs])  # (B, S)
     return {"src_ids": src_ids, "src_mask": src_mask, **target_arrays([t for _, t in pairs], tgt_vocab)}
-
-
-class ParallelTextTask(TextTask):
-    """Your own parallel text: a UTF-8 TSV file of `source<TAB>target` lines (`#` starts a comment).
-
-    Pairs are split 90/5/5 train/dev/test by a hash of the source, so every target of one source
-    stays in one split. Sources and targets are read as characters or as whitespace-separated
-    words; limits are set from the longest training pair.
-    """
-
-    name = "parallel-text"
-    primary, minimise = "wer", True
-
-    def __init__(self, path: str | Path, tokens: str = "chars"):
-        if tokens not in ("chars", "words"):
-            raise ValueError(f"tokens must be 'chars' or 'words', got {tokens!r}")
-        self.path, self.tokens = Path(path), tokens
-        self.description = f"parallel text from {self.path.name} ({tokens})"
-        self.source_spec = {"tokenizer": "characters" if tokens == "chars" else "words", "lowercase": False}
-        self.target_separator = "" if tokens == "chars" else " "
-        self._splits = _read_pairs(self.path, tokens)
-        longest = max((len(e.source), max(len(r) for r in e.references)) for e in self._splits["train"])
-        self.max_source_tokens, self.max_output_tokens = longest[0] + longest[0] // 2, longest[1] * 2
-
-    @property
-    def arguments(self) -> dict:
-        return {"path": str(self.path.resolve()), "tokens": self.tokens}
-
-    def examples(self, split: str) -> list[TextExample]:
-        return self._splits[split]
-
-
-def _read_pairs(path: Path, tokens: str) -> dict[str, list[TextExample]]:
-    """Examples per split from a TSV of pairs.
-
-    Raises:
-        ValueError: for a line without exactly one tab, or a split left empty.
-    """
-    split = (lambda text: tuple(text)) if tokens == "chars" else (lambda text: tuple(text.split()))
-    refs: dict[str, list[tuple[str, ...]]] = {}
-    for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        fields = line.split("\t")
-        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
-            raise ValueError(f"{path}:{number}: expected 'source<TAB>target', got {line!r}")
-        source, target = (f.strip() for f in fields)
-        refs.setdefault(source, []).append(split(target))
-    out: dict[str, list[TextExample]] = {s: [] for s in ("train", "dev", "test")}
-    for source, targets in refs.items():
-        out[g2p_data.split_of(source)].append(TextExample(split(source), tuple(dict.fromkeys(targets))))
-    empty = [s for s, examples in out.items() if not examples]
-    if empty:
-        raise ValueError(
-            f"{path}: too few pairs; splits {empty} are empty (about 20 pairs or more are needed)"
-        )
-    return out
 
 
 @cache

@@ -75,7 +75,18 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
     src_vocab, tgt_vocab = task.vocabularies()
+    fixed = task.model_fields()
+    clash = {k: v for k, v in fixed.items() if model_config.get(k, v) != v}
+    if clash:
+        raise ValueError(f"the {task.name} data needs {clash}; do not set them otherwise")
+    model_config = {**model_config, **fixed}
     model = arch.new_model(len(src_vocab), len(tgt_vocab), **model_config)
+    positions = getattr(model.config, "max_positions", None)
+    if positions and max(task.max_source_tokens, task.max_output_tokens + 1) > positions:
+        raise ValueError(
+            f"the task allows {task.max_source_tokens} source and {task.max_output_tokens} output tokens; "
+            f"set max_positions to at least {max(task.max_source_tokens, task.max_output_tokens + 1)}"
+        )
     earlier = 0.0  # training seconds of the checkpoint continued from
     if cfg.init_from:
         start, start_src, start_tgt, start_payload = load_checkpoint(Path(cfg.init_from))

@@ -103,13 +103,19 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, init_from=args.init_from,
     )  # fmt: skip
-    task_args = {k: v for k, v in (("path", args.data), ("tokens", args.tokens)) if v}
-    if args.task != "parallel-text" and task_args:
-        print("error: --data and --tokens are for --task parallel-text", file=sys.stderr)
+    given = dict(path=args.data, tokens=args.tokens, vocab_size=args.vocab_size, held_out=args.held_out,
+                 image_size=args.image_size)  # fmt: skip
+    task_args = {k: v for k, v in given.items() if v is not None}
+    if args.task in ("parallel-text", "image-captions") and not args.data:
+        print(f"error: --task {args.task} trains on your own data; pass --data FILE.tsv", file=sys.stderr)
         return 2
     try:
         the_task = task(args.task, **task_args)
-    except (OSError, TypeError, ValueError) as e:
+    except TypeError:
+        options = ", ".join(f"--{k.replace('_', '-')}" for k in task_args)
+        print(f"error: task {args.task!r} does not take {options}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     train(args.out, the_task, args.architecture, dict(args.set), cfg)
@@ -134,7 +140,8 @@ def _train_recipe(args: argparse.Namespace) -> int:
     checkpoint = None
     for stage in recipe["train"]:
         cfg = TrainConfig(**stage, init_from=str(checkpoint) if checkpoint else "")
-        checkpoint = train(out, task(recipe["task"]), recipe["architecture"], recipe["model"], cfg)
+        the_task = task(recipe["task"], **recipe.get("task_args", {}))
+        checkpoint = train(out, the_task, recipe["architecture"], recipe["model"], cfg)
     return 0
 
 
@@ -255,9 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for beam ranking")
 
     p = sub.add_parser("train", help="train a model family on a task (needs the train extra)")
-    p.add_argument("--task", default="g2p", help="g2p, dates, caption or parallel-text (your own TSV)")
-    p.add_argument("--data", help="parallel-text: a TSV file of source<TAB>target lines")
-    p.add_argument("--tokens", choices=("chars", "words"), help="parallel-text: read as characters or words")
+    p.add_argument(
+        "--task", default="g2p", help="g2p, dates, caption; parallel-text or image-captions (your own data)"
+    )
+    p.add_argument("--data", help="your own data: a TSV of source<TAB>target or image-file<TAB>caption lines")
+    p.add_argument("--tokens", choices=("chars", "words", "subwords"), help="parallel-text: how to read text")
+    p.add_argument("--vocab-size", type=int, help="parallel-text with subwords: pieces (default 8000)")
+    p.add_argument("--held-out", type=int, help="your own data: pairs each for dev and test (default 5%%)")
+    p.add_argument("--image-size", type=int, help="image-captions: model input side in pixels (default 56)")
     p.add_argument(
         "--architecture", default="bahdanau-gru", help="bahdanau-gru, luong-gru, transformer, captioner-lstm"
     )

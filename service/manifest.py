@@ -1,6 +1,7 @@
 """The model-repository manifest: what a served model is, its graphs, vocabularies and figures.
 
-Layout: <repository>/<model name>/<version>/{manifest.json, encoder.onnx, decoder_step.onnx}.
+Layout: <repository>/<model name>/<version>/{manifest.json, encoder.onnx, decoder_step.onnx} plus
+the files the manifest's `files` lists (a subword tokenizer), each with its sha256.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from attnserve.service.vocab import Vocab
 
 FORMAT_REVISION = 1
 MANIFEST_FILE = "manifest.json"
+TOKENIZERS = ("characters", "words", "sentencepiece")
 
 
 class ManifestError(ValueError):
@@ -82,7 +84,7 @@ class Manifest:
     source_vocab: Vocab
     target_vocab: Vocab
     lowercase: bool
-    words: bool  # source read as whitespace-separated words, not characters
+    tokenizer: str  # one of TOKENIZERS
     target_separator: str
     max_source_tokens: int
     max_output_tokens: int
@@ -94,6 +96,7 @@ class Manifest:
     reads_locale: bool = False
     image: ImageSpec | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # file beside the graphs -> sha256
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -102,7 +105,7 @@ class Manifest:
 
         Raises:
             ManifestError: if the file is missing, malformed, of another format revision, or an
-                ONNX file is missing or does not match its sha256.
+                ONNX or other listed file is missing or does not match its sha256.
         """
         folder = Path(folder)
         try:
@@ -119,10 +122,11 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{folder / MANIFEST_FILE}: malformed ({e!r})") from e
         if verify_checksums:
-            for graph in (manifest.encoder, manifest.decoder_step):
-                actual = sha256_of(folder / graph.file) if (folder / graph.file).is_file() else "missing"
-                if actual != graph.sha256:
-                    raise ManifestError(f"{folder / graph.file}: sha256 {actual} != manifest {graph.sha256}")
+            listed = {g.file: g.sha256 for g in (manifest.encoder, manifest.decoder_step)} | manifest.files
+            for name, expected in listed.items():
+                actual = sha256_of(folder / name) if (folder / name).is_file() else "missing"
+                if actual != expected:
+                    raise ManifestError(f"{folder / name}: sha256 {actual} != manifest {expected}")
         return manifest
 
     @classmethod
@@ -136,6 +140,12 @@ class Manifest:
             return GraphSpec(g["file"], g["sha256"], specs(g["inputs"]), specs(g["outputs"]))
 
         src, tgt = raw["source"], raw["target"]
+        tokenizer = src.get("tokenizer", "characters")
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {TOKENIZERS}")
+        files = dict(raw.get("files", {}))
+        if any(Path(name).name != name for name in files):
+            raise ValueError("files must name files in the entry's own folder")
         image = None
         if src.get("kind") == "image":
             grid = src["grid"]
@@ -151,7 +161,7 @@ class Manifest:
             source_vocab=Vocab(tuple(src["vocab"])),
             target_vocab=Vocab(tuple(tgt["vocab"])),
             lowercase=bool(src.get("lowercase", False)),
-            words=src.get("tokenizer", "characters") == "words",
+            tokenizer=tokenizer,
             target_separator=tgt.get("separator", " "),
             max_source_tokens=int(src["max_tokens"]),
             max_output_tokens=int(tgt["max_tokens"]),
@@ -163,6 +173,7 @@ class Manifest:
             reads_locale=bool(src.get("locale_token", False)),
             image=image,
             metrics=raw.get("metrics", {}),
+            files=files,
             raw=raw,
         )
 

@@ -17,6 +17,7 @@ from attnserve.service.images import decode_image
 from attnserve.service.manifest import Manifest
 from attnserve.service.runtime.decoding import Hypothesis, SourceBatch, decode
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, RuntimeConfig
+from attnserve.service.subwords import MODEL_FILE, Subwords
 from attnserve.service.vocab import locale_token
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,25 @@ class SourceCodec:
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
-        vocab = manifest.source_vocab
-        known = [t for t in vocab.tokens[3:] if not t.startswith("<")]
-        unit = "words" if manifest.words else "characters"
+        subwords = manifest.tokenizer == "sentencepiece"
+        self.subwords = Subwords((manifest.path / MODEL_FILE).read_bytes()) if subwords else None
+        self._unit = {"characters": "characters", "words": "words"}.get(manifest.tokenizer, "subword tokens")
+        known = [t for t in manifest.source_vocab.tokens[3:] if not t.startswith("<")]
         self._alphabet = (
             f"it accepts only these characters: {''.join(known)}"
-            if len(known) <= 100 and not manifest.words
-            else f"its {len(known)} {unit} are listed in its manifest"
+            if len(known) <= 100 and manifest.tokenizer == "characters"
+            else f"its {len(known)} {self._unit} are listed in its manifest"
         )
+
+    def tokens(self, text: str) -> tuple[str, ...]:
+        """The model's source tokens of a text."""
+        if self.subwords:
+            return self.subwords.encode(text)
+        return tuple(text.split()) if self.manifest.tokenizer == "words" else tuple(text)
+
+    def detokenize(self, tokens: tuple[str, ...]) -> str:
+        """The text of output tokens."""
+        return self.subwords.decode(tokens) if self.subwords else self.manifest.target_separator.join(tokens)
 
     def prepare(
         self,
@@ -117,11 +129,10 @@ class SourceCodec:
             text = text.lower()
         if not text:
             raise invalid("text is empty")
-        tokens = tuple(text.split()) if m.words else tuple(text)
-        unit = "words" if m.words else "characters"
+        tokens = self.tokens(text)
         if len(tokens) > m.max_source_tokens:
             raise invalid(
-                f"text has {len(tokens)} {unit}; model {m.name!r} accepts at most {m.max_source_tokens}"
+                f"text has {len(tokens)} {self._unit}; model {m.name!r} accepts at most {m.max_source_tokens}"
             )
         unknown = sorted({t for t in tokens if t not in m.source_vocab})
         if unknown:
@@ -231,7 +242,7 @@ class Translator:
         mode = request.attention
         return Translation(
             output_tokens=tokens,
-            text=self.manifest.target_separator.join(tokens),
+            text=self.codec.detokenize(tokens),
             source_tokens=request.source_tokens,
             attention=hyp.attention[keep] if mode is AttentionMode.CROSS else None,
             batch_size=batch_size,
