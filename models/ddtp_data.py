@@ -82,8 +82,9 @@ def pair(english: dict, french: dict) -> Iterator[tuple[str, str]]:
 
 
 def unique_pairs(english: dict, french: dict) -> list[tuple[str, str]]:
-    """Plausible pairs without repeats, in first-seen order."""
-    return [p for p in dict.fromkeys(pair(english, french)) if _plausible(*p) and "\t" not in "".join(p)]
+    """Plausible pairs without repeats, in first-seen order (none a TSV reader would misread)."""
+    pairs = dict.fromkeys(pair(english, french))
+    return [(en, fr) for en, fr in pairs if _plausible(en, fr) and "\t" not in en + fr and en[0] != "#"]
 
 
 def fetch_indexes(lists: Path) -> dict[str, Path]:

@@ -52,3 +52,23 @@ def tiny_transformer_entry(tmp_path_factory) -> Path:
     cfg = TrainConfig(epochs=1, batch_size=64, max_train_examples=1000, max_eval_examples=100, threads=1)
     checkpoint = train(out, task("g2p"), "transformer", config, cfg)
     return export_model(ExportConfig(checkpoint, out / "repo", "tiny-transformer", eval_limit=100))
+
+
+BYOM_TEXT = ROOT / "examples" / "byom" / "names-en-fr.tsv"
+BYOM_IMAGES = ROOT / "examples" / "byom" / "fashion-scenes" / "captions.tsv"
+
+
+@pytest.fixture(scope="session")
+def tiny_subword_entry(tmp_path_factory) -> Path:
+    """A small Transformer on the shipped EN->FR names with a 500-piece SentencePiece tokenizer,
+    trained for one epoch and exported with its tokenizer."""
+    from attnserve.export.pipeline import ExportConfig, export_model
+    from attnserve.models.registry import task
+    from attnserve.models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny-subwords")
+    config = dict(d_model=32, heads=2, encoder_layers=1, decoder_layers=1, ff_size=64)
+    cfg = TrainConfig(epochs=1, batch_size=32, threads=1)
+    the_task = task("parallel-text", path=BYOM_TEXT, tokens="subwords", vocab_size=500)
+    checkpoint = train(out, the_task, "transformer", config, cfg)
+    return export_model(ExportConfig(checkpoint, out / "repo", "tiny-subwords"))

@@ -15,11 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import BUNDLED_REPOSITORY, ROOT
+from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES, BYOM_TEXT, ROOT
 
 STARTUP_TIMEOUT_S = 240
-BYOM_DATA = ROOT / "examples" / "byom" / "names-en-fr.tsv"
-BYOM_MODEL = "names-en-fr"
+BYOM_MODEL, BYOM_IMAGE_MODEL = "names-en-fr", "fashion-scenes"
 
 
 def free_port() -> int:
@@ -51,20 +50,29 @@ def _pump(stream, sink: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def served_repository(tmp_path_factory) -> Path:
-    """The bundled models plus one a user brings: trained for a few steps on the shipped TSV and
-    exported with the CLI, exactly as the README's "Bring your own model" section does."""
-    repo, run = tmp_path_factory.mktemp("served-repository"), tmp_path_factory.mktemp("byom-run")
+    """The bundled models plus two a user brings (parallel text, images with captions): each
+    trained for a few steps on the shipped examples and exported with the CLI, as the README's
+    "Bring your own model" section does."""
+    repo = tmp_path_factory.mktemp("served-repository")
     for entry in BUNDLED_REPOSITORY.iterdir():
         if entry.is_dir():
             (repo / entry.name).symlink_to(entry)
     exe = str(Path(sys.executable).with_name("attnserve"))
-    train = [exe, "train", "--task", "parallel-text", "--data", str(BYOM_DATA), "--architecture", "luong-gru",
-             "--out", str(run), "--epochs", "1", "--batch-size", "32", "--threads", "1",
-             "--set", "hidden_size=32", "--set", "embed_size=16"]  # fmt: skip
-    export = [exe, "export", str(run / "checkpoint.pt"), "--repository", str(repo), "--name", BYOM_MODEL]
-    for cmd in (train, export):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    byom = {
+        BYOM_MODEL: ["--task", "parallel-text", "--data", str(BYOM_TEXT), "--architecture", "luong-gru",
+                     "--set", "hidden_size=32", "--set", "embed_size=16"],
+        BYOM_IMAGE_MODEL: ["--task", "image-captions", "--data", str(BYOM_IMAGES),
+                           "--architecture", "captioner-lstm", "--set", "channels=[8,16]",
+                           "--set", "decoder_size=32", "--set", "attention_size=16"],
+    }  # fmt: skip
+    for name, options in byom.items():
+        run = tmp_path_factory.mktemp(f"byom-{name}")
+        train = [exe, "train", *options, "--out", str(run), "--epochs", "1", "--batch-size", "32",
+                 "--threads", "1"]  # fmt: skip
+        export = [exe, "export", str(run / "checkpoint.pt"), "--repository", str(repo), "--name", name]
+        for cmd in (train, export):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
     return repo
 
 

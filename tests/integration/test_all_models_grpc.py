@@ -20,12 +20,12 @@ from attnserve.service.client import Client, attention_maps
 from attnserve.service.manifest import discover
 from attnserve.service.translation import AttentionMode, Translator
 from attnserve.v1 import translator_pb2 as pb
-from tests.conftest import BUNDLED_REPOSITORY
-from tests.integration.conftest import BYOM_MODEL
+from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES
+from tests.integration.conftest import BYOM_IMAGE_MODEL, BYOM_MODEL
 
 pytestmark = pytest.mark.integration
 MANIFESTS = {m.name: m for m in discover(BUNDLED_REPOSITORY)}
-DATES, CAPTION = "dates-luong", "caption-fashion"
+DATES, CAPTION, EN_FR = "dates-luong", "caption-fashion", "en-fr-transformer"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _status(call) -> grpc.RpcError:
 def test_list_models_describes_every_served_model(client, served_repository):
     served = {m.name: m for m in discover(served_repository)}
     listed = {m.name: m for m in client.list_models().models}
-    assert listed.keys() == served.keys() == {*MANIFESTS, BYOM_MODEL}
+    assert listed.keys() == served.keys() == {*MANIFESTS, BYOM_MODEL, BYOM_IMAGE_MODEL}
     for name, info in listed.items():
         manifest = served[name]
         assert (info.version, info.task, info.architecture) == (
@@ -163,3 +163,28 @@ def test_a_model_brought_by_a_user_is_served_beside_the_bundled_ones(client, ser
     assert set(got.output_tokens) <= set(manifest.target_vocab.tokens[3:])
     error = _status(lambda: client.translate(BYOM_MODEL, "x" * 500))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "at most" in error.details()
+
+
+def test_images_and_captions_brought_by_a_user_are_served_by_caption(client, served_repository):
+    (manifest,) = [m for m in discover(served_repository) if m.name == BYOM_IMAGE_MODEL]
+    image = BYOM_IMAGES.parent / "images" / "scene-000.png"
+    got = client.caption(BYOM_IMAGE_MODEL, image.read_bytes(), attention=True)
+    assert manifest.task == "image-captions" and manifest.image.channels == 3
+    assert set(got.output_tokens) <= set(manifest.target_vocab.tokens[3:])
+    maps = attention_maps(got.attention)
+    assert maps.shape == (len(got.output_tokens), manifest.image.grid_height, manifest.image.grid_width)
+    error = _status(lambda: client.translate(BYOM_IMAGE_MODEL, "a bag"))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "call Caption" in error.details()
+
+
+def test_english_to_french_reads_subwords_and_answers_as_the_runtime_does(client):
+    manifest = MANIFESTS[EN_FR]
+    local = Translator(manifest)
+    texts = ["development files for the GNU C library", "Python 3 bindings for libfoo 🙂"]
+    for text in texts:
+        got = client.translate(EN_FR, text, attention=True)
+        want = local.translate_batch([local.codec.prepare(text, AttentionMode.CROSS)])[0]
+        assert got.text == want.text and tuple(got.source_tokens) == local.codec.subwords.encode(text)
+        assert (got.attention.rows, got.attention.cols) == (len(got.output_tokens), len(got.source_tokens))
+    got = client.translate(EN_FR, texts[0], beam_size=4)
+    assert got.text and "▁" not in got.text
