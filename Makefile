@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench train export eval render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration lint format bench train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, and the Fashion-MNIST images the captioner is trained and scored on.
 SYSTEM_TOOLS := prometheus promtool docker-compose
@@ -68,6 +68,9 @@ export: $(DEV_STAMP)  ## export runs/$(MODEL) into the model repository (replace
 
 eval: $(DEV_STAMP)  ## re-evaluate a bundled model through the serving runtime
 	$(BIN)/attnserve eval model_repository/$(MODEL)/1
+
+ddtp-snapshot: $(DEV_STAMP)  ## re-take the EN-FR training snapshot from Debian's current DDTP indexes (Debian hosts)
+	$(BIN)/python -m attnserve.models.ddtp_data --out models/data/ddtp-en-fr.tsv.xz
 
 render-k8s: $(DEV_STAMP)  ## regenerate deploy/kubernetes/rayservice-*.yaml from deploy/serve/*.yaml
 	$(BIN)/attnserve render-k8s

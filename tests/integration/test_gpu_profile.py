@@ -29,7 +29,7 @@ def _serve(config: Path) -> subprocess.CompletedProcess:
 def test_gpu_profile_refuses_a_host_without_gpus():
     result = _serve(ROOT / "deploy/serve/attnserve-gpu.yaml")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "asks for 0.25 GPU per model replica" in result.stderr
+    assert "asks for 0.2 GPU per model replica" in result.stderr
     assert "attnserve is up" not in result.stdout
 
 
