@@ -99,6 +99,7 @@ def export_model(cfg: ExportConfig) -> Path:
         "name": cfg.name,
         "version": cfg.version,
         "task": task.name,
+        "task_args": task.arguments,
         "architecture": arch.name,
         "description": task.description,
         "source": task.source_section(src_vocab, model.config),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from attnserve.models.caption_task import caption_images, image_source_section
-from attnserve.models.parallel_text import read_pairs, split_pairs
+from attnserve.models.parallel_text import portable, read_pairs, split_pairs
 from attnserve.models.tasks import Batch, TextExample, TextTask, target_arrays
 from attnserve.service.errors import RequestError
 from attnserve.service.images import decode_image
@@ -59,7 +59,7 @@ class ImageCaptionTask(TextTask):
 
     @property
     def arguments(self) -> dict:
-        return {"path": str(self.path.resolve()), "image_size": self.image_size, "channels": self.channels,
+        return {"path": portable(self.path), "image_size": self.image_size, "channels": self.channels,
                 "held_out": self.held_out}  # fmt: skip
 
     def examples(self, split: str) -> list[TextExample]:

@@ -56,7 +56,7 @@ class ParallelTextTask(TextTask):
 
     @property
     def arguments(self) -> dict:
-        args = {"path": str(self.path.resolve()), "tokens": self.tokens}
+        args = {"path": portable(self.path), "tokens": self.tokens}
         if self.tokens == "subwords":
             args["vocab_size"] = self.vocab_size
         return {**args, "held_out": self.held_out} if self.held_out else args
@@ -88,6 +88,13 @@ class ParallelTextTask(TextTask):
             "chrf": sacrebleu.corpus_chrf(hypotheses, streams).score,
             "examples": float(len(examples)),
         }
+
+
+def portable(path: Path) -> str:
+    """A data path as task arguments record it: relative to the working directory when inside it
+    (a repository's own data stays valid in any clone), else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
 
 def train_subwords(texts: list[str], vocab_size: int) -> bytes:

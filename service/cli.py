@@ -183,7 +183,7 @@ def _eval(args: argparse.Namespace) -> int:
     from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
 
     manifest = Manifest.load(args.entry)
-    model, the_task = OnnxSeq2Seq(manifest), task(manifest.task)
+    model, the_task = OnnxSeq2Seq(manifest), task(manifest.task, **manifest.raw.get("task_args", {}))
     decoding = f"beam {args.beam}" if args.beam > 1 else "greedy"
     for split in args.split or the_task.eval_splits:
         got = the_task.evaluate_model(

@@ -28,7 +28,7 @@ def test_every_bundled_model_has_targets():
 @pytest.mark.parametrize("name", sorted(ENTRIES))
 def test_bundled_model_meets_targets_and_its_manifest(name):
     m = ENTRIES[name]
-    the_task, model = task(m.task), OnnxSeq2Seq(m)
+    the_task, model = task(m.task, **m.raw.get("task_args", {})), OnnxSeq2Seq(m)
     for split in the_task.eval_splits:
         recorded = m.metrics[split]
         got = the_task.evaluate_model(model, split, m.source_vocab, m.target_vocab)
