@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnserve.service.subwords import MODEL_FILE
 from attnserve.service.vocab import Vocab
 
 FORMAT_REVISION = 1
@@ -146,6 +147,8 @@ class Manifest:
         files = dict(raw.get("files", {}))
         if any(Path(name).name != name for name in files):
             raise ValueError("files must name files in the entry's own folder")
+        if tokenizer == "sentencepiece" and MODEL_FILE not in files:
+            raise ValueError(f"a sentencepiece model needs its tokenizer {MODEL_FILE} listed in files")
         image = None
         if src.get("kind") == "image":
             grid = src["grid"]
