@@ -80,7 +80,8 @@ def export_model(cfg: ExportConfig) -> Path:
     model, src_vocab, tgt_vocab, payload = load_checkpoint(cfg.checkpoint)
     arch, meta = architecture(payload["architecture"]), payload["meta"]
     task = task_named(meta["task"], **meta.get("task_args", {}))
-    if task.assets() and task.vocabularies() != (src_vocab, tgt_vocab):
+    assets = task.assets()
+    if assets and task.vocabularies() != (src_vocab, tgt_vocab):
         raise ValueError(
             f"the tokenizer rebuilt from {meta['task_args']} does not match the vocabulary of "
             f"{cfg.checkpoint}; was the training data changed?"
@@ -92,7 +93,7 @@ def export_model(cfg: ExportConfig) -> Path:
     log.info("exporting %s (%s on %s) to ONNX (opset %d)", cfg.checkpoint, arch.name, task.name, OPSET)
     probes = [task.source_batches("test", n, n, src_vocab)[0] for n in (1, 5, 17)]
     graphs = export_graphs(model, arch, probes[1], staging)
-    for name, data in task.assets().items():
+    for name, data in assets.items():
         (staging / name).write_bytes(data)
     body = {
         "format_revision": FORMAT_REVISION,
@@ -109,7 +110,7 @@ def export_model(cfg: ExportConfig) -> Path:
             "max_tokens": task.max_output_tokens,
         },
         "graphs": _graphs(arch, graphs),
-        "files": {name: sha256_of(staging / name) for name in task.assets()},
+        "files": {name: sha256_of(staging / name) for name in assets},
         "decoder": arch.wiring,
         "attention_modes": list(arch.attention_modes),
         "opset": OPSET,

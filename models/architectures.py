@@ -23,28 +23,23 @@ DYNAMIC_AXES = frozenset({"batch", "src_len", "past_len", "next_len"})
 TEXT_INPUTS = [("src_ids", "int64", ["batch", "src_len"]), ("src_mask", "bool", ["batch", "src_len"])]
 
 
+def _cross_entropy(logits: torch.Tensor, tgt_out: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Mean token cross-entropy of logits (B, T, V) against tgt_out (B, T), padding ignored."""
+    flat = logits.float().reshape(-1, logits.size(-1))  # (B*T, V)
+    return nn.functional.cross_entropy(flat, tgt_out.reshape(-1), ignore_index=0, label_smoothing=smoothing)
+
+
 def text_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: float) -> torch.Tensor:
     """Teacher-forced cross-entropy of a text-to-text model."""
     logits = model(batch["src_ids"], batch["src_mask"], batch["tgt_in"])  # (B, T, V)
-    return nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        batch["tgt_out"].reshape(-1),
-        ignore_index=0,
-        label_smoothing=smoothing,
-    )
+    return _cross_entropy(logits, batch["tgt_out"], smoothing)
 
 
 def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: float) -> torch.Tensor:
     """Teacher-forced cross-entropy plus the doubly stochastic attention penalty."""
     logits, attention = model(batch["images"], batch["tgt_in"])  # (B, T, V), (B, T, N)
-    tgt_out = batch["tgt_out"]
-    ce = nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        tgt_out.reshape(-1),
-        ignore_index=0,
-        label_smoothing=smoothing,
-    )
-    return ce + model.doubly_stochastic_penalty(attention, tgt_out != 0)
+    penalty = model.doubly_stochastic_penalty(attention, batch["tgt_out"] != 0)
+    return _cross_entropy(logits, batch["tgt_out"], smoothing) + penalty
 
 
 def text_config(config_cls: type, src_vocab_size: int, tgt_vocab_size: int, **fields):

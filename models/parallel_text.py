@@ -11,10 +11,10 @@ import sentencepiece as spm
 
 from attnserve.models import g2p_data
 from attnserve.models.tasks import TextExample, TextTask
-from attnserve.service.subwords import MODEL_FILE, Subwords
+from attnserve.service.subwords import MODEL_FILE, Subwords, tokenize
 from attnserve.service.vocab import Vocab
 
-TOKENIZERS = {"chars": "characters", "words": "words", "subwords": "sentencepiece"}
+READERS = {"chars": "characters", "words": "words", "subwords": "sentencepiece"}  # --tokens -> tokenizer
 
 
 class ParallelTextTask(TextTask):
@@ -30,11 +30,11 @@ class ParallelTextTask(TextTask):
     name = "parallel-text"
 
     def __init__(self, path: str | Path, tokens: str = "chars", vocab_size: int = 8000, held_out: int = 0):
-        if tokens not in TOKENIZERS:
-            raise ValueError(f"tokens must be one of {sorted(TOKENIZERS)}, got {tokens!r}")
+        if tokens not in READERS:
+            raise ValueError(f"tokens must be one of {sorted(READERS)}, got {tokens!r}")
         self.path, self.tokens, self.vocab_size, self.held_out = Path(path), tokens, vocab_size, held_out
         self.description = f"parallel text from {self.path.name} ({tokens})"
-        self.source_spec = {"tokenizer": TOKENIZERS[tokens], "lowercase": False}
+        self.source_spec = {"tokenizer": READERS[tokens], "lowercase": False}
         self.target_separator = " " if tokens == "words" else ""
         self.primary, self.minimise = ("bleu", False) if tokens == "subwords" else ("wer", True)
         texts = split_pairs(read_pairs(self.path), held_out, self.path)
@@ -50,9 +50,7 @@ class ParallelTextTask(TextTask):
         self.max_source_tokens, self.max_output_tokens = longest[0] + longest[0] // 2, longest[1] * 2
 
     def _tokenize(self, text: str) -> tuple[str, ...]:
-        if self.subwords:
-            return self.subwords.encode(text)
-        return tuple(text) if self.tokens == "chars" else tuple(text.split())
+        return tokenize(text, READERS[self.tokens], self.subwords)
 
     @property
     def arguments(self) -> dict:

@@ -82,10 +82,11 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
     model_config = {**model_config, **fixed}
     model = arch.new_model(len(src_vocab), len(tgt_vocab), **model_config)
     positions = getattr(model.config, "max_positions", None)
-    if positions and max(task.max_source_tokens, task.max_output_tokens + 1) > positions:
+    needed = max(task.max_source_tokens, task.max_output_tokens + 1)
+    if positions and needed > positions:
         raise ValueError(
             f"the task allows {task.max_source_tokens} source and {task.max_output_tokens} output tokens; "
-            f"set max_positions to at least {max(task.max_source_tokens, task.max_output_tokens + 1)}"
+            f"set max_positions to at least {needed}"
         )
     earlier = 0.0  # training seconds of the checkpoint continued from
     if cfg.init_from:

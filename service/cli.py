@@ -137,10 +137,10 @@ def _train_recipe(args: argparse.Namespace) -> int:
         return 2
     recipe = recipes[args.recipe]
     out = args.out if args.out != DEFAULT_RUN else Path("runs") / args.recipe
+    the_task = task(recipe["task"], **recipe.get("task_args", {}))
     checkpoint = None
     for stage in recipe["train"]:
         cfg = TrainConfig(**stage, init_from=str(checkpoint) if checkpoint else "")
-        the_task = task(recipe["task"], **recipe.get("task_args", {}))
         checkpoint = train(out, the_task, recipe["architecture"], recipe["model"], cfg)
     return 0
 

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnserve.service.subwords import MODEL_FILE
+from attnserve.service.subwords import MODEL_FILE, TOKENIZERS
 from attnserve.service.vocab import Vocab
 
 FORMAT_REVISION = 1
 MANIFEST_FILE = "manifest.json"
-TOKENIZERS = ("characters", "words", "sentencepiece")
 
 
 class ManifestError(ValueError):

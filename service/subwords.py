@@ -1,6 +1,7 @@
-"""SentencePiece subword tokenisation, shared by training and serving (no torch).
+"""Source tokenisation by a manifest's tokenizer, shared by training and serving (no torch).
 
-Models trained with byte fallback can spell any text: characters outside their pieces become
+Text is read as characters, whitespace-separated words, or SentencePiece subwords. Subword
+models trained with byte fallback can spell any text: characters outside their pieces become
 byte pieces such as `<0xE2>`, so every input is readable.
 """
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 import sentencepiece as spm
 
 MODEL_FILE = "subwords.model"  # the tokenizer's file name inside a model-repository entry
+TOKENIZERS = ("characters", "words", "sentencepiece")
 
 
 class Subwords:
@@ -32,3 +34,10 @@ class Subwords:
     def decode(self, pieces: Sequence[str]) -> str:
         """The text the pieces spell."""
         return self._sp.decode_pieces(list(pieces))
+
+
+def tokenize(text: str, tokenizer: str, subwords: Subwords | None = None) -> tuple[str, ...]:
+    """The tokens of a text under one of TOKENIZERS (sentencepiece needs `subwords`)."""
+    if tokenizer == "sentencepiece":
+        return subwords.encode(text)
+    return tuple(text.split()) if tokenizer == "words" else tuple(text)

@@ -17,7 +17,7 @@ from attnserve.service.images import decode_image
 from attnserve.service.manifest import Manifest
 from attnserve.service.runtime.decoding import Hypothesis, SourceBatch, decode
 from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, RuntimeConfig
-from attnserve.service.subwords import MODEL_FILE, Subwords
+from attnserve.service.subwords import MODEL_FILE, Subwords, tokenize
 from attnserve.service.vocab import locale_token
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,7 @@ class SourceCodec:
 
     def tokens(self, text: str) -> tuple[str, ...]:
         """The model's source tokens of a text."""
-        if self.subwords:
-            return self.subwords.encode(text)
-        return tuple(text.split()) if self.manifest.tokenizer == "words" else tuple(text)
+        return tokenize(text, self.manifest.tokenizer, self.subwords)
 
     def detokenize(self, tokens: tuple[str, ...]) -> str:
         """The text of output tokens."""
