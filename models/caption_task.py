@@ -79,13 +79,18 @@ class CaptionTask(TextTask):
         tgt_vocab: Vocab,
         limit: int = 0,
     ) -> list[Batch]:
-        """Batches of fresh scenes: images (B, 1, 56, 56) and tgt_in/tgt_out (B, T)."""
+        """Batches of fresh scenes: images (B, 1, 56, 56) and tgt_in/tgt_out (B, T).
+
+        Each cell is mirrored left to right with probability 1/2 (no class depends on it).
+        """
         scenes = scenes_data.generate("train", limit or self.train_size, seed=epoch)
+        flips = np.random.default_rng([epoch, 1])
         batches = []
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
             targets = target_arrays([tgt_vocab.encode(s.caption) for s in chunk], tgt_vocab)
-            batches.append({"images": _images(chunk).inputs["images"], **targets})
+            images = scenes_data.mirror_cells(_images(chunk).inputs["images"], flips)  # (B, 1, 56, 56)
+            batches.append({"images": images, **targets})
         return batches
 
 

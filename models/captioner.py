@@ -28,6 +28,8 @@ class CaptionerConfig:
 
     vocab_size: int
     channels: tuple[int, ...] = (32, 64)  # CNN stage widths; every stage halves H and W
+    stem_channels: int = 0  # width of a full-resolution convolution before the stages (0: none)
+    context_layers: int = 0  # residual dilated convolutions (dilation 2, 4, ...) on the grid
     embed_size: int = 64
     decoder_size: int = 256
     attention_size: int = 128
@@ -61,8 +63,9 @@ class CaptionerConfig:
         return self.channels[-1]
 
 
-def _conv(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()]
+def _conv(in_ch: int, out_ch: int, stride: int, dilation: int = 1) -> list[nn.Module]:
+    conv = nn.Conv2d(in_ch, out_ch, 3, stride, padding=dilation, dilation=dilation, bias=False)
+    return [conv, nn.BatchNorm2d(out_ch), nn.ReLU()]
 
 
 class Captioner(nn.Module):
@@ -73,11 +76,17 @@ class Captioner(nn.Module):
         c = self.config = config
         layers: list[nn.Module] = []
         in_ch = c.image_channels
+        if c.stem_channels:
+            layers, in_ch = _conv(in_ch, c.stem_channels, 1), c.stem_channels
         for ch in c.channels:
             layers += _conv(in_ch, ch, 2) + _conv(ch, ch, 1)
             in_ch = ch
         self.cnn = nn.Sequential(*layers)
         C, N = c.memory_size, c.grid_height * c.grid_width
+        # Dilated layers widen each cell's view (to the whole item) without shrinking the grid.
+        self.dilated = nn.ModuleList(
+            nn.Sequential(*_conv(C, C, 1, dilation=2 ** (i + 1))) for i in range(c.context_layers)
+        )
         self.position = nn.Parameter(torch.randn(N, C))  # (N, C) learned grid-cell embedding
         self.init_h = nn.Linear(C, c.decoder_size)
         self.init_c = nn.Linear(C, c.decoder_size)
@@ -101,6 +110,8 @@ class Captioner(nn.Module):
             initial LSTM state h0 (B, D), c0 (B, D) computed from the mean of the memory.
         """
         features = self.cnn(images)  # (B, C, H, W)
+        for layer in self.dilated:
+            features = features + layer(features)  # (B, C, H, W)
         memory = features.flatten(2).transpose(1, 2) + self.position  # (B, N, C)
         mean = memory.mean(1)  # (B, C)
         h0, c0 = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, D)

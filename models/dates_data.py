@@ -67,25 +67,45 @@ def _days(split: str) -> tuple[dt.date, ...]:
     return tuple(d for d in (FIRST + dt.timedelta(n) for n in range(span)) if date_split(d) == split)
 
 
-def sample(split: str, count: int, seed: int, held_out_locales: bool = False) -> list[DateExample]:
+def _by_language(pool: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """The locales of a pool grouped by language (the identifier's first part)."""
+    groups: dict[str, list[str]] = {}
+    for locale in pool:
+        groups.setdefault(locale.split("_")[0], []).append(locale)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def sample(
+    split: str, count: int, seed: int, held_out_locales: bool = False, language_balance: float = 0.0
+) -> list[DateExample]:
     """`count` examples of random (locale, date, style) from one date split, reproducibly.
+
+    Locales are drawn uniformly, so a language with many regional locales (English has over a
+    hundred) is drawn far more often than one with a single locale; `language_balance` draws that
+    fraction of the examples from a uniformly chosen language instead.
 
     Args:
         split: the date split ("train", "dev" or "test").
         count: number of examples.
         seed: the sampling seed (the same arguments always give the same examples).
         held_out_locales: draw locales from the held-out set instead of the trained one.
+        language_balance: fraction of examples whose language, not locale, is drawn uniformly.
 
     Raises:
-        ValueError: for an unknown split.
+        ValueError: for an unknown split or a balance outside [0, 1].
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if not 0.0 <= language_balance <= 1.0:
+        raise ValueError(f"language_balance must be in [0, 1], got {language_balance}")
     rng = random.Random(f"{split}:{seed}:{held_out_locales}")
     pool = locales()[1 if held_out_locales else 0]
+    languages = _by_language(pool)
     days = _days(split)
     out = []
     for _ in range(count):
-        locale, day, style = rng.choice(pool), rng.choice(days), rng.choice(FORMATS)
+        balanced = language_balance and rng.random() < language_balance  # no draw when off
+        locale = rng.choice(rng.choice(languages)) if balanced else rng.choice(pool)
+        day, style = rng.choice(days), rng.choice(FORMATS)
         out.append(DateExample(locale, style, format_date(day, style, locale=locale), day.isoformat()))
     return out

@@ -202,3 +202,10 @@ def generate(split: str, count: int, seed: int) -> list[Scene]:
         items.sort(key=lambda item: item.cell)
         scenes.append(Scene(canvas[i], tokens, tuple(items)))
     return scenes
+
+
+def mirror_cells(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirrors each cell of scene canvases (B, 1, 56, 56) left to right with probability 1/2."""
+    cells = images.reshape(len(images), 2, CELL, 2, CELL)  # (B, row, y, column, x)
+    flip = rng.random((len(images), 2, 1, 2, 1)) < 0.5  # (B, row, 1, column, 1)
+    return np.where(flip, cells[..., ::-1], cells).reshape(images.shape)

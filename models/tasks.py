@@ -176,8 +176,13 @@ class DatesTask(TextTask):
         "test_unseen_locales": 2_000,
     }
 
-    def __init__(self, train_examples: int = 0):
+    def __init__(self, train_examples: int = 0, language_balance: float = 0.0):
         self.train_size = train_examples or self.sizes["train"]
+        self.language_balance = language_balance
+
+    @property
+    def arguments(self) -> dict:
+        return {"language_balance": self.language_balance} if self.language_balance else {}
 
     def _convert(self, items: list[dates_data.DateExample]) -> list[TextExample]:
         known = frozenset(dates_data.locales()[0])
@@ -190,7 +195,9 @@ class DatesTask(TextTask):
         return self._convert(dates_data.sample(split, count, seed=0))
 
     def train_examples(self, epoch: int) -> list[TextExample]:
-        return self._convert(dates_data.sample("train", self.train_size, seed=epoch))
+        return self._convert(
+            dates_data.sample("train", self.train_size, seed=epoch, language_balance=self.language_balance)
+        )
 
     def vocabularies(self) -> tuple[Vocab, Vocab]:
         """Every character any trained locale writes for a month or weekday, and the locale tokens."""

@@ -232,7 +232,9 @@ class TransformerSeq2Seq(nn.Module):
             values.append(v)
             self_weights.append(sw)
             cross_weights.append(cw)
-        logits = nn.functional.linear(self.decoder_norm(x), self.tgt_embed.weight, self.out_bias)
+        hidden = self.decoder_norm(x).flatten(0, 1)  # (B * T, D)
+        # A 2-D linear exports as Gemm on the embedding itself; a 3-D one would store its transpose too.
+        logits = nn.functional.linear(hidden, self.tgt_embed.weight, self.out_bias).unflatten(0, x.shape[:2])
         keys, values = torch.stack(keys, dim=1), torch.stack(values, dim=1)
         return logits, keys, values, torch.stack(self_weights, dim=1), torch.stack(cross_weights, dim=1)
 

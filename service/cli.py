@@ -137,11 +137,14 @@ def _train_recipe(args: argparse.Namespace) -> int:
         return 2
     recipe = recipes[args.recipe]
     out = args.out if args.out != DEFAULT_RUN else Path("runs") / args.recipe
-    the_task = task(recipe["task"], **recipe.get("task_args", {}))
+    task_args = recipe.get("task_args", {})
+    the_task = task(recipe["task"], **task_args)
     checkpoint = None
     for stage in recipe["train"]:
-        cfg = TrainConfig(**stage, init_from=str(checkpoint) if checkpoint else "")
-        checkpoint = train(out, the_task, recipe["architecture"], recipe["model"], cfg)
+        settings = {k: v for k, v in stage.items() if k != "task_args"}
+        stage_task = task(recipe["task"], **task_args, **stage["task_args"]) if "task_args" in stage else the_task
+        cfg = TrainConfig(**settings, init_from=str(checkpoint) if checkpoint else "")
+        checkpoint = train(out, stage_task, recipe["architecture"], recipe["model"], cfg)
     return 0
 
 

@@ -63,6 +63,22 @@ def test_teacher_forced_forward_equals_the_stepwise_loop():
     torch.testing.assert_close(alone[0], logits[1], atol=1e-5, rtol=1e-5)
 
 
+def _field(model: Captioner) -> int:
+    """Rows of pixels the feature of a central grid cell depends on (its receptive field)."""
+    images, _ = _batch(B=1)
+    images.requires_grad_(True)
+    memory = model.eval().encode(images)[0]  # (1, N, C)
+    assert memory.shape == (1, 14 * 14, 16)  # the grid does not change
+    (pixels,) = torch.autograd.grad(memory[0, 7 * 14 + 7].sum(), images)  # (1, 1, 56, 56)
+    rows = torch.nonzero(pixels[0, 0].abs().sum(1)).flatten()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_stem_and_dilated_layers_keep_the_grid_and_let_a_cell_see_a_whole_item():
+    assert _field(_model()) == 19  # 3x3 convolutions at strides 2, 1, 2, 1
+    assert _field(_model(stem_channels=4, context_layers=2)) > 28  # a Fashion-MNIST item is 28 pixels
+
+
 def test_every_parameter_learns():
     model = _model(dropout=0.1)
     images, tgt_in = _batch(B=4)
@@ -126,8 +142,9 @@ def _export(module, args, path, inputs, outputs):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def test_onnx_round_trip_of_encode_and_decode_step(tmp_path):
-    model = _model().eval()
+@pytest.mark.parametrize("widen", [{}, {"stem_channels": 4, "context_layers": 2}])
+def test_onnx_round_trip_of_encode_and_decode_step(tmp_path, widen):
+    model = _model(**widen).eval()
     images, tgt_in = _batch(B=2)
     with torch.no_grad():
         memory, keys, h, c = model.encode(images)

@@ -80,3 +80,15 @@ def test_checkpoint_round_trip_keeps_weights(tiny_checkpoint):
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert np.array_equal(a.numpy(), b.numpy()), k
     assert payload["architecture"] == "bahdanau-gru" and len(src_vocab) > 26 and len(tgt_vocab) > 30
+
+
+def test_tied_output_layer_is_stored_once(tiny_transformer_entry):
+    """The decoder step holds the target embedding once: its output layer must not add a transpose."""
+    manifest = Manifest.load(tiny_transformer_entry)
+    weights = [
+        onnx.numpy_helper.to_array(t)
+        for t in onnx.load(manifest.path / "decoder_step.onnx").graph.initializer
+    ]
+    vocab = len(manifest.target_vocab)
+    tables = [w for w in weights if w.ndim == 2 and vocab in w.shape]
+    assert len(tables) == 1, [w.shape for w in tables]

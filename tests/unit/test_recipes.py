@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from attnserve.models.architectures import architecture
-from attnserve.models.registry import TASKS
+from attnserve.models.registry import TASKS, task
 from attnserve.models.train import TrainConfig
 from attnserve.service.manifest import discover
 from tests.conftest import BUNDLED_REPOSITORY
@@ -26,5 +26,8 @@ def test_recipe_builds_its_model_and_stages(name):
     assert recipe["task"] in TASKS
     model = architecture(recipe["architecture"]).new_model(40, 30, **recipe["model"])
     assert sum(p.numel() for p in model.parameters()) > 0
-    stages = [TrainConfig(**stage) for stage in recipe["train"]]
+    stages = [TrainConfig(**{k: v for k, v in stage.items() if k != "task_args"}) for stage in recipe["train"]]
     assert stages and all(s.epochs > 0 and s.lr > 0 for s in stages)
+    for stage in recipe["train"]:  # a stage may change how its task draws examples
+        if "task_args" in stage:
+            assert task(recipe["task"], **recipe.get("task_args", {}), **stage["task_args"]).arguments

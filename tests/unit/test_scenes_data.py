@@ -13,6 +13,7 @@ from attnserve.models.scenes_data import (
     cell_box,
     generate,
     load_fashion_mnist,
+    mirror_cells,
     split_indices,
 )
 
@@ -136,3 +137,19 @@ def test_grid_cell_centres_never_sit_on_a_cell_border():
     centres = [grid_cell_centre(n, GRID, (CANVAS, CANVAS)) for n in range(GRID[0] * GRID[1])]
     assert centres[0] == (2.0, 2.0) and centres[-1] == (54.0, 54.0)
     assert all(y != CANVAS / 2 and x != CANVAS / 2 for y, x in centres)
+
+
+def test_mirrored_cells_keep_their_place_and_caption():
+    scenes = generate("train", 64, seed=5)
+    images = np.stack([s.image for s in scenes])[:, None]  # (64, 1, 56, 56)
+    mirrored = mirror_cells(images, np.random.default_rng(0))
+    assert mirrored.shape == images.shape
+    flips = 0
+    for scene, before, after in zip(scenes, images[:, 0], mirrored[:, 0], strict=True):
+        for item in scene.items:
+            r0, c0, r1, c1 = item.box
+            cell, got = before[r0:r1, c0:c1], after[r0:r1, c0:c1]
+            assert np.array_equal(got, cell) or np.array_equal(got, cell[:, ::-1])
+            flips += not np.array_equal(got, cell)
+        assert after.sum() == pytest.approx(before.sum())  # nothing moves between cells
+    assert 0.3 < flips / sum(len(s.items) for s in scenes) < 0.7
