@@ -141,8 +141,9 @@ def _train_recipe(args: argparse.Namespace) -> int:
     the_task = task(recipe["task"], **task_args)
     checkpoint = None
     for stage in recipe["train"]:
-        settings = {k: v for k, v in stage.items() if k != "task_args"}
-        stage_task = task(recipe["task"], **task_args, **stage["task_args"]) if "task_args" in stage else the_task
+        settings = dict(stage)
+        stage_args = settings.pop("task_args", None)  # a stage may change how its task draws examples
+        stage_task = task(recipe["task"], **task_args, **stage_args) if stage_args else the_task
         cfg = TrainConfig(**settings, init_from=str(checkpoint) if checkpoint else "")
         checkpoint = train(out, stage_task, recipe["architecture"], recipe["model"], cfg)
     return 0

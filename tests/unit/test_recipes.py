@@ -26,8 +26,9 @@ def test_recipe_builds_its_model_and_stages(name):
     assert recipe["task"] in TASKS
     model = architecture(recipe["architecture"]).new_model(40, 30, **recipe["model"])
     assert sum(p.numel() for p in model.parameters()) > 0
-    stages = [TrainConfig(**{k: v for k, v in stage.items() if k != "task_args"}) for stage in recipe["train"]]
+    settings = [dict(stage) for stage in recipe["train"]]
+    stage_args = [s.pop("task_args", None) for s in settings]  # a stage may change its task's arguments
+    stages = [TrainConfig(**s) for s in settings]
     assert stages and all(s.epochs > 0 and s.lr > 0 for s in stages)
-    for stage in recipe["train"]:  # a stage may change how its task draws examples
-        if "task_args" in stage:
-            assert task(recipe["task"], **recipe.get("task_args", {}), **stage["task_args"]).arguments
+    for args in filter(None, stage_args):
+        assert task(recipe["task"], **recipe.get("task_args", {}), **args).arguments
