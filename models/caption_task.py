@@ -29,8 +29,13 @@ class CaptionTask(TextTask):
     primary, minimise = "exact_match", False
     sizes: ClassVar[dict[str, int]] = {"train": 40_000, "dev": 1_000, "test": 2_000}
 
-    def __init__(self, train_examples: int = 0):
+    def __init__(self, train_examples: int = 0, max_shift: int = 0):
         self.train_size = train_examples or self.sizes["train"]
+        self.max_shift = max_shift  # training items move up to this many pixels within their cell
+
+    @property
+    def arguments(self) -> dict:
+        return {"max_shift": self.max_shift} if self.max_shift else {}
 
     def vocabularies(self) -> tuple[Vocab, Vocab]:
         """No source tokens (the source is pixels); the caption grammar's words."""
@@ -81,15 +86,17 @@ class CaptionTask(TextTask):
     ) -> list[Batch]:
         """Batches of fresh scenes: images (B, 1, 56, 56) and tgt_in/tgt_out (B, T).
 
-        Each cell is mirrored left to right with probability 1/2 (no class depends on it).
+        Each cell is mirrored left to right with probability 1/2 (no class depends on it) and,
+        with max_shift, its content rolled by up to that many pixels.
         """
         scenes = scenes_data.generate("train", limit or self.train_size, seed=epoch)
-        flips = np.random.default_rng([epoch, 1])
+        augment = np.random.default_rng([epoch, 1])
         batches = []
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
             targets = target_arrays([tgt_vocab.encode(s.caption) for s in chunk], tgt_vocab)
-            images = scenes_data.mirror_cells(_images(chunk).inputs["images"], flips)  # (B, 1, 56, 56)
+            images = _images(chunk).inputs["images"]  # (B, 1, 56, 56)
+            images = scenes_data.augment_cells(images, augment, self.max_shift)
             batches.append({"images": images, **targets})
         return batches
 

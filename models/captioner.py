@@ -2,11 +2,12 @@
 
 The CNN turns an image into an H x W grid of feature vectors plus a learned embedding of each
 grid position (convolutions alone cannot tell the decoder where a feature is); the flattened
-grid is the memory the decoder attends over. At step t the query is the previous state h(t-1);
-the context z(t) = sum_i a(t,i) m(i), scaled by the gate beta(t) = sigmoid(f_beta(h(t-1))) when
-`gate` is on, feeds the LSTM together with the embedding of y(t-1) (Xu et al., 2015). The
-doubly stochastic penalty pushes every grid cell to receive, summed over the caption, about as
-much attention as any other.
+grid is the memory the decoder attends over. An optional full-resolution stem and dilated layers
+on the grid let each cell see a whole item without coarsening the grid. At step t the query is
+the previous state h(t-1); the context z(t) = sum_i a(t,i) m(i), scaled by the gate beta(t) =
+sigmoid(f_beta(h(t-1))) when `gate` is on, feeds the LSTM together with the embedding of y(t-1)
+(Xu et al., 2015). The doubly stochastic penalty pushes every grid cell to receive, summed over
+the caption, about as much attention as any other.
 
 Shapes: B batch, T caption length, N = H * W grid cells, C memory (feature) size, E embedding,
 D decoder size, A attention size, V vocabulary.

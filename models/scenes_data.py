@@ -204,8 +204,15 @@ def generate(split: str, count: int, seed: int) -> list[Scene]:
     return scenes
 
 
-def mirror_cells(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mirrors each cell of scene canvases (B, 1, 56, 56) left to right with probability 1/2."""
-    cells = images.reshape(len(images), 2, CELL, 2, CELL)  # (B, row, y, column, x)
-    flip = rng.random((len(images), 2, 1, 2, 1)) < 0.5  # (B, row, 1, column, 1)
-    return np.where(flip, cells[..., ::-1], cells).reshape(images.shape)
+def augment_cells(images: np.ndarray, rng: np.random.Generator, max_shift: int = 0) -> np.ndarray:
+    """Mirrors each cell of scene canvases (B, 1, 56, 56) left to right with probability 1/2 and,
+    with max_shift, rolls its content by up to that many pixels along each axis (within the cell)."""
+    batch = len(images)
+    cells = images.reshape(batch, 2, CELL, 2, CELL).transpose(0, 1, 3, 2, 4)  # (B, row, column, y, x)
+    flip = rng.random((batch, 2, 2, 1, 1)) < 0.5
+    cells = np.where(flip, cells[..., ::-1], cells)
+    if max_shift:
+        dy, dx = rng.integers(-max_shift, max_shift + 1, size=(2, batch, 2, 2, 1, 1))
+        cells = np.take_along_axis(cells, (np.arange(CELL)[:, None] - dy) % CELL, axis=3)  # rows
+        cells = np.take_along_axis(cells, (np.arange(CELL) - dx) % CELL, axis=4)  # columns
+    return np.ascontiguousarray(cells.transpose(0, 1, 3, 2, 4)).reshape(images.shape)
