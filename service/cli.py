@@ -143,7 +143,7 @@ def _train_recipe(args: argparse.Namespace) -> int:
     for stage in recipe["train"]:
         settings = dict(stage)
         stage_args = settings.pop("task_args", None)  # a stage may change how its task draws examples
-        stage_task = task(recipe["task"], **task_args, **stage_args) if stage_args else the_task
+        stage_task = task(recipe["task"], **{**task_args, **stage_args}) if stage_args else the_task
         cfg = TrainConfig(**settings, init_from=str(checkpoint) if checkpoint else "")
         checkpoint = train(out, stage_task, recipe["architecture"], recipe["model"], cfg)
     return 0

@@ -31,4 +31,4 @@ def test_recipe_builds_its_model_and_stages(name):
     stages = [TrainConfig(**s) for s in settings]
     assert stages and all(s.epochs > 0 and s.lr > 0 for s in stages)
     for args in filter(None, stage_args):
-        assert task(recipe["task"], **recipe.get("task_args", {}), **args).arguments
+        assert task(recipe["task"], **{**recipe.get("task_args", {}), **args}).arguments
