@@ -52,7 +52,10 @@ class CaptionTask(TextTask):
 
     def source_batches(self, split: str, count: int, batch_size: int, src_vocab: Vocab) -> list[SourceBatch]:
         scenes = self._scenes(split, count)
-        return [_images(scenes[i : i + batch_size]) for i in range(0, len(scenes), batch_size)]
+        pixels = _pixels(scenes)  # (N, 1, 56, 56)
+        return [
+            SourceBatch.from_images(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)
+        ]
 
     def evaluate_model(
         self,
@@ -66,8 +69,9 @@ class CaptionTask(TextTask):
     ) -> dict[str, float]:
         """Exact caption match and attention localisation on a split's scenes."""
         scenes = self._scenes(split, limit)
-        pixels = np.stack([s.image for s in scenes])[:, None]  # (N, 1, H, W)
-        preds, maps = caption_images(model, pixels, tgt_vocab, self.max_output_tokens, beam_size, progress)
+        preds, maps = caption_images(
+            model, _pixels(scenes), tgt_vocab, self.max_output_tokens, beam_size, progress
+        )
         grid = _grid_of(maps[0].shape[1])
         return {
             "exact_match": exact_match(preds, [s.caption for s in scenes]),
@@ -95,8 +99,7 @@ class CaptionTask(TextTask):
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
             targets = target_arrays([tgt_vocab.encode(s.caption) for s in chunk], tgt_vocab)
-            images = _images(chunk).inputs["images"]  # (B, 1, 56, 56)
-            images = scenes_data.augment_cells(images, augment, self.max_shift)
+            images = scenes_data.augment_cells(_pixels(chunk), augment, self.max_shift)  # (B, 1, 56, 56)
             batches.append({"images": images, **targets})
         return batches
 
@@ -128,9 +131,9 @@ def caption_images(
     return preds, maps
 
 
-def _images(scenes: list[scenes_data.Scene]) -> SourceBatch:
-    """The scenes' canvases as an encoder batch (B, 1, 56, 56)."""
-    return SourceBatch.from_images(np.stack([s.image for s in scenes])[:, None])  # (B, 1, H, W)
+def _pixels(scenes: list[scenes_data.Scene]) -> np.ndarray:
+    """The scenes' canvases as encoder input (B, 1, 56, 56)."""
+    return np.stack([s.image for s in scenes])[:, None]  # (B, 1, H, W)
 
 
 def _grid_of(cells: int) -> tuple[int, int]:

@@ -67,10 +67,11 @@ def _days(split: str) -> tuple[dt.date, ...]:
     return tuple(d for d in (FIRST + dt.timedelta(n) for n in range(span)) if date_split(d) == split)
 
 
-def _by_language(pool: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
-    """The locales of a pool grouped by language (the identifier's first part)."""
+@cache
+def _by_language(held_out: bool) -> tuple[tuple[str, ...], ...]:
+    """The trained (or held-out) locales grouped by language (the identifier's first part)."""
     groups: dict[str, list[str]] = {}
-    for locale in pool:
+    for locale in locales()[1 if held_out else 0]:
         groups.setdefault(locale.split("_")[0], []).append(locale)
     return tuple(tuple(g) for g in groups.values())
 
@@ -100,12 +101,11 @@ def sample(
         raise ValueError(f"language_balance must be in [0, 1], got {language_balance}")
     rng = random.Random(f"{split}:{seed}:{held_out_locales}")
     pool = locales()[1 if held_out_locales else 0]
-    languages = _by_language(pool)
     days = _days(split)
     out = []
     for _ in range(count):
         balanced = language_balance and rng.random() < language_balance  # no draw when off
-        locale = rng.choice(rng.choice(languages)) if balanced else rng.choice(pool)
+        locale = rng.choice(rng.choice(_by_language(held_out_locales))) if balanced else rng.choice(pool)
         day, style = rng.choice(days), rng.choice(FORMATS)
         out.append(DateExample(locale, style, format_date(day, style, locale=locale), day.isoformat()))
     return out
