@@ -24,8 +24,8 @@ import psutil
 from attnserve.bench.microbatch import MicroBatcher
 from attnserve.models.g2p_data import load_split
 from attnserve.service.config import BatchingConfig, LocalOptions
-from attnserve.service.manifest import discover
-from attnserve.service.translation import AttentionMode, Translator
+from attnserve.service.core.manifest import discover
+from attnserve.service.core.translation import AttentionMode, Translator
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 

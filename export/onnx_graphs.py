@@ -11,7 +11,7 @@ from torch import nn
 
 from attnserve.models.architectures import DYNAMIC_AXES, Architecture, Tensor
 from attnserve.models.torch_runner import TorchStepModel
-from attnserve.service.runtime.decoding import SourceBatch
+from attnserve.service.core.decoding import SourceBatch
 
 OPSET = 17
 

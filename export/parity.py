@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnserve.service.runtime.decoding import SourceBatch, StepModel, greedy_decode
+from attnserve.service.core.decoding import SourceBatch, StepModel, greedy_decode
 
 
 @dataclass(frozen=True)

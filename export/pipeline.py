@@ -17,8 +17,8 @@ from attnserve.models.architectures import Architecture, Tensor, architecture
 from attnserve.models.checkpoint import load_checkpoint
 from attnserve.models.registry import task as task_named
 from attnserve.models.torch_runner import TorchStepModel
-from attnserve.service.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
-from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
+from attnserve.service.core.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
+from attnserve.service.core.onnx_model import OnnxSeq2Seq
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from tqdm import tqdm
 from attnserve.models import scenes_data
 from attnserve.models.caption_scoring import attention_localisation, exact_match
 from attnserve.models.tasks import Batch, TextTask, target_arrays
-from attnserve.service.runtime.decoding import SourceBatch, StepModel, decode
-from attnserve.service.vocab import SPECIALS, Vocab
+from attnserve.service.core.decoding import SourceBatch, StepModel, decode
+from attnserve.service.core.vocab import SPECIALS, Vocab
 
 
 class CaptionTask(TextTask):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from attnserve.models.architectures import architecture
-from attnserve.service.vocab import Vocab
+from attnserve.service.core.vocab import Vocab
 
 FORMAT_REVISION = 1
 

@@ -10,11 +10,11 @@ import numpy as np
 from attnserve.models.caption_task import caption_images, image_source_section
 from attnserve.models.parallel_text import portable, read_pairs, split_pairs
 from attnserve.models.tasks import Batch, TextExample, TextTask, target_arrays
-from attnserve.service.errors import RequestError
-from attnserve.service.images import decode_image
-from attnserve.service.manifest import ImageSpec
-from attnserve.service.runtime.decoding import SourceBatch, StepModel
-from attnserve.service.vocab import SPECIALS, Vocab
+from attnserve.service.core.decoding import SourceBatch, StepModel
+from attnserve.service.core.errors import RequestError
+from attnserve.service.core.images import decode_image
+from attnserve.service.core.manifest import ImageSpec
+from attnserve.service.core.vocab import SPECIALS, Vocab
 
 
 class ImageCaptionTask(TextTask):

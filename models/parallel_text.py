@@ -11,8 +11,8 @@ import sentencepiece as spm
 
 from attnserve.models import g2p_data
 from attnserve.models.tasks import TextExample, TextTask
-from attnserve.service.subwords import MODEL_FILE, Subwords, tokenize
-from attnserve.service.vocab import Vocab
+from attnserve.service.core.subwords import MODEL_FILE, Subwords, tokenize
+from attnserve.service.core.vocab import Vocab
 
 READERS = {"chars": "characters", "words": "words", "subwords": "sentencepiece"}  # --tokens -> tokenizer
 

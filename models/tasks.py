@@ -16,8 +16,8 @@ import numpy as np
 from attnserve.models import dates_data, g2p_data
 from attnserve.models.evaluate import predict
 from attnserve.models.scoring import error_rates
-from attnserve.service.runtime.decoding import SourceBatch, StepModel, pad_batch
-from attnserve.service.vocab import UNKNOWN_LOCALE, Vocab
+from attnserve.service.core.decoding import SourceBatch, StepModel, pad_batch
+from attnserve.service.core.vocab import UNKNOWN_LOCALE, Vocab
 
 Batch = dict[str, np.ndarray]
 

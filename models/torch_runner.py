@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from attnserve.models.architectures import Architecture
-from attnserve.service.manifest import DecoderSpec
-from attnserve.service.runtime.wiring import WiredStepModel
+from attnserve.service.core.manifest import DecoderSpec
+from attnserve.service.core.wiring import WiredStepModel
 
 
 def _graph(method, inputs: list, outputs: list):

@@ -1,1 +1,2 @@
-"""The torch-free serving side: ONNX Runtime runtime, decoding, Ray Serve app, gRPC ingress, metrics."""
+"""The torch-free serving side. `core/` needs neither Ray nor protos (manifest, tokenizers, decode
+loop, engine); the rest is the Ray Serve / gRPC layer (app, server, grpc_mapping, metrics, client)."""

@@ -18,16 +18,16 @@ from ray.serve.handle import DeploymentHandle
 
 from attnserve.service import metrics
 from attnserve.service.config import AppArgs, BatchingConfig
-from attnserve.service.errors import ErrorCode, RequestError
+from attnserve.service.core.errors import ErrorCode, RequestError
+from attnserve.service.core.manifest import Manifest, ManifestError, discover
+from attnserve.service.core.onnx_model import RuntimeConfig
+from attnserve.service.core.translation import PreparedRequest, SourceCodec, Translation, Translator
 from attnserve.service.grpc_mapping import (
     attention_from_pb,
     caption_to_pb,
     model_info_to_pb,
     translation_to_pb,
 )
-from attnserve.service.manifest import Manifest, ManifestError, discover
-from attnserve.service.runtime.onnx_model import RuntimeConfig
-from attnserve.service.translation import PreparedRequest, SourceCodec, Translation, Translator
 from attnserve.v1 import translator_pb2 as pb
 
 log = logging.getLogger("attnserve")

@@ -183,8 +183,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from attnserve.models.registry import task
-    from attnserve.service.manifest import Manifest
-    from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
+    from attnserve.service.core.manifest import Manifest
+    from attnserve.service.core.onnx_model import OnnxSeq2Seq
 
     manifest = Manifest.load(args.entry)
     model, the_task = OnnxSeq2Seq(manifest), task(manifest.task, **manifest.raw.get("task_args", {}))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from attnserve.service.errors import invalid
-from attnserve.service.manifest import Manifest
-from attnserve.service.translation import AttentionMode, Translation
+from attnserve.service.core.errors import invalid
+from attnserve.service.core.manifest import Manifest
+from attnserve.service.core.translation import AttentionMode, Translation
 from attnserve.v1 import translator_pb2 as pb
 
 _ATTENTION_FROM_PB = {

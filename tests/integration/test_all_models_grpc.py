@@ -17,8 +17,8 @@ from PIL import Image
 
 from attnserve.models import dates_data, scenes_data
 from attnserve.service.client import Client, attention_maps
-from attnserve.service.manifest import discover
-from attnserve.service.translation import AttentionMode, Translator
+from attnserve.service.core.manifest import discover
+from attnserve.service.core.translation import AttentionMode, Translator
 from attnserve.v1 import translator_pb2 as pb
 from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES
 from tests.integration.conftest import BYOM_IMAGE_MODEL, BYOM_MODEL

@@ -58,7 +58,7 @@ def test_translate_with_attention(client):
 
 
 def test_same_answer_as_the_runtime_in_process(client, bundled_manifest):
-    from attnserve.service.translation import AttentionMode, Translator
+    from attnserve.service.core.translation import AttentionMode, Translator
 
     words = ["pronunciation", "zyzzyva", "o'connor", "tensor"]
     local = Translator(bundled_manifest)
@@ -68,7 +68,7 @@ def test_same_answer_as_the_runtime_in_process(client, bundled_manifest):
 
 
 def test_beam_search_over_grpc_matches_the_runtime(client, bundled_manifest):
-    from attnserve.service.translation import AttentionMode, Translator
+    from attnserve.service.core.translation import AttentionMode, Translator
 
     local = Translator(bundled_manifest)
     for word in ("colonel", "pneumonia"):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from attnserve.service.errors import RequestError
-from attnserve.service.manifest import Manifest
-from attnserve.service.translation import AttentionMode, Translator
+from attnserve.service.core.errors import RequestError
+from attnserve.service.core.manifest import Manifest
+from attnserve.service.core.translation import AttentionMode, Translator
 
 WORDS = ["attention", "heads", "x", "transformers"]
 

@@ -3,8 +3,8 @@
 import pytest
 
 from attnserve.models.registry import task
-from attnserve.service.manifest import discover
-from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
+from attnserve.service.core.manifest import discover
+from attnserve.service.core.onnx_model import OnnxSeq2Seq
 from tests.conftest import BUNDLED_REPOSITORY
 
 TOLERANCE = 0.01  # one point

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from attnserve.models.g2p_data import load_split
-from attnserve.service.runtime.decoding import (
+from attnserve.service.core.decoding import (
     SourceBatch,
     beam_decode,
     greedy_decode,
     length_normalised,
     pad_batch,
 )
-from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, ProviderError, RuntimeConfig, choose_providers
+from attnserve.service.core.onnx_model import OnnxSeq2Seq, ProviderError, RuntimeConfig, choose_providers
 
 
 @pytest.fixture(scope="module")

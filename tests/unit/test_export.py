@@ -13,8 +13,8 @@ from attnserve.models.architectures import BAHDANAU, DYNAMIC_AXES
 from attnserve.models.checkpoint import load_checkpoint
 from attnserve.models.registry import task
 from attnserve.models.torch_runner import TorchStepModel
-from attnserve.service.manifest import Manifest, ManifestError
-from attnserve.service.runtime.onnx_model import OnnxSeq2Seq
+from attnserve.service.core.manifest import Manifest, ManifestError
+from attnserve.service.core.onnx_model import OnnxSeq2Seq
 
 ONNX_DTYPES = {
     onnx.TensorProto.INT64: "int64",

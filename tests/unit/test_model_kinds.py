@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnserve.service.errors import ErrorCode, RequestError
-from attnserve.service.manifest import discover
-from attnserve.service.translation import AttentionMode, SourceCodec, Translator
+from attnserve.service.core.errors import ErrorCode, RequestError
+from attnserve.service.core.manifest import discover
+from attnserve.service.core.translation import AttentionMode, SourceCodec, Translator
 from tests.conftest import BUNDLED_REPOSITORY
 
 MANIFESTS = {m.name: m for m in discover(BUNDLED_REPOSITORY)}

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnserve.models.parallel_text import ParallelTextTask, read_pairs, split_pairs, train_subwords
-from attnserve.service.subwords import Subwords
-from attnserve.service.vocab import SPECIALS
+from attnserve.service.core.subwords import Subwords
+from attnserve.service.core.vocab import SPECIALS
 from tests.conftest import BYOM_TEXT, ROOT
 
 DDTP = ROOT / "models" / "data" / "ddtp-en-fr.tsv.xz"
@@ -83,8 +83,8 @@ def test_a_malformed_line_names_its_file_and_line(tmp_path):
 
 
 def test_the_subword_tokenizer_is_a_file_of_the_exported_entry(tiny_subword_entry):
-    from attnserve.service.manifest import Manifest, ManifestError
-    from attnserve.service.subwords import MODEL_FILE
+    from attnserve.service.core.manifest import Manifest, ManifestError
+    from attnserve.service.core.subwords import MODEL_FILE
 
     manifest = Manifest.load(tiny_subword_entry)
     assert manifest.tokenizer == "sentencepiece" and MODEL_FILE in manifest.files
@@ -101,8 +101,8 @@ def test_the_subword_tokenizer_is_a_file_of_the_exported_entry(tiny_subword_entr
 
 @pytest.fixture(scope="module")
 def subword_translator(tiny_subword_entry):
-    from attnserve.service.manifest import Manifest
-    from attnserve.service.translation import Translator
+    from attnserve.service.core.manifest import Manifest
+    from attnserve.service.core.translation import Translator
 
     return Translator(Manifest.load(tiny_subword_entry))
 
@@ -110,8 +110,8 @@ def subword_translator(tiny_subword_entry):
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300))
 def test_served_subword_model_reads_any_text_or_refuses_it_clearly(subword_translator, text):
-    from attnserve.service.errors import ErrorCode, RequestError
-    from attnserve.service.translation import AttentionMode
+    from attnserve.service.core.errors import ErrorCode, RequestError
+    from attnserve.service.core.translation import AttentionMode
 
     try:
         request = subword_translator.codec.prepare(text, AttentionMode.CROSS)
@@ -122,7 +122,7 @@ def test_served_subword_model_reads_any_text_or_refuses_it_clearly(subword_trans
 
 
 def test_served_subword_model_detokenizes_and_labels_attention_with_pieces(subword_translator):
-    from attnserve.service.translation import AttentionMode
+    from attnserve.service.core.translation import AttentionMode
 
     texts = ["New Caledonia", "Portuguese (Brazil)", "Ünïcode 🙂"]
     prepared = [subword_translator.codec.prepare(t, AttentionMode.CROSS, max_output_tokens=12) for t in texts]

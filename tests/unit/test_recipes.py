@@ -8,7 +8,7 @@ import yaml
 from attnserve.models.architectures import architecture
 from attnserve.models.registry import TASKS, task
 from attnserve.models.train import TrainConfig
-from attnserve.service.manifest import discover
+from attnserve.service.core.manifest import discover
 from tests.conftest import BUNDLED_REPOSITORY
 
 RECIPES = yaml.safe_load(resources.files("attnserve.models").joinpath("recipes.yaml").read_text("utf-8"))

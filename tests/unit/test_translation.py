@@ -7,8 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnserve.service.errors import ErrorCode, RequestError
-from attnserve.service.translation import AttentionMode, PreparedRequest, SourceCodec, Translation, Translator
+from attnserve.service.core.errors import ErrorCode, RequestError
+from attnserve.service.core.translation import (
+    AttentionMode,
+    PreparedRequest,
+    SourceCodec,
+    Translation,
+    Translator,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from attnserve.service.manifest import Manifest
-from attnserve.service.runtime.wiring import WiredStepModel
+from attnserve.service.core.manifest import Manifest
+from attnserve.service.core.wiring import WiredStepModel
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from enum import Enum
 
 import numpy as np
 
-from attnserve.service.errors import ErrorCode, RequestError, invalid
-from attnserve.service.images import decode_image
-from attnserve.service.manifest import Manifest
-from attnserve.service.runtime.decoding import Hypothesis, SourceBatch, decode
-from attnserve.service.runtime.onnx_model import OnnxSeq2Seq, RuntimeConfig
-from attnserve.service.subwords import MODEL_FILE, Subwords, tokenize
-from attnserve.service.vocab import locale_token
+from attnserve.service.core.decoding import Hypothesis, SourceBatch, decode
+from attnserve.service.core.errors import ErrorCode, RequestError, invalid
+from attnserve.service.core.images import decode_image
+from attnserve.service.core.manifest import Manifest
+from attnserve.service.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
+from attnserve.service.core.subwords import MODEL_FILE, Subwords, tokenize
+from attnserve.service.core.vocab import locale_token
 
 log = logging.getLogger(__name__)
 MAX_BEAM_SIZE = 16

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnserve.service.subwords import MODEL_FILE, TOKENIZERS
-from attnserve.service.vocab import Vocab
+from attnserve.service.core.subwords import MODEL_FILE, TOKENIZERS
+from attnserve.service.core.vocab import Vocab
 
 FORMAT_REVISION = 1
 MANIFEST_FILE = "manifest.json"

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from attnserve.service.manifest import DecoderSpec
-from attnserve.service.runtime.decoding import EXTRA_PREFIX, State
+from attnserve.service.core.decoding import EXTRA_PREFIX, State
+from attnserve.service.core.manifest import DecoderSpec
 
 Graph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 

@@ -1,1 +1,0 @@
-"""Torch-free model runtime: ONNX Runtime sessions and the numpy decode loop."""
