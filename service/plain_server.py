@@ -1,0 +1,66 @@
+"""A plain `grpc.aio` server over the same engines and servicer, without Ray.
+
+It is the Python serving ceiling the bench compares the Ray Serve path against, and a way to
+serve one host without a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from attnserve.service.core.engine import Engine, EngineConfig
+from attnserve.service.core.manifest import discover
+from attnserve.service.core.onnx_model import RuntimeConfig
+from attnserve.service.core.translation import Translator
+from attnserve.service.servicer import Outcome, Servicer
+from attnserve.v1 import translator_pb2_grpc as pb_grpc
+
+
+class PlainTranslator(pb_grpc.TranslatorServicer):
+    """attnserve.v1.Translator on grpc.aio: the Servicer's outcome, or an abort with its status."""
+
+    def __init__(self, servicer: Servicer):
+        self.servicer = servicer
+
+    async def Translate(self, request, context: grpc.aio.ServicerContext):
+        return await _reply(await self.servicer.translate(request, context.time_remaining()), context)
+
+    async def Caption(self, request, context: grpc.aio.ServicerContext):
+        return await _reply(await self.servicer.caption(request, context.time_remaining()), context)
+
+    async def ListModels(self, request, context: grpc.aio.ServicerContext):
+        return await _reply(await self.servicer.list_models(), context)
+
+
+async def _reply(outcome: Outcome, context: grpc.aio.ServicerContext):
+    """The response, or an abort with the outcome's status and plain message."""
+    if outcome.code is not None:
+        await context.abort(grpc.StatusCode[outcome.code.name], outcome.message)
+    return outcome.response
+
+
+def load_engines(
+    repository: Path, names: list[str] | None = None, config: EngineConfig = EngineConfig(),
+    runtime: RuntimeConfig = RuntimeConfig(),
+) -> dict[str, Engine]:  # fmt: skip
+    """An engine per model of the repository (or of `names`), each on its own thread."""
+    return {
+        m.name: Engine(Translator(m, runtime), config)
+        for m in discover(repository)
+        if names is None or m.name in names
+    }
+
+
+async def serve_plain(engines: dict[str, Engine], address: str, stop: asyncio.Event) -> None:
+    """Serves the engines on `address` until `stop` is set, then drains for up to 5 s."""
+    server = grpc.aio.server()
+    pb_grpc.add_TranslatorServicer_to_server(PlainTranslator(Servicer(engines)), server)
+    server.add_insecure_port(address)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(5)

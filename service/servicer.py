@@ -1,0 +1,139 @@
+"""The attnserve.v1 rpcs over a set of engines: proto in, validate, engine, proto out (no Ray).
+
+The Ray Serve deployment (`app.py`) and the plain `grpc.aio` server (`plain_server.py`, the
+bench's ceiling) both answer through `Servicer`; they differ only in how a status reaches the
+client. Validation runs on the event loop before a request is queued; decoding runs on the
+model's engine thread, so a handler never runs model code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from attnserve.service.core.engine import Engine
+from attnserve.service.core.errors import ErrorCode, RequestError
+from attnserve.service.core.manifest import Manifest
+from attnserve.service.core.translation import PreparedRequest
+from attnserve.service.grpc_mapping import (
+    attention_from_pb,
+    caption_to_pb,
+    model_info_to_pb,
+    translation_to_pb,
+)
+from attnserve.v1 import translator_pb2 as pb
+
+log = logging.getLogger("attnserve")
+UNKNOWN_MODEL_TAG = "_unknown"  # never put client-chosen names into metric labels
+
+
+class RequestRecorder(Protocol):
+    """Records one answered rpc (the Ray layer sends it to Prometheus)."""
+
+    def __call__(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An rpc's answer: the response, or the status and plain message to send instead."""
+
+    response: object | None
+    code: ErrorCode | None = None
+    message: str = ""
+
+
+class Servicer:
+    """Answers Translate, Caption and ListModels for the models whose engines it holds."""
+
+    def __init__(self, engines: dict[str, Engine], record: RequestRecorder | None = None):
+        self.engines = engines
+        self.manifests: dict[str, Manifest] = {n: e.translator.manifest for n, e in engines.items()}
+        self.record = record or (lambda *_: None)
+        self.serving = True
+
+    async def translate(self, request: pb.TranslateRequest, time_remaining: float | None) -> Outcome:
+        """Translate: validate the text, decode it in the model's next batch, map the result."""
+
+        def prepare(engine: Engine) -> PreparedRequest:
+            o = request.options
+            return engine.translator.codec.prepare(
+                request.text, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
+                o.length_penalty, request.locale,
+            )  # fmt: skip
+
+        return await self._decode("Translate", request.model, time_remaining, prepare, translation_to_pb)
+
+    async def caption(self, request: pb.CaptionRequest, time_remaining: float | None) -> Outcome:
+        """Caption: check and decode the image, decode it in the model's next batch, map the result."""
+
+        def prepare(engine: Engine) -> PreparedRequest:
+            o = request.options
+            return engine.translator.codec.prepare_image(
+                request.image, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
+                o.length_penalty,
+            )  # fmt: skip
+
+        return await self._decode("Caption", request.model, time_remaining, prepare, caption_to_pb)
+
+    async def list_models(self) -> Outcome:
+        """ListModels: every model this replica serves, with its figures and providers."""
+
+        async def work() -> pb.ListModelsResponse:
+            return pb.ListModelsResponse(
+                models=[
+                    model_info_to_pb(e.translator.manifest, e.translator.model.providers)
+                    for _, e in sorted(self.engines.items())
+                ]
+            )
+
+        return await self._answer("ListModels", "", "", work)
+
+    async def _decode(self, rpc: str, name: str, time_remaining: float | None, prepare, to_pb) -> Outcome:
+        """Validates with `prepare`, submits to the model's engine, awaits and maps the result."""
+        engine = self.engines.get(name)
+        manifest = engine.translator.manifest if engine else None
+
+        async def work():
+            if engine is None:
+                served = ", ".join(sorted(self.engines))
+                raise RequestError(ErrorCode.NOT_FOUND, f"no model named {name!r}; served models: {served}")
+            if not self.serving:
+                raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry")
+            prepared = prepare(engine)
+            deadline = None if time_remaining is None else time.monotonic() + time_remaining
+            future = engine.submit(prepared, deadline)
+            # wrap_future cancels the engine's future if this call is cancelled: the request
+            # is then dropped from the queue without decoding.
+            return to_pb(await asyncio.wrap_future(future), manifest)
+
+        model, version = (manifest.name, manifest.version) if manifest else (UNKNOWN_MODEL_TAG, "")
+        return await self._answer(rpc, model, version, work)
+
+    async def _answer(self, rpc: str, model: str, version: str, work: Callable[[], Awaitable]) -> Outcome:
+        """Runs one rpc and records it; every failure becomes a status with a plain message.
+
+        Anything that is not a RequestError is logged with an incident id, and the client gets
+        INTERNAL with only that id: no traceback, pid or Ray error text.
+        """
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return Outcome(await work())
+        except RequestError as e:
+            code = e.code.name
+            return Outcome(None, e.code, e.message)
+        except asyncio.CancelledError:  # the client went away; the engine dropped its request
+            code = "CANCELLED"
+            raise
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("internal error %s in %s", incident, rpc)
+            code = ErrorCode.INTERNAL.name
+            return Outcome(None, ErrorCode.INTERNAL, f"internal error (incident {incident})")
+        finally:
+            self.record(rpc, model, version, code, time.perf_counter() - started)
