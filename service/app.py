@@ -1,210 +1,238 @@
-"""The Ray Serve application: one batching deployment per model behind a gRPC ingress."""
+"""The Ray Serve application: one deployment that is the gRPC target and holds the models.
+
+Each replica loads every model of its application's group into an engine of its own (a thread
+that owns the ONNX Runtime sessions and batches whatever is queued when it is free). Requests
+reach the replica straight from the client's connection (Ray's direct ingress behind HAProxy),
+are validated on the event loop and handed to the model's engine: one process hop in all.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve import Application
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
-from ray.serve.handle import DeploymentHandle
 
 from attnserve.service import metrics
-from attnserve.service.config import AppArgs, BatchingConfig
-from attnserve.service.core.errors import ErrorCode, RequestError
+from attnserve.service.config import AppArgs, ServingConfig
+from attnserve.service.core.engine import Engine
+from attnserve.service.core.errors import ErrorCode
 from attnserve.service.core.manifest import Manifest, ManifestError, discover
 from attnserve.service.core.onnx_model import RuntimeConfig
-from attnserve.service.core.translation import PreparedRequest, SourceCodec, Translation, Translator
-from attnserve.service.grpc_mapping import (
-    attention_from_pb,
-    caption_to_pb,
-    model_info_to_pb,
-    translation_to_pb,
-)
+from attnserve.service.core.translation import Translator
+from attnserve.service.grpc_services import Undecodable
+from attnserve.service.servicer import Outcome, Servicer
 from attnserve.v1 import translator_pb2 as pb
 
 log = logging.getLogger("attnserve")
+DEPLOYMENT = "attnserve"
+SERVICE_NAME = "attnserve.v1.Translator"
+TIMEOUT_METADATA = "attnserve-timeout-ms"  # the SDK's deadline, as Ray does not pass gRPC's on
 PROVIDER_GAUGE_PERIOD_S = 5
-UNKNOWN_MODEL_TAG = "_unknown"  # never put client-chosen names into metric labels
+HEALTH_POLL_S = 0.5
 
 
-@serve.deployment
-class ModelServer:
-    """Decodes batches for one model; batching settings arrive as user_config."""
+class RayObserver:
+    """Records one model's engine events as Ray Serve metrics."""
 
-    def __init__(self, entry: str, runtime: RuntimeConfig):
-        self.translator = Translator(Manifest.load(Path(entry)), runtime)
-        m = self.translator.manifest
-        self.tags = {"model": m.name, "version": m.version}
+    def __init__(self, tags: dict[str, str]):
+        self.tags = tags
+
+    def rejected(self, reason: str) -> None:
+        metrics.rejections().inc(tags={**self.tags, "reason": reason})
+
+    def dropped(self, reason: str) -> None:
+        metrics.drops().inc(tags={**self.tags, "reason": reason})
+
+    def batch(self, waits: list[float], decode_s: float, output_tokens: int) -> None:
+        wait = metrics.queue_wait()
+        for seconds in waits:
+            wait.observe(seconds, tags=self.tags)
+        metrics.batch_size().observe(len(waits), tags=self.tags)
+        metrics.decode_latency().observe(decode_s, tags=self.tags)
+        if output_tokens:
+            metrics.output_tokens().inc(output_tokens, tags=self.tags)
+
+    def queue_depth(self, queued: int) -> None:
+        metrics.queue_depth().set(queued, tags=self.tags)
+
+
+def _record(rpc: str, model: str, version: str, code: str, seconds: float) -> None:
+    """Request latency and errors, labelled by rpc and status code."""
+    tags = {"model": model, "version": version, "rpc": rpc, "code": code}
+    metrics.request_latency().observe(seconds, tags=tags)
+    if code != "OK":
+        metrics.request_errors().inc(tags=tags)
+
+
+@serve.deployment(name=DEPLOYMENT)
+class Attnserve:
+    """attnserve.v1.Translator and grpc.health.v1.Health for the models of one group."""
+
+    def __init__(self, entries: dict[str, str], runtime: RuntimeConfig, serving: dict):
+        config = ServingConfig.model_validate(serving)
+        engines = {}
+        for name, path in entries.items():
+            translator = Translator(Manifest.load(Path(path)), runtime)
+            tags = {"model": name, "version": translator.manifest.version}
+            engines[name] = Engine(translator, config.for_model(name).engine_config(), RayObserver(tags))
+        self.servicer = Servicer(engines, _record)
+        self.draining = False
         threading.Thread(target=self._report_providers, name="provider-gauge", daemon=True).start()
+        log.info("serving %s", ", ".join(sorted(engines)))
 
     def _report_providers(self) -> None:
         """Keeps the provider gauge exported: Ray drops a gauge not set for ~20 s from /metrics."""
         while True:
-            for provider in self.translator.model.providers:
-                metrics.execution_provider().set(1, tags={**self.tags, "provider": provider})
+            for engine in self.servicer.engines.values():
+                m = engine.translator.manifest
+                for provider in engine.translator.model.providers:
+                    tags = {"model": m.name, "version": m.version, "provider": provider}
+                    metrics.execution_provider().set(1, tags=tags)
             time.sleep(PROVIDER_GAUGE_PERIOD_S)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Applies a BatchingConfig without restarting the replica (Ray Serve user_config)."""
-        batching = BatchingConfig.model_validate(user_config)
-        self._decode_batch.set_max_batch_size(batching.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-
-    def providers(self) -> tuple[str, ...]:
-        """ONNX Runtime execution providers in use."""
-        return self.translator.model.providers
-
-    async def translate(self, request: PreparedRequest) -> Translation | RequestError:
-        """Queues one prepared request into the next batch and returns its result."""
-        return await self._decode_batch((request, time.perf_counter()))
-
-    @serve.batch(**BatchingConfig().model_dump())  # replaced by user_config in reconfigure()
-    async def _decode_batch(self, items: list[tuple[PreparedRequest, float]]):
-        # The model call stays synchronous: awaiting a thread here lets Serve start the next
-        # batch while this one runs, and batches collapse to size ~1 (FACTS.md).
-        started = time.perf_counter()
-        for _, queued_at in items:
-            metrics.batch_wait().observe(started - queued_at, tags=self.tags)
-        metrics.batch_size().observe(len(items), tags=self.tags)
-        results = self.translator.translate_batch([r for r, _ in items])
-        metrics.decode_latency().observe(time.perf_counter() - started, tags=self.tags)
-        produced = sum(len(r.output_tokens) for r in results if isinstance(r, Translation))
-        if produced:
-            metrics.output_tokens().inc(produced, tags=self.tags)
-        return results
-
-
-@serve.deployment(name="ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
-class TranslatorIngress:
-    """gRPC methods of attnserve.v1.Translator: validate, route to the model, map the result."""
-
-    def __init__(self, entries: dict[str, str], handles: dict[str, DeploymentHandle]):
-        self.manifests = {
-            name: Manifest.load(Path(path), verify_checksums=False) for name, path in entries.items()
-        }
-        self.codecs = {name: SourceCodec(m) for name, m in self.manifests.items()}
-        self.handles = handles
+        """Applies a ServingConfig to every engine without a restart (Ray Serve user_config)."""
+        config = ServingConfig.model_validate(user_config)
+        for name, engine in self.servicer.engines.items():
+            engine.reconfigure(config.for_model(name).engine_config())
 
     async def Translate(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
-        """Validates the text before it joins a batch; every error gets its own status."""
-
-        def prepare(codec: SourceCodec, mode, o) -> PreparedRequest:
-            return codec.prepare(
-                request.text, mode, o.max_output_tokens, o.beam_size, o.length_penalty, request.locale
-            )
-
-        return await self._run("Translate", request, grpc_context, prepare, translation_to_pb)
+        """Translate one text with the named model."""
+        if isinstance(request, Undecodable):
+            return _undecodable(request, grpc_context, pb.TranslateResponse)
+        outcome = await self.servicer.translate(request, _time_remaining(grpc_context))
+        return _reply(outcome, grpc_context, pb.TranslateResponse)
 
     async def Caption(self, request: pb.CaptionRequest, grpc_context: RayServegRPCContext):
-        """Decodes and checks the image before it joins a batch; every error gets its own status."""
-
-        def prepare(codec: SourceCodec, mode, o) -> PreparedRequest:
-            return codec.prepare_image(
-                request.image, mode, o.max_output_tokens, o.beam_size, o.length_penalty
-            )
-
-        return await self._run("Caption", request, grpc_context, prepare, caption_to_pb)
-
-    async def _run(self, rpc: str, request, grpc_context: RayServegRPCContext, prepare, to_pb):
-        """Routes one Translate/Caption request: validate (prepare), decode in the model's batch, map."""
-        manifest = self.manifests.get(request.model)
-
-        async def work():
-            if manifest is None:
-                served = ", ".join(sorted(self.manifests))
-                raise RequestError(
-                    ErrorCode.NOT_FOUND, f"no model named {request.model!r}; served models: {served}"
-                )
-            options = request.options
-            prepared = prepare(self.codecs[request.model], attention_from_pb(options.attention), options)
-            return to_pb(await self._call_model(request.model, prepared), manifest)
-
-        model, version = (manifest.name, manifest.version) if manifest else (UNKNOWN_MODEL_TAG, "")
-        return await _answer(rpc, model, version, grpc_context, work)
+        """Caption one image with the named model."""
+        if isinstance(request, Undecodable):
+            return _undecodable(request, grpc_context, pb.CaptionResponse)
+        outcome = await self.servicer.caption(request, _time_remaining(grpc_context))
+        return _reply(outcome, grpc_context, pb.CaptionResponse)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext):
-        """Served models with their manifest figures and the providers they run on."""
+        """The models this application serves."""
+        if isinstance(request, Undecodable):
+            return _undecodable(request, grpc_context, pb.ListModelsResponse)
+        return _reply(await self.servicer.list_models(), grpc_context, pb.ListModelsResponse)
 
-        async def work() -> pb.ListModelsResponse:
-            models = []
-            for name, manifest in sorted(self.manifests.items()):
-                providers = await self.handles[name].providers.remote()
-                models.append(model_info_to_pb(manifest, providers))
-            return pb.ListModelsResponse(models=models)
+    def _status(self, service: str) -> int | None:
+        """Health of "" (the whole server), the Translator service, or one model; None if unknown."""
+        if service not in ("", SERVICE_NAME) and service not in self.servicer.engines:
+            return None
+        health = health_pb2.HealthCheckResponse
+        return health.NOT_SERVING if self.draining else health.SERVING
 
-        return await _answer("ListModels", "", "", grpc_context, work)
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext):
+        """grpc.health.v1.Health/Check: overall ("") or per service / model name."""
+        if isinstance(request, Undecodable):
+            return _undecodable(request, grpc_context, health_pb2.HealthCheckResponse)
+        status = self._status(request.service)
+        if status is None:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=status)
 
-    async def _call_model(self, name: str, prepared: PreparedRequest) -> Translation:
-        """Calls the model deployment; Ray's overload and restart errors become retryable statuses."""
-        try:
-            result = await self.handles[name].translate.remote(prepared)
-        except BackPressureError:
-            raise RequestError(
-                ErrorCode.RESOURCE_EXHAUSTED, f"model {name!r} is overloaded; retry with backoff"
-            ) from None
-        except (DeploymentUnavailableError, RayActorError):
-            raise RequestError(ErrorCode.UNAVAILABLE, f"model {name!r} is restarting; retry") from None
-        if isinstance(result, RequestError):
-            raise result
-        return result
+    async def List(self, request, grpc_context: RayServegRPCContext):
+        """grpc.health.v1.Health/List: the status of every service this replica answers for."""
+        names = ["", SERVICE_NAME, *sorted(self.servicer.engines)]
+        statuses = {n: health_pb2.HealthCheckResponse(status=self._status(n)) for n in names}
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext):
+        """grpc.health.v1.Health/Watch: the status now, then every change."""
+        service = "" if isinstance(request, Undecodable) else request.service
+        last = None
+        while True:
+            status = self._status(service)
+            status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN if status is None else status
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Turns health NOT_SERVING, refuses new calls with UNAVAILABLE and waits up to timeout_s
+        for the accepted ones; True if every accepted call finished."""
+        self.draining = True
+        self.servicer.serving = False
+        for engine in self.servicer.engines.values():
+            engine.stop_accepting()
+        deadline = time.monotonic() + timeout_s
+        while any(e.busy for e in self.servicer.engines.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not any(e.busy for e in self.servicer.engines.values())
+
+    def __del__(self):
+        """Stops the engine threads when Serve removes the replica."""
+        servicer = getattr(self, "servicer", None)
+        for engine in servicer.engines.values() if servicer else ():
+            engine.close(timeout_s=0)
 
 
-async def _answer(rpc: str, model: str, version: str, context: RayServegRPCContext, work):
-    """Runs one rpc: records latency and errors, and turns every failure into a clean status.
+def _time_remaining(grpc_context: RayServegRPCContext) -> float | None:
+    """Seconds the caller will wait, from the SDK's timeout metadata; None if not sent."""
+    for key, value in grpc_context.invocation_metadata():
+        if key == TIMEOUT_METADATA:
+            try:
+                return max(float(value) / 1000, 0.0)
+            except ValueError:
+                return None
+    return None
 
-    Anything that is not a RequestError is logged with an incident id, and the client gets
-    INTERNAL with only that id: no traceback, pid or Ray error text.
+
+def _reply(outcome: Outcome, grpc_context: RayServegRPCContext, empty):
+    """The response, or an empty message with the outcome's status and plain message.
+
+    Returning (not raising) keeps Ray from logging a traceback for every refused call under
+    overload; attnserve's own metrics count the status.
     """
-    tags = {"model": model, "version": version, "rpc": rpc, "code": "OK"}
-    started = time.perf_counter()
-    try:
-        return await work()
-    except Exception as exc:
-        error = exc
-        if not isinstance(exc, RequestError):
-            incident = uuid.uuid4().hex[:12]
-            log.exception("internal error %s in %s", incident, rpc)
-            error = RequestError(ErrorCode.INTERNAL, f"internal error (incident {incident})")
-        tags["code"] = error.code.name
-        metrics.request_errors().inc(tags=tags)
-        context.set_code(grpc.StatusCode[error.code.name])
-        context.set_details(error.message)
-        raise error from None  # raising (not returning) makes Serve count the request as failed
-    finally:
-        metrics.request_latency().observe(time.perf_counter() - started, tags=tags)
+    if outcome.code is None:
+        return outcome.response
+    grpc_context.set_code(grpc.StatusCode[outcome.code.name])
+    grpc_context.set_details(outcome.message)
+    return empty()
+
+
+def _undecodable(request: Undecodable, grpc_context: RayServegRPCContext, empty):
+    """INVALID_ARGUMENT for request bytes that do not parse."""
+    grpc_context.set_code(grpc.StatusCode[ErrorCode.INVALID_ARGUMENT.name])
+    grpc_context.set_details(f"the request body ({request.size} bytes) is not a valid {request.type_name}")
+    return empty()
 
 
 def app_builder(args: dict | AppArgs) -> Application:
-    """Builds the attnserve application: one ModelServer per model behind a TranslatorIngress.
+    """Builds an attnserve application: one `attnserve` deployment holding its group's models.
 
     Ray Serve calls this with the `args:` of the config file.
 
     Raises:
-        ManifestError: if the repository is missing, empty or holds an invalid entry.
+        ManifestError: if the repository is missing or empty, holds an invalid entry, or lacks a
+            model the group names.
     """
     args = AppArgs.model_validate(args)
     manifests = discover(Path(args.model_repository))
     if not manifests:
         raise ManifestError(f"no models found in {args.model_repository}")
-    runtime = RuntimeConfig(**args.runtime.model_dump())
-    d = args.model_defaults
-    entries, handles = {}, {}
-    for m in manifests:
-        entries[m.name] = str(m.path.resolve())
-        handles[m.name] = ModelServer.options(
-            name=f"model-{m.name}",
-            num_replicas=d.num_replicas,
-            user_config=d.batching.model_dump(),
-            max_ongoing_requests=max(d.max_ongoing_requests, d.batching.max_batch_size),
-            max_queued_requests=d.max_queued_requests,
-            ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
-        ).bind(entries[m.name], runtime)
-    return TranslatorIngress.bind(entries, handles)
+    found = {m.name: m for m in manifests}
+    missing = sorted(set(args.models) - set(found))
+    if missing:
+        raise ManifestError(f"models {missing} are not in {args.model_repository}; it has {sorted(found)}")
+    chosen = [found[n] for n in (args.models or sorted(found))]
+    entries = {m.name: str(m.path.resolve()) for m in chosen}
+    r = args.replica
+    return Attnserve.options(
+        num_replicas=r.num_replicas,
+        max_ongoing_requests=r.max_ongoing_requests,
+        user_config=args.serving.model_dump(mode="json"),
+        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+    ).bind(entries, RuntimeConfig(**args.runtime.model_dump()), args.serving.model_dump(mode="json"))

@@ -23,14 +23,14 @@ def _serve(args: argparse.Namespace) -> int:
         serve_config=args.serve_config or DEFAULT_SERVE_CONFIG, address=args.address, num_cpus=args.num_cpus,
         metrics_port=args.metrics_port, grpc_port=args.grpc_port, http_port=args.http_port,
         host=args.host, model_repository=args.repository, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
+        batch_wait_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
+        max_queue_wait_s=args.max_queue_wait_s,
     )  # fmt: skip
     try:
-        serve_until_signalled(options)
+        return serve_until_signalled(options)
     except (DeployError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 def _call(args: argparse.Namespace, rpc: str, *params):
@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help="override the HTTP proxy port of the file")
     p.add_argument("--host", help="override the HTTP proxy's bind address of the file")
     p.add_argument("--max-batch-size", type=int, help="override batching for every model")
-    p.add_argument("--batch-wait-ms", type=float, help="override the batch window for every model")
+    p.add_argument("--batch-wait-ms", type=float, help="override the batch wait timer for every model")
+    p.add_argument("--max-queue-wait-s", type=float, help="override the admitted queue wait for every model")
     p.set_defaults(handler=_serve)
 
     for name, handler, help_ in (

@@ -2,10 +2,11 @@
 
 One source: a Ray Serve config file (the format of `serve deploy` and KubeRay's
 `serveConfigV2`), validated with Ray's own schema. Its application is built by
-`attnserve.service.app:app_builder` from `AppArgs`; every model in the repository becomes a
-deployment named `model-<name>` with the defaults in `AppArgs.model_defaults`, which the file's
-`deployments:` entries can override per model. `LocalOptions` holds what only `attnserve serve`
-needs: which Ray to use and command-line overrides of the file.
+`attnserve.service.app:app_builder` from `AppArgs`: one deployment, `attnserve`, whose replicas
+each hold an engine for every model of the application's group (all models by default). Its
+`user_config` (a `ServingConfig`) sets batching and admission per model without a restart.
+`LocalOptions` holds what only `attnserve serve` needs: which Ray to use and command-line
+overrides of the file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.schema import ServeDeploySchema
+
+from attnserve.service.core.engine import EngineConfig
 
 DEFAULT_SERVE_CONFIG = Path("deploy/serve/attnserve.yaml")
 
@@ -34,30 +37,57 @@ class RuntimeArgs(_Frozen):
     intra_op_threads: int = Field(0, ge=0)
 
 
-class BatchingConfig(_Frozen):
-    """Dynamic batching of one model replica: its Ray Serve `user_config` (no restart to change)."""
+class EngineSettings(_Frozen):
+    """Batching and admission of one model's engine (see core.engine.EngineConfig)."""
 
     max_batch_size: int = Field(32, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    max_batch_tokens: int = Field(0, ge=0)
+    batch_wait_s: float = Field(0.0, ge=0, le=1)
+    max_queued: int = Field(1024, ge=1)
+    max_queue_wait_s: float = Field(2.0, gt=0, le=600)
+
+    def engine_config(self) -> EngineConfig:
+        """The core's frozen dataclass."""
+        return EngineConfig(**self.model_dump())
 
 
-class ModelDeploymentArgs(_Frozen):
-    """Defaults for every model deployment; the config file may override them per model."""
+class ServingConfig(_Frozen):
+    """The replica's Ray Serve `user_config`: engine settings for every model, overridable per
+    model by name (any subset of the fields). Changes apply without a restart."""
+
+    defaults: EngineSettings = EngineSettings()
+    models: dict[str, dict[str, Any]] = {}
+
+    def for_model(self, name: str) -> EngineSettings:
+        """The settings of one model: its overrides over the defaults.
+
+        Raises:
+            pydantic.ValidationError: if an override is not a valid EngineSettings field.
+        """
+        return EngineSettings.model_validate({**self.defaults.model_dump(), **self.models.get(name, {})})
+
+
+class ReplicaArgs(_Frozen):
+    """Resources of the serving deployment's replicas (each holds every model of its group)."""
 
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)
-    max_queued_requests: int = Field(512, ge=-1)
-    batching: BatchingConfig = BatchingConfig()
+    # Ray's own bound on calls in a replica; admission control in the engines decides first.
+    max_ongoing_requests: int = Field(4096, ge=1)
 
 
 class AppArgs(_Frozen):
-    """Arguments of `app_builder`: the `args:` of the attnserve application in the config file."""
+    """Arguments of `app_builder`: the `args:` of an attnserve application in the config file.
+
+    models: the model group this application serves; empty for every model in the repository.
+    """
 
     model_repository: str = "model_repository"
+    models: tuple[str, ...] = ()
     runtime: RuntimeArgs = RuntimeArgs()
-    model_defaults: ModelDeploymentArgs = ModelDeploymentArgs()
+    replica: ReplicaArgs = ReplicaArgs()
+    serving: ServingConfig = ServingConfig()
 
 
 @dataclass(frozen=True)
@@ -76,8 +106,9 @@ class LocalOptions:
     http_port: int | None = None
     host: str | None = None
     model_repository: Path | None = None
-    max_batch_size: int | None = None  # batching overrides apply to every model
-    batch_wait_timeout_s: float | None = None
+    max_batch_size: int | None = None  # engine overrides apply to every model
+    batch_wait_s: float | None = None
+    max_queue_wait_s: float | None = None
 
 
 def load_serve_config(options: LocalOptions) -> ServeDeploySchema:
@@ -110,15 +141,24 @@ def apply_overrides(raw: dict[str, Any], options: LocalOptions) -> dict[str, Any
         if options.model_repository is not None:
             args["model_repository"] = str(options.model_repository)
         args["model_repository"] = str(Path(args["model_repository"]).resolve())
-        batching = {
+        overrides = {
             "max_batch_size": options.max_batch_size,
-            "batch_wait_timeout_s": options.batch_wait_timeout_s,
+            "batch_wait_s": options.batch_wait_s,
+            "max_queue_wait_s": options.max_queue_wait_s,
         }
-        batching = {k: v for k, v in batching.items() if v is not None}
-        if batching:
-            merged = {**args["model_defaults"]["batching"], **batching}
-            args["model_defaults"]["batching"] = BatchingConfig.model_validate(merged).model_dump()
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:  # every model, here and in the file's user_config
+            args["serving"] = _override_serving(args["serving"], overrides)
             for deployment in app.get("deployments", []):
-                deployment.pop("user_config", None)
+                if "user_config" in deployment:
+                    deployment["user_config"] = _override_serving(deployment["user_config"], overrides)
         app["args"] = args
     return config
+
+
+def _override_serving(serving: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A ServingConfig dict with the overrides applied to the defaults and to every model."""
+    config = ServingConfig.model_validate(serving)
+    defaults = EngineSettings.model_validate({**config.defaults.model_dump(), **overrides})
+    models = {name: {**given, **overrides} for name, given in config.models.items()}
+    return ServingConfig(defaults=defaults, models=models).model_dump(mode="json")

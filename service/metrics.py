@@ -39,11 +39,11 @@ def request_errors() -> Counter:
 
 
 @cache
-def batch_wait() -> Histogram:
-    """Time a request waited in the model replica before its batch started decoding."""
+def queue_wait() -> Histogram:
+    """Time a request waited in its model's queue before its batch started decoding."""
     return Histogram(
-        "attnserve_batch_wait_seconds",
-        description="Time from a request reaching the model replica to its batch starting.",
+        "attnserve_queue_wait_seconds",
+        description="Time from a request being admitted to its model's engine to its batch starting.",
         boundaries=LATENCY_BUCKETS_S,
         tag_keys=MODEL_TAGS,
     )
@@ -88,4 +88,34 @@ def execution_provider() -> Gauge:
         "attnserve_execution_provider_info",
         description="ONNX Runtime execution providers in use by a model replica (value 1).",
         tag_keys=(*MODEL_TAGS, "provider"),
+    )
+
+
+@cache
+def queue_depth() -> Gauge:
+    """Requests waiting in a model's queue."""
+    return Gauge(
+        "attnserve_queue_depth",
+        description="Requests waiting in the model's engine queue (sampled at every batch).",
+        tag_keys=MODEL_TAGS,
+    )
+
+
+@cache
+def rejections() -> Counter:
+    """Requests refused at admission, by reason."""
+    return Counter(
+        "attnserve_rejections_total",
+        description="Requests refused before queueing: queue_full, queue_wait, deadline, shutting_down.",
+        tag_keys=(*MODEL_TAGS, "reason"),
+    )
+
+
+@cache
+def drops() -> Counter:
+    """Queued requests dropped without decoding, by reason."""
+    return Counter(
+        "attnserve_dropped_total",
+        description="Queued requests dropped without decoding: deadline (passed or unmeetable), cancelled.",
+        tag_keys=(*MODEL_TAGS, "reason"),
     )
