@@ -92,6 +92,18 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server (or --service) is SERVING: for container health checks."""
+    from grpc_health.v1 import health_pb2
+
+    status = _call(args, "health", args.service)
+    if status is None:
+        return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(name)
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _train(args: argparse.Namespace) -> int:
     from attnserve.models.registry import task
     from attnserve.models.train import TrainConfig, train
@@ -203,18 +215,31 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from attnserve.bench.run import BenchConfig, run_bench
+    if args.overload:
+        from attnserve.bench.overload import OverloadConfig, run_overload
+
+        if args.model and len(args.model) > 1:
+            print("error: --overload runs one --model", file=sys.stderr)
+            return 2
+        run_overload(
+            OverloadConfig(
+                model=args.model[0] if args.model else OverloadConfig.model, repository=args.repository,
+                serve_config=args.serve_config, target=args.target, factor=args.overload_factor,
+                seconds=args.overload_seconds, deadline_s=args.deadline,
+                out=args.out or Path("bench/results/overload.json"),
+            )
+        )  # fmt: skip
+        return 0
+    from attnserve.bench.run import KINDS, BenchConfig, run_bench
 
     run_bench(
         BenchConfig(
-            model=args.model,
-            repository=args.repository,
-            target=args.target,
-            concurrency=tuple(args.concurrency),
-            requests=args.requests,
-            out=args.out,
+            models=tuple(args.model or ()), kinds=tuple(args.kind or KINDS), repository=args.repository,
+            serve_config=args.serve_config, target=args.target, concurrency=tuple(args.concurrency),
+            requests=args.requests, max_seconds=args.max_seconds,
+            out=args.out or Path("bench/results/bench.json"),
         )
-    )
+    )  # fmt: skip
     return 0
 
 
@@ -249,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("translate", _translate, "translate text with a served model"),
         ("caption", _caption, "caption a PNG or JPEG image with a served model"),
         ("models", _models, "list the served models"),
+        ("health", _health, "grpc.health.v1 check: exit 0 when serving"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--target", default=DEFAULT_ADDRESS, help=f"gRPC address (default {DEFAULT_ADDRESS})")
@@ -259,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--locale", default="", help="the text's CLDR locale, e.g. de_DE (date models)")
         elif name == "caption":
             p.add_argument("image", type=Path, help="a PNG or JPEG file")
-        if name != "models":
+        if name == "health":
+            p.add_argument("--service", default="", help="a model name, or empty for the whole server")
+        if name not in ("models", "health"):
             p.add_argument("--model", required=True)
             p.add_argument("--attention", action="store_true", help="print the attention weights")
             p.add_argument("--max-output-tokens", type=int, default=0)
@@ -311,13 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy, what the manifest records)")
     p.set_defaults(handler=_eval)
 
-    p = sub.add_parser("bench", help="gRPC load at several concurrencies vs the in-process engine")
-    p.add_argument("--model", default="g2p-bahdanau")
+    p = sub.add_parser("bench", help="every model at concurrency 1/8/32: Ray path, plain gRPC, in-process")
+    p.add_argument("--model", action="append", help="a model to measure (repeatable; default: every model)")
+    p.add_argument("--kind", action="append", choices=("ray", "plain", "in-process"),
+                   help="a serving path to measure (repeatable; default: all three)")  # fmt: skip
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--target", help="benchmark a running service instead of starting one")
+    p.add_argument("--serve-config", type=Path, default=Path("deploy/serve/attnserve.yaml"),
+                   help="the service, and the engine settings every path uses")  # fmt: skip
+    p.add_argument("--target", help="measure this running service (HOST:PORT) instead of starting Ray")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
-    p.add_argument("--out", type=Path, default=Path("bench/results/bench.json"))
+    p.add_argument("--requests", type=int, default=1000, help="calls per model and concurrency at most")
+    p.add_argument("--max-seconds", type=float, default=6.0, help="time per model and concurrency at most")
+    p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json or overload.json)")
+    p.add_argument("--overload", action="store_true", help="open-loop arrivals at a multiple of capacity "
+                   "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
+    p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
+    p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
+    p.add_argument("--deadline", type=float, default=10.0, help="overload: each call's deadline (10 s)")
     p.set_defaults(handler=_bench)
 
     p = sub.add_parser("render-k8s", help="regenerate the KubeRay manifests from deploy/serve/*.yaml")

@@ -1,21 +1,98 @@
-"""A small synchronous client for attnserve.v1, used by the CLI, the benchmark and the tests."""
+"""A small synchronous client for attnserve.v1, used by the CLI, the benchmark and the tests.
+
+Calls are retried on UNAVAILABLE (a replica restarting or draining) with exponential backoff
+by gRPC's standard retry policy, so a replica killed under load costs a caller no failed call;
+inference calls are idempotent. Each call carries its deadline twice: as gRPC's deadline and as
+`attnserve-timeout-ms` metadata, which the server reads to refuse work it cannot finish in time
+(Ray Serve does not hand gRPC's deadline to the replica). A model served by another
+application (a model group) is reached with `application` metadata, which the client finds
+itself from ListModels.
+"""
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
+
+TIMEOUT_METADATA = "attnserve-timeout-ms"
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "attnserve.v1.Translator"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+def channel_options() -> list[tuple[str, object]]:
+    """Channel options that turn on the retry policy (for any grpcio client of attnserve)."""
+    return [("grpc.service_config", RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
 
 
 class Client:
     """Wraps a channel to a running attnserve."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 30.0):
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=channel_options())
         self.stub = pb_grpc.TranslatorStub(self.channel)
         self.timeout_s = timeout_s
+        self._applications: dict[str, str] | None = None  # model -> application, for groups
+
+    def _metadata(self, model: str = "") -> tuple[tuple[str, str], ...]:
+        """The deadline metadata, and the model's application when it is in another group."""
+        pairs = [(TIMEOUT_METADATA, str(int(self.timeout_s * 1000)))]
+        app = (self._applications or {}).get(model)
+        if app:
+            pairs.append(("application", app))
+        return tuple(pairs)
+
+    def _call(self, rpc, request, model: str):
+        """One call; on NOT_FOUND for the model, looks up its application once and retries there."""
+        try:
+            return rpc(request, timeout=self.timeout_s, metadata=self._metadata(model))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND or self._applications is not None:
+                raise
+            self._applications = self._find_applications()
+            if model not in self._applications:
+                raise
+            return rpc(request, timeout=self.timeout_s, metadata=self._metadata(model))
+
+    def _find_applications(self) -> dict[str, str]:
+        """model -> application, from ListModels of every application Ray Serve lists."""
+        from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+        found: dict[str, str] = {}
+        try:
+            apps = serve_pb2_grpc.RayServeAPIServiceStub(self.channel).ListApplications(
+                serve_pb2.ListApplicationsRequest(), timeout=self.timeout_s
+            )
+        except grpc.RpcError:
+            return found
+        for app in apps.application_names:
+            try:
+                listed = self.stub.ListModels(
+                    pb.ListModelsRequest(), timeout=self.timeout_s, metadata=(("application", app),)
+                )
+            except grpc.RpcError:
+                continue
+            found.update({m.name: app for m in listed.models})
+        return found
 
     def translate(
         self,
@@ -34,7 +111,7 @@ class Client:
         """
         options = _options(attention, max_output_tokens, beam_size, length_penalty)
         request = pb.TranslateRequest(model=model, text=text, options=options, locale=locale)
-        return self.stub.Translate(request, timeout=self.timeout_s)
+        return self._call(self.stub.Translate, request, model)
 
     def caption(
         self,
@@ -52,11 +129,20 @@ class Client:
         """
         options = _options(attention, max_output_tokens, beam_size, length_penalty)
         request = pb.CaptionRequest(model=model, image=image, options=options)
-        return self.stub.Caption(request, timeout=self.timeout_s)
+        return self._call(self.stub.Caption, request, model)
 
     def list_models(self) -> pb.ListModelsResponse:
         """Calls ListModels."""
-        return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self._metadata())
+
+    def health(self, service: str = "") -> int:
+        """grpc.health.v1 Check: the status of the server ("") or a model (a HealthCheckResponse enum).
+
+        Raises:
+            grpc.RpcError: NOT_FOUND for an unknown service, or when the server cannot be reached.
+        """
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s).status
 
     def close(self) -> None:
         self.channel.close()

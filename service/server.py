@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,6 +32,7 @@ log = logging.getLogger("attnserve")
 DEPLOY_TIMEOUT_S = 300
 SHUTDOWN_TIMEOUT_S = 30
 DRAIN_GRACE_S = 5.0  # accepted calls get this long to finish after SIGTERM
+LAME_DUCK_S = 1.0  # then the ports stay open this long, refusing calls cleanly while balancers look away
 SUPERVISED = "ATTNSERVE_SUPERVISED"  # set in the serving child of `attnserve serve`
 # Ray Serve settings of the serving path (FACTS.md: "The serving path, measured"): HAProxy
 # forwards gRPC straight to the replica (direct ingress), the replica runs user code on its
@@ -83,6 +86,7 @@ def start(options: LocalOptions) -> Endpoints:
         )
         if local:
             _check_local_gpus(config)
+            _answer_proxy_errors_as_unavailable()
         client.deploy_apps(config)
         _wait_until_running(config)
     except BaseException:
@@ -97,9 +101,13 @@ def start(options: LocalOptions) -> Endpoints:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+), where other processes' random ports
+    land, and outside Ray's replica port ranges (30000-31000, 40000-41000)."""
+    while True:
+        port = random.randrange(20000, 30000)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("0.0.0.0", port))
+            return port
 
 
 def _set_local_environment() -> None:
@@ -117,6 +125,32 @@ def _set_local_environment() -> None:
     os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(run / "server-state"))
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+
+
+# What HAProxy answers when a replica dies mid-call and no retry can save the call: a gRPC
+# trailers-only UNAVAILABLE (Ray's page is an HTTP 500, which gRPC clients read as UNKNOWN).
+UNAVAILABLE_PAGE = (
+    "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 14\r\n"
+    "grpc-message: the serving replica is restarting; retry\r\ncontent-length: 0\r\n\r\n"
+)
+
+
+def _answer_proxy_errors_as_unavailable(timeout_s: float = 20.0) -> None:
+    """Replaces Ray's HAProxy error page before the first replica joins (HAProxy reads it then)."""
+    config_dir = Path(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "")).parent
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or config_dir == Path("."):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pages = list(config_dir.glob("*/500.http"))
+        if pages:
+            for page in pages:
+                page.write_text(UNAVAILABLE_PAGE)
+            return
+        time.sleep(0.1)
+    log.warning(
+        "HAProxy's error page did not appear in %s; a killed replica's calls may get UNKNOWN", config_dir
+    )
 
 
 def _check_local_gpus(config: ServeDeploySchema) -> None:
@@ -161,40 +195,50 @@ def _last_line(message: str) -> str:
     return lines[-1] if lines else message
 
 
-def drain(endpoints: Endpoints, grace_s: float = DRAIN_GRACE_S) -> None:
-    """Turns every application NOT_SERVING and lets its accepted calls finish (up to grace_s)."""
-    calls = []
-    for name in endpoints.applications:
-        with contextlib.suppress(Exception):
-            calls.append(serve.get_deployment_handle(DEPLOYMENT, app_name=name).drain.remote(grace_s))
-    for call in calls:
-        try:
-            if not call.result(timeout_s=grace_s + 5):
-                log.warning("calls still running after %.0f s of draining", grace_s)
-        except Exception as e:  # a replica already gone has nothing left to drain
-            log.warning("draining failed: %s", type(e).__name__)
-
-
-def stop(endpoints: Endpoints) -> None:
+def stop(endpoints: Endpoints, drain: bool = False) -> None:
     """Removes the applications; a local Ray is shut down entirely, a cluster is left running.
 
-    Serve's graceful shutdown gets SHUTDOWN_TIMEOUT_S: when a supervisor has signalled the whole
-    process group (systemd's default), the raylet is already gone and Serve would wait forever.
+    With drain, every application first turns NOT_SERVING and lets its accepted calls finish
+    (up to DRAIN_GRACE_S); calls arriving meanwhile are refused with UNAVAILABLE, and the ports
+    stay open LAME_DUCK_S longer, so a call sent while the service drains is refused by it
+    rather than cut off when the ports close. Serve's own shutdown gets SHUTDOWN_TIMEOUT_S: when
+    the raylet is already gone, Serve would wait forever.
     """
+    # One event loop for the drain handles and Serve's shutdown: with
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED a handle's router runs on the caller's loop.
+    asyncio.run(_stop(endpoints, drain))
+    ray.shutdown()
 
-    def remove() -> None:
+
+async def _stop(endpoints: Endpoints, drain: bool) -> None:
+    """Drains (optionally), then removes the applications or shuts Serve down."""
+    if drain:
+        started = time.monotonic()
+        for name, outcome in zip(endpoints.applications, await _drain(endpoints.applications), strict=True):
+            if isinstance(outcome, BaseException):  # a replica already gone has nothing left to drain
+                print(f"draining {name} failed: {type(outcome).__name__}: {outcome}", file=sys.stderr)
+            elif not outcome:
+                print(f"{name}: calls still running after {DRAIN_GRACE_S:g} s", file=sys.stderr)
+        print(f"drained in {time.monotonic() - started:.1f} s", flush=True)
+        await asyncio.sleep(LAME_DUCK_S)
+    try:
         if endpoints.local:
-            serve.shutdown()
+            await asyncio.wait_for(serve.shutdown_async(), SHUTDOWN_TIMEOUT_S)
         else:
             for name in endpoints.applications:
-                serve.delete(name)
-
-    worker = threading.Thread(target=remove, name="serve-shutdown", daemon=True)
-    worker.start()
-    worker.join(SHUTDOWN_TIMEOUT_S)
-    if worker.is_alive():
+                await asyncio.wait_for(asyncio.to_thread(serve.delete, name), SHUTDOWN_TIMEOUT_S)
+    except TimeoutError:
         log.warning("Serve did not shut down within %d s; stopping Ray anyway", SHUTDOWN_TIMEOUT_S)
-    ray.shutdown()
+
+
+async def _drain(applications: tuple[str, ...]) -> list:
+    """Asks each application's replica to drain; its result, or the exception, per application."""
+
+    async def one(name: str):
+        handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
+        return await asyncio.wait_for(handle.drain.remote(DRAIN_GRACE_S), DRAIN_GRACE_S + 5)
+
+    return await asyncio.gather(*(one(n) for n in applications), return_exceptions=True)
 
 
 def serve_until_signalled(options: LocalOptions) -> int:
@@ -264,6 +308,5 @@ def _serve_child(options: LocalOptions) -> None:
         print("Stop with Ctrl-C.", flush=True)
         stop_requested.wait()
         print("stopping attnserve: draining ...", flush=True)
-        drain(endpoints)
     finally:
-        stop(endpoints)
+        stop(endpoints, drain=stop_requested.is_set())

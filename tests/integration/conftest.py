@@ -78,7 +78,7 @@ def served_repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def service(served_repository) -> RunningService:
-    """`attnserve serve` on the served repository, on free local ports, with a 20 ms batch window."""
+    """`attnserve serve` on the served repository, on free local ports, with a 20 ms batch timer."""
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     exe = Path(sys.executable).with_name("attnserve")
     cmd = [
@@ -88,7 +88,10 @@ def service(served_repository) -> RunningService:
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # A session of its own, so the last test can signal the service's whole process group.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     running = RunningService(proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics")
     threading.Thread(target=_pump, args=(proc.stdout, running.lines), daemon=True).start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

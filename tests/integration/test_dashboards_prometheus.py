@@ -2,13 +2,17 @@
 
 Prometheus (Debian's package) runs with the shipped config and alert rules, its scrape target
 pointed at the test's attnserve; traffic with good and bad requests flows while the queries are
-polled through Prometheus's HTTP API.
+polled through Prometheus's HTTP API. The traffic includes calls whose deadline (the SDK's
+`attnserve-timeout-ms` metadata) is already over, refused at admission (a rejection, reason
+"deadline"), and calls given 1 ms, which the engine admits and then drops from its queue (a drop):
+so the admission panels show real series, not only their "none" zero lines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -21,7 +25,8 @@ import grpc
 import pytest
 import yaml
 
-from attnserve.service.client import Client
+from attnserve.service.client import TIMEOUT_METADATA, Client
+from attnserve.v1 import translator_pb2 as pb
 from tests.conftest import ROOT
 from tests.integration.conftest import free_port
 
@@ -38,6 +43,13 @@ def panel_queries(path: Path) -> list[tuple[str, str]]:
             expr = target["expr"].replace("$__rate_interval", "1m").replace("$model", ".*")
             queries.append((panel["title"], expr))
     return queries
+
+
+def metric_queries(queries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A `count(metric)` for every metric the panels read: each must really be exported, also where
+    a panel falls back to a 0 line without it."""
+    names = sorted({name for _, expr in queries for name in re.findall(r"\bray_\w+", expr)})
+    return [(f"metric {name}", f"count({name})") for name in names]
 
 
 def _api(base: str, path: str, **params) -> dict:
@@ -81,7 +93,7 @@ def prometheus(service, tmp_path):
 
 
 def _traffic(address: str, stop: threading.Event) -> None:
-    """Good requests, bad ones and an unknown model, until told to stop."""
+    """Good requests, bad ones, an unknown model and hopeless deadlines, until told to stop."""
     with Client(address, timeout_s=30) as client:
         i = 0
         while not stop.is_set():
@@ -90,6 +102,12 @@ def _traffic(address: str, stop: threading.Event) -> None:
                 with contextlib.suppress(grpc.RpcError):
                     client.translate(model, text, attention=i % 2 == 0)
             client.list_models()
+            # 0 ms left: refused at admission; 1 ms: admitted, then dropped before decoding (once
+            # the engine has measured that a batch takes longer).
+            for budget_ms in ("0", "1"):
+                request = pb.TranslateRequest(model="g2p-bahdanau", text="deadline")
+                with contextlib.suppress(grpc.RpcError):
+                    client.stub.Translate(request, timeout=30, metadata=((TIMEOUT_METADATA, budget_ms),))
             i += 1
             time.sleep(0.05)
 
@@ -98,6 +116,7 @@ def _traffic(address: str, stop: threading.Event) -> None:
 def test_every_panel_query_returns_series(service, prometheus, dashboard):
     queries = panel_queries(dashboard)
     assert len(queries) >= 10
+    queries += metric_queries(queries)
     stop = threading.Event()
     sender = threading.Thread(target=_traffic, args=(service.grpc_address, stop), daemon=True)
     sender.start()

@@ -27,9 +27,11 @@ def _serve(config: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this host has a GPU")
 def test_gpu_profile_refuses_a_host_without_gpus():
-    result = _serve(ROOT / "deploy/serve/attnserve-gpu.yaml")
+    path = ROOT / "deploy/serve/attnserve-gpu.yaml"
+    wanted = yaml.safe_load(path.read_text())["applications"][0]["args"]["replica"]["num_gpus"]
+    result = _serve(path)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "asks for 0.2 GPU per model replica" in result.stderr
+    assert f"asks for {wanted:g} GPU per" in result.stderr
     assert "attnserve is up" not in result.stdout
 
 
@@ -39,7 +41,7 @@ def test_required_cuda_provider_missing_fails_the_deploy(tmp_path):
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
     config = yaml.safe_load((ROOT / "deploy/serve/attnserve-gpu.yaml").read_text())
-    config["applications"][0]["args"]["model_defaults"]["num_gpus"] = 0  # schedulable here
+    config["applications"][0]["args"]["replica"]["num_gpus"] = 0  # schedulable here
     path = tmp_path / "cuda-without-gpu.yaml"
     path.write_text(yaml.safe_dump(config))
     result = _serve(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from functools import cache
@@ -19,6 +20,8 @@ import jsonschema
 import pytest
 import yaml
 from docker.utils.build import PatternMatcher
+
+from attnserve.service.server import DRAIN_GRACE_S, SERVE_ENVIRONMENT
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -32,6 +35,9 @@ DOCKERFILES = {"Dockerfile": "cpu", "Dockerfile.gpu": "gpu"}
 SERVE_CONFIG = DEPLOY / "serve" / "attnserve.yaml"
 PLACEHOLDER = "    serveConfigV2: |\n      __SERVE_CONFIG__\n"
 KUBERNETES_VERSION = "1.30.0"
+GRPC_PORT = 50051
+STOP_BUDGET_S = 10  # `attnserve serve` exits within this after SIGTERM (Docker's default stop timeout)
+HEALTH_COMMAND = ["attnserve", "health", "--target", f"127.0.0.1:{GRPC_PORT}"]
 
 
 def _tool(name: str, install: str) -> str:
@@ -69,7 +75,27 @@ def test_compose_config_is_valid():
     assert set(services) == {"attnserve", "prometheus", "grafana"}
     assert services["attnserve"]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
     assert services["attnserve"]["shm_size"] in ("2gb", "2g", 2 * 1024**3)
-    assert services["attnserve"]["healthcheck"]["test"][:3] == ["CMD", "attnserve", "models"]
+    assert services["attnserve"]["healthcheck"]["test"][:5] == ["CMD", *HEALTH_COMMAND]
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration such as "15s" or "1m30s" in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_compose_stops_and_checks_the_service_as_it_drains():
+    """SIGTERM drains (health NOT_SERVING, accepted calls finish), so the stop grace must cover the
+    drain and the stop budget; the health check must be the gRPC one and time out within its period."""
+    service = _compose_config()["services"]["attnserve"]
+    assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
+    grace = _seconds(service["stop_grace_period"])
+    assert STOP_BUDGET_S <= grace <= 2 * STOP_BUDGET_S and grace > DRAIN_GRACE_S
+    check = service["healthcheck"]
+    command_timeout = float(check["test"][check["test"].index("--timeout") + 1])
+    assert command_timeout < _seconds(check["timeout"]) <= _seconds(check["interval"])
 
 
 def test_compose_bind_mounts_and_build_files_exist():
@@ -184,7 +210,8 @@ def test_dashboard_panels_have_queries_on_the_provisioned_datasource():
     uid = provisioned["datasources"][0]["uid"]
     assert uid == "prometheus"
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Traffic", "Latency", "Batching", "Throughput", "Replicas", "Runtime"]
+    expected = ["Traffic", "Admission and queues", "Latency", "Batching", "Throughput", "Replicas"]
+    assert rows == [*expected, "Runtime"]
     panels = _panels(dashboard)
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     for panel in panels:
@@ -197,7 +224,8 @@ def test_dashboard_panels_have_queries_on_the_provisioned_datasource():
         assert grid["x"] + grid["w"] <= 24, panel["title"]
     (variable,) = dashboard["templating"]["list"]
     assert variable["name"] == "model" and variable["datasource"]["uid"] == uid
-    assert variable["definition"] == "label_values(ray_attnserve_batch_size_count, model)"
+    # Every served model, before any traffic: the replicas keep the provider gauge exported.
+    assert variable["definition"] == "label_values(ray_attnserve_execution_provider_info, model)"
     assert all("$model" in expr for name, expr in _targets_raw() if "attnserve_" in expr), (
         "every attnserve panel follows the $model variable"
     )
@@ -205,6 +233,23 @@ def test_dashboard_panels_have_queries_on_the_provisioned_datasource():
 
 def _targets_raw() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in _panels(_dashboard()) for t in p["targets"]]
+
+
+def test_dashboard_follows_the_single_attnserve_deployment():
+    """One deployment, `attnserve`, holds every model: no panel reads the removed ingress and
+    model-<name> deployments or the removed batch-wait metric, and the admission metrics are shown."""
+    exprs = [expr for _, expr in _targets_raw()]
+    text = "\n".join(exprs)
+    for gone in ("batch_wait", '"ingress"', "model-", "num_ongoing_requests_at_replicas"):
+        assert gone not in text, gone
+    for expr in exprs:
+        if re.search(r"ray_serve_(deployment_replica_healthy|replica_processing_queries)", expr):
+            assert 'deployment="attnserve"' in expr, expr
+    for metric in ("queue_depth", "queue_wait_seconds_bucket", "rejections_total", "dropped_total"):
+        assert f"ray_attnserve_{metric}" in text, metric
+    for title, expr in _targets_raw():  # a 0 line ("none") while nothing is refused or dropped
+        if "rejections_total" in expr or "dropped_total" in expr:
+            assert "by (model, reason)" in expr and '"reason", "none"' in expr, title
 
 
 def _rules_file(tmp_path: Path, rules: list[dict]) -> Path:
@@ -239,8 +284,9 @@ def _healthy_traffic_series() -> list[dict]:
 
     The label sets are those of Ray 2.60's metrics agent: custom metrics carry attnserve's tags,
     application/deployment/replica and Ray's own Component/NodeAddress/SessionName/Version/
-    WorkerId labels; ray_serve_* carry Serve's tags. There is no non-OK series at all, so the
-    error panel must still show its 0 from the request counts.
+    WorkerId labels; ray_serve_* carry Serve's tags. One deployment, `attnserve`, answers every rpc
+    and holds the models' engines. There is no non-OK series, no rejection and no drop at all, so
+    the error, rejection and drop panels must still show their 0 from the request counts.
     """
     ray = {
         "Component": "core_worker",
@@ -249,39 +295,33 @@ def _healthy_traffic_series() -> list[dict]:
         "Version": "2.60.0",
     }
     app = {"application": "attnserve"}
-    ingress = {**ray, **app, "WorkerId": "a61", "deployment": "ingress", "replica": "9zck1f9l"}
-    model_replica = {
-        **ray,
-        **app,
-        "WorkerId": "90c",
-        "deployment": "model-g2p-bahdanau",
-        "replica": "3k14bo6p",
-    }
+    replica = {**ray, **app, "WorkerId": "a61", "deployment": "attnserve", "replica": "9zck1f9l"}
     model = {"model": "g2p-bahdanau", "version": "1"}
     seconds = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0"]
     sizes = ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0"]
     out = []
     for rpc in ("Translate", "ListModels"):
-        tags = {**ingress, **(model if rpc == "Translate" else {"model": "", "version": ""})}
+        tags = {**replica, **(model if rpc == "Translate" else {"model": "", "version": ""})}
         latency = {**tags, "rpc": rpc, "code": "OK"}
         out += _histogram("ray_attnserve_request_latency_seconds", latency, seconds, "0.025", 150)
-    out += _histogram("ray_attnserve_batch_wait_seconds", {**model_replica, **model}, seconds, "0.005", 150)
-    out += _histogram("ray_attnserve_batch_decode_seconds", {**model_replica, **model}, seconds, "0.01", 30)
-    out += _histogram("ray_attnserve_batch_size", {**model_replica, **model}, sizes, "8.0", 30)
-    out.append(_series("ray_attnserve_output_tokens_total", {**model_replica, **model}, "0+900x40"))
-    provider = {**model_replica, **model, "provider": "CPUExecutionProvider"}
+    out += _histogram("ray_attnserve_queue_wait_seconds", {**replica, **model}, seconds, "0.005", 150)
+    out.append(_series("ray_attnserve_queue_depth", {**replica, **model}, "2x40"))
+    out += _histogram("ray_attnserve_batch_decode_seconds", {**replica, **model}, seconds, "0.01", 30)
+    out += _histogram("ray_attnserve_batch_size", {**replica, **model}, sizes, "8.0", 30)
+    out.append(_series("ray_attnserve_output_tokens_total", {**replica, **model}, "0+900x40"))
+    provider = {**replica, **model, "provider": "CPUExecutionProvider"}
     out.append(_series("ray_attnserve_execution_provider_info", provider, "1x40"))
+    # Ray Serve counts gRPC calls in the replica (direct ingress), and HAProxy's health checks.
     grpc = {**app, "route": "attnserve", "method": "/attnserve.v1.Translator/Translate", "status_code": "OK"}
-    out.append(_series("ray_serve_num_grpc_requests_total", grpc, "0+150x40"))
-    out += _histogram(
-        "ray_serve_grpc_request_latency_ms", grpc, ["5.0", "10.0", "50.0", "100.0"], "50.0", 150
-    )
-    for deployment, replica in (("ingress", "9zck1f9l"), ("model-g2p-bahdanau", "3k14bo6p")):
-        serve = {**app, "deployment": deployment}
-        out.append(_series("ray_serve_deployment_replica_healthy", {**serve, "replica": replica}, "1x40"))
-        out.append(_series("ray_serve_replica_processing_queries", {**serve, "replica": replica}, "3x40"))
-        router = {**serve, "handle": "j0f48fhz", "actor_id": "bf7af9a0"}
-        out.append(_series("ray_serve_num_ongoing_requests_at_replicas", router, "3x40"))
+    healthz = {**grpc, "method": "/ray.serve.RayServeAPIService/Healthz"}
+    for labels in (grpc, healthz):
+        out.append(_series("ray_serve_num_grpc_requests_total", labels, "0+150x40"))
+        out += _histogram(
+            "ray_serve_grpc_request_latency_ms", labels, ["5.0", "10.0", "50.0", "100.0"], "50.0", 150
+        )
+    serve = {**app, "deployment": "attnserve", "replica": "9zck1f9l"}
+    out.append(_series("ray_serve_deployment_replica_healthy", serve, "1x40"))
+    out.append(_series("ray_serve_replica_processing_queries", serve, "3x40"))
     return out
 
 
@@ -358,11 +398,42 @@ def _check_rayservice(rayservice: dict) -> None:
         assert group["rayStartParams"]["metrics-export-port"] == "8080", name
         for container in group["template"]["spec"]["containers"]:
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-            assert ports.get("metrics") == 8080 and ports.get("grpc") == 50051, (name, ports)
+            assert ports.get("metrics") == 8080 and ports.get("grpc") == GRPC_PORT, (name, ports)
     from ray.serve.schema import ServeDeploySchema
 
     serve = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
-    assert serve.grpc_options.port == 50051
+    assert serve.grpc_options.port == GRPC_PORT
+    _check_serving_lifecycle(rayservice)
+    # Worker readiness reaches a replica through HAProxy without `application` metadata: only
+    # possible with one application (HAProxy's default backend); more need another probe.
+    assert len(serve.applications) == 1
+
+
+def _check_serving_lifecycle(rayservice: dict) -> None:
+    """Every Ray container runs the serving path's Ray Serve settings, workers are ready only while
+    a gRPC health check through their ingress passes, and termination fits the stop budget.
+
+    The head keeps KubeRay's own readiness probe: KubeRay submits serveConfigV2 only once the head
+    pod is ready, so a head probe that needs the application would never pass.
+    """
+    for name, group in _pod_templates(rayservice).items():
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        for key, value in SERVE_ENVIRONMENT.items():
+            assert env.get(key) == value, f"{name}: {key} must be {value!r} (SERVE_ENVIRONMENT)"
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep", (name, command)
+        pre_stop_s = float(command[1])
+        assert 0 < pre_stop_s <= 10, name
+        assert spec["terminationGracePeriodSeconds"] >= pre_stop_s + STOP_BUDGET_S, name
+        assert "livenessProbe" not in container, f"{name}: leave liveness to KubeRay's raylet check"
+        if name == "head":
+            assert "readinessProbe" not in container, "a head probe needing the application deadlocks"
+            continue
+        probe = container["readinessProbe"]
+        assert probe["grpc"]["port"] == GRPC_PORT and probe["grpc"].get("service", "") == "", name
+        assert probe["timeoutSeconds"] < probe["periodSeconds"], name
 
 
 def test_crd_schemas_are_valid_json_schemas():
@@ -539,6 +610,15 @@ def test_dockerignore_keeps_local_state_out():
         assert not ignore.matches(path), path
 
 
+def _env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    """The variables ENV sets (KEY=VALUE form, shell quoting removed)."""
+    env = {}
+    for op, args in instructions:
+        if op == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(args))
+    return env
+
+
 @pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES))
 def test_dockerfile_builds_from_the_context_and_runs_unprivileged(dockerfile):
     instructions = _instructions(dockerfile)
@@ -559,13 +639,23 @@ def test_dockerfile_builds_from_the_context_and_runs_unprivileged(dockerfile):
     users = [args for op, args in final if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     (healthcheck,) = [args for op, args in final if op == "HEALTHCHECK"]
-    assert '"attnserve", "models"' in healthcheck
+    options, _, check = healthcheck.partition(" CMD ")
+    check = json.loads(check)
+    assert check[:4] == HEALTH_COMMAND, healthcheck
+    flags = dict(re.findall(r"--([\w-]+)=(\S+)", options))
+    assert float(check[check.index("--timeout") + 1]) < float(flags["timeout"].rstrip("s"))
+    assert [args for op, args in final if op == "STOPSIGNAL"] == ["SIGTERM"]
+    env = _env(final)
+    for key, value in SERVE_ENVIRONMENT.items():
+        assert env.get(key) == value, f"{dockerfile} must set {key}={value!r} (SERVE_ENVIRONMENT)"
     copies = [args for op, args in final if op == "COPY"]
     assert any(c.endswith("/opt/attnserve/model_repository/") for c in copies)
     assert any(c.startswith("deploy/serve/") and c.endswith("/opt/attnserve/serve/") for c in copies)
     (entrypoint,) = [json.loads(args) for op, args in final if op == "ENTRYPOINT"]
     (cmd,) = [json.loads(args) for op, args in final if op == "CMD"]
     command = entrypoint + cmd
+    # tini forwards SIGTERM to `attnserve serve`, which supervises the serving process itself.
+    assert command[:3] == ["tini", "--", "attnserve"]
     assert command[command.index("attnserve") + 1] == "serve"
     serve_config = Path(command[command.index("--serve-config") + 1])
     assert serve_config.parent == Path("/opt/attnserve/serve")

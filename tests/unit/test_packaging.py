@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from attnserve.service.config import AppArgs, BatchingConfig, LocalOptions, load_serve_config
+from attnserve.service.config import AppArgs, LocalOptions, ServingConfig, load_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIGS = sorted((ROOT / "deploy" / "serve").glob("*.yaml"))
@@ -31,24 +31,37 @@ def test_shipped_serve_configs_validate(path):
     args = AppArgs.model_validate(app.args)
     assert Path(args.model_repository).is_absolute()
     assert app.import_path == "attnserve.service.app:app_builder"
-    for deployment in app.deployments:
-        if isinstance(deployment.user_config, dict):
-            BatchingConfig.model_validate(deployment.user_config)
+    (deployment,) = app.deployments
+    assert deployment.name == "attnserve"
+    serving = ServingConfig.model_validate(deployment.user_config)
+    for name in serving.models:  # every per-model override is a valid setting
+        serving.for_model(name)
 
 
-def test_overrides_apply_and_replace_per_model_batching(tmp_path):
+def test_overrides_apply_to_every_model_and_to_the_live_user_config(tmp_path):
     options = LocalOptions(
         serve_config=ROOT / "deploy/serve/attnserve.yaml", grpc_port=6001, http_port=6002,
-        model_repository=Path("elsewhere"), max_batch_size=4,
+        model_repository=Path("elsewhere"), max_batch_size=4, max_queue_wait_s=0.5,
     )  # fmt: skip
     config = load_serve_config(options)
     assert config.grpc_options.port == 6001 and config.http_options.port == 6002
     args = AppArgs.model_validate(config.applications[0].args)
     assert args.model_repository == str(Path("elsewhere").resolve())
-    assert args.model_defaults.batching.max_batch_size == 4
-    assert all(
-        "user_config" not in d.model_dump(exclude_unset=True) for d in config.applications[0].deployments
+    (deployment,) = config.applications[0].deployments
+    for serving in (args.serving, ServingConfig.model_validate(deployment.user_config)):
+        for model in ("g2p-bahdanau", "caption-fashion"):  # the file overrides caption-fashion
+            settings = serving.for_model(model)
+            assert (settings.max_batch_size, settings.max_queue_wait_s) == (4, 0.5)
+
+
+def test_per_model_settings_override_the_defaults():
+    serving = ServingConfig.model_validate(
+        {"defaults": {"max_batch_size": 8, "max_queue_wait_s": 1.5}, "models": {"a": {"max_batch_size": 2}}}
     )
+    assert (serving.for_model("a").max_batch_size, serving.for_model("a").max_queue_wait_s) == (2, 1.5)
+    assert serving.for_model("b").max_batch_size == 8
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        ServingConfig.model_validate({"models": {"a": {"max_batch_size": 0}}}).for_model("a")
 
 
 APP = "applications: [{name: a, import_path: attnserve.service.app:app_builder, args: %s}]"
@@ -58,7 +71,8 @@ APP = "applications: [{name: a, import_path: attnserve.service.app:app_builder, 
     ("yaml_text", "error"),
     [
         (APP % "{modelrepo: x}", "modelrepo"),
-        (APP % "{model_defaults: {batching: {max_batch_size: 0}}}", "max_batch_size"),
+        (APP % "{serving: {defaults: {max_batch_size: 0}}}", "max_batch_size"),
+        (APP % "{serving: {defaults: {max_queue_wait_s: 0}}}", "max_queue_wait_s"),
         ("grpc_options: {port: not-a-port}\napplications: []", "port"),
     ],
 )

@@ -32,3 +32,22 @@ def test_serve_config_v2_is_the_profile_with_image_paths(profile):
         assert all(g["replicas"] == 0 for g in gpu_groups)
     else:
         assert all(g["replicas"] >= 1 for g in gpu_groups)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_grpc_ports_and_probes_follow_the_serve_config(profile):
+    """HAProxy binds the serve config's gRPC port on every Ray pod: the container port named "grpc"
+    (service-grpc.yaml's target) and the workers' gRPC readiness probes must use that port."""
+    text = render(profile, ROOT)
+    assert "&id" not in text and "*id" not in text, "no YAML anchors in a manifest people read"
+    manifest = yaml.safe_load(text)
+    port = yaml.safe_load(manifest["spec"]["serveConfigV2"])["grpc_options"]["port"]
+    cluster = manifest["spec"]["rayClusterConfig"]
+    probed = 0
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": "grpc", "containerPort": port} in container["ports"]
+        if "readinessProbe" in container:
+            assert container["readinessProbe"]["grpc"]["port"] == port
+            probed += 1
+    assert probed == len(cluster["workerGroupSpecs"])
