@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration lint format bench bench-overload train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, and the Fashion-MNIST images the captioner is trained and scored on.
 SYSTEM_TOOLS := prometheus promtool docker-compose
@@ -55,8 +55,11 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(DEV_STAMP)  ## gRPC load at concurrency 1/8/32 vs the in-process engine; writes bench/results/bench.json
+bench: $(DEV_STAMP)  ## every model at c=1/8/32: Ray path, plain gRPC, in-process; writes bench/results/bench.json
 	$(BIN)/attnserve bench
+
+bench-overload: $(DEV_STAMP)  ## 3x capacity open loop on en-fr-transformer (Ray path); bench/results/overload.json
+	$(BIN)/attnserve bench --overload
 
 MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
 

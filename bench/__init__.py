@@ -1,1 +1,1 @@
-"""Benchmarks: gRPC load against the service next to the same batching in-process."""
+"""Benchmarks: every model on the Ray path, a plain gRPC server and in-process; overload."""

@@ -1,7 +1,14 @@
-"""`attnserve bench`: closed-loop gRPC load at several concurrencies vs the in-process engine.
+"""`attnserve bench`: every model, closed loop at several concurrencies, on three serving paths.
 
-Both sides decode the same real test words with the same batching settings; the in-process run
-has no RPC, no Ray and no proxy, so it is the engine's own ceiling on this machine.
+- `ray`: the real service (Ray Serve, HAProxy direct ingress, one deployment holding every model);
+- `plain`: a plain grpc.aio server over the same engines and servicer, in a process of its own
+  (the Python serving ceiling);
+- `in-process`: the engine called from the load generator's event loop, no RPC.
+
+All three use the serve config's engine settings and real held-out inputs (bench/inputs.py),
+with cross attention on. One server runs at a time; the load generator shares the machine.
+Server CPU is the CPU time of the server's processes (for ray, every process of the local Ray
+and its HAProxy; for in-process, this process, load generator included).
 """
 
 from __future__ import annotations
@@ -11,9 +18,8 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,174 +27,313 @@ import grpc
 import numpy as np
 import psutil
 
-from attnserve.bench.microbatch import MicroBatcher
-from attnserve.models.g2p_data import load_split
-from attnserve.service.config import BatchingConfig, LocalOptions
+from attnserve.bench.inputs import DEFAULT_COUNT, Workload, load_workload, prepare
+from attnserve.bench.loadgen import Call, closed_loop, codes, percentiles_ms
+from attnserve.bench.servers import CpuSample, Target, busy_seconds, by_role, plain_service, ray_service
+from attnserve.service.client import TIMEOUT_METADATA
+from attnserve.service.config import DEFAULT_SERVE_CONFIG
+from attnserve.service.core.engine import Engine
+from attnserve.service.core.errors import RequestError
 from attnserve.service.core.manifest import discover
-from attnserve.service.core.translation import AttentionMode, Translator
-from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
+
+KINDS = ("ray", "plain", "in-process")
+BUSY_ELSEWHERE = 0.2  # cores busy with other work during a row that make its figures suspect
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to measure."""
+    """What to measure.
 
-    model: str = "g2p-bahdanau"
+    models: model names; empty for every model in the repository.
+    kinds: serving paths to measure (KINDS); with `target`, "ray" measures that service instead.
+    requests: calls per model and concurrency at most; max_seconds caps each such run.
+    """
+
+    models: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = KINDS
     repository: Path = Path("model_repository")
-    target: str | None = None  # a running service; None starts one here
+    serve_config: Path = DEFAULT_SERVE_CONFIG
+    target: str | None = None
     concurrency: tuple[int, ...] = (1, 8, 32)
     requests: int = 1000
+    max_seconds: float = 6.0
     warmup: int = 32
-    out: Path = Path("bench/results/bench.json")
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    inputs: int = DEFAULT_COUNT
+    timeout_s: float = 60.0
     attention: bool = True
+    out: Path = Path("bench/results/bench.json")
 
 
 @dataclass(frozen=True)
 class Row:
-    """One measured configuration."""
+    """One serving path, model and concurrency, measured.
 
-    mode: str
+    server_cpu_ms: CPU ms per call of the server's processes (None when not measurable);
+    client_cpu_ms: of this process (the load generator; for in-process it is the server too).
+    other_cores: CPU cores busy meanwhile with anything else on this machine (should be ~0).
+    cpu_by_process: server CPU ms per call by process role (replica, haproxy, raylet, ...).
+    """
+
+    kind: str
+    model: str
     concurrency: int
     requests: int
+    seconds: float
     req_per_s: float
-    p50_ms: float
-    p99_ms: float
-    mean_batch: float
-    cpu_ms_per_req: float | None  # server-side CPU (all Ray processes for grpc); None if not measurable
-
-
-async def _closed_loop(call: Callable[[str], Awaitable[int]], words: list[str], concurrency: int, total: int):
-    """`concurrency` workers send requests back to back until `total` are done.
-
-    Returns:
-        (latencies in seconds, batch sizes, wall seconds).
-    """
-    latencies, batches, counter = [], [], iter(range(total))
-
-    async def worker() -> None:
-        for i in counter:
-            started = time.perf_counter()
-            batches.append(await call(words[i % len(words)]))
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, batches, time.perf_counter() - started
-
-
-def _cpu_seconds(processes: list[psutil.Process]) -> float:
-    """User + system CPU time of the processes still alive."""
-    total = 0.0
-    for p in processes:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-async def _measure(mode, call, words, cfg: BenchConfig, server_processes) -> list[Row]:
-    """Warm-up, then a timed closed loop per concurrency level."""
-    rows = []
-    for c in cfg.concurrency:
-        await _closed_loop(call, words, c, cfg.warmup)
-        processes = server_processes()
-        cpu_before = _cpu_seconds(processes)
-        latencies, batches, wall = await _closed_loop(call, words, c, cfg.requests)
-        cpu = (_cpu_seconds(processes) - cpu_before) if processes else None
-        ms = np.asarray(latencies) * 1000
-        rows.append(Row(
-            mode, c, len(latencies), round(len(latencies) / wall, 1),
-            round(float(np.percentile(ms, 50)), 2), round(float(np.percentile(ms, 99)), 2),
-            round(float(np.mean(batches)), 2), round(1000 * cpu / len(latencies), 2) if cpu else None,
-        ))  # fmt: skip
-        print(f"  {mode:10s} c={c:<3d} {rows[-1].req_per_s:8.1f} req/s", flush=True)
-    return rows
-
-
-async def _in_process(cfg: BenchConfig, words: list[str]) -> list[Row]:
-    manifest = next(m for m in discover(cfg.repository) if m.name == cfg.model)
-    translator = Translator(manifest)
-    batcher = MicroBatcher(translator.translate_batch, cfg.batching.max_batch_size,
-                           cfg.batching.batch_wait_timeout_s)  # fmt: skip
-    mode = AttentionMode.CROSS if cfg.attention else AttentionMode.NONE
-
-    async def call(word: str) -> int:
-        return (await batcher.submit(translator.codec.prepare(word, mode))).batch_size
-
-    try:
-        return await _measure("in-process", call, words, cfg, lambda: [psutil.Process()])
-    finally:
-        await batcher.close()
-
-
-async def _grpc(cfg: BenchConfig, target: str, words: list[str], server_processes) -> list[Row]:
-    mode = pb.ATTENTION_MODE_CROSS if cfg.attention else pb.ATTENTION_MODE_NONE
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.TranslatorStub(channel)
-
-        async def call(word: str) -> int:
-            options = pb.TranslateOptions(attention=mode)
-            request = pb.TranslateRequest(model=cfg.model, text=word, options=options)
-            return (await stub.Translate(request, timeout=60)).batch_size
-
-        return await _measure("grpc", call, words, cfg, server_processes)
-
-
-def _ray_processes() -> list[psutil.Process]:
-    """The local Ray started by this process: GCS, raylet, proxy and replica workers."""
-    return psutil.Process().children(recursive=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_batch: float | None
+    server_cpu_ms: float | None
+    client_cpu_ms: float | None
+    other_cores: float | None
+    codes: dict[str, int] = field(default_factory=dict)
+    cpu_by_process: dict[str, float] = field(default_factory=dict)
 
 
 def run_bench(cfg: BenchConfig) -> list[Row]:
-    """Runs both modes, prints a table and writes JSON to cfg.out; returns the rows."""
-    words = [e.word for e in load_split("test")]
-    print(f"in-process engine ({cfg.model}, batching {cfg.batching}) ...", flush=True)
-    rows = asyncio.run(_in_process(cfg, words))
-    if cfg.target:
-        rows += asyncio.run(_grpc(cfg, cfg.target, words, list))  # a remote server's CPU is not ours to see
-    else:
-        from attnserve.service import server
+    """Measures every kind, model and concurrency; prints a table and writes JSON to cfg.out.
 
-        options = LocalOptions(
-            model_repository=cfg.repository, **cfg.batching.model_dump(),
-            grpc_port=_free_port(), http_port=_free_port(), metrics_port=_free_port(),
-        )  # fmt: skip
-        print("starting attnserve (local Ray) for the gRPC runs ...", flush=True)
-        endpoints = server.start(options)
-        try:
-            rows += asyncio.run(_grpc(cfg, endpoints.grpc, words, _ray_processes))
-        finally:
-            server.stop(endpoints)
-    _report(cfg, rows)
+    Args:
+        cfg: what to measure.
+
+    Returns:
+        The rows, in the order measured.
+    """
+    workloads = load_workloads(cfg.repository, cfg.models, cfg.inputs, cfg.attention)
+    names = [w.model for w in workloads]
+    rows: list[Row] = []
+    for kind in cfg.kinds:
+        print(f"{kind}: {', '.join(names)} ...", flush=True)
+        if kind == "in-process":
+            rows += asyncio.run(_in_process(cfg, workloads))
+        else:
+            with _server(cfg, kind) as target:
+                rows += asyncio.run(_over_grpc(cfg, target, workloads))
+    print_table(rows)
+    write_json(cfg.out, {"config": _jsonable(asdict(cfg)), "rows": [asdict(r) for r in rows],
+                         "ratios": ratios(rows)})  # fmt: skip
     return rows
 
 
-def _report(cfg: BenchConfig, rows: list[Row]) -> None:
-    header = (
-        f"{'mode':<11} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'mean batch':>10} {'CPU ms/req':>10}"
-    )
+def load_workloads(repository: Path, models: tuple[str, ...], count: int, attention: bool) -> list[Workload]:
+    """Test inputs of the named models (all when empty), in repository order.
+
+    Raises:
+        ValueError: for a name not in the repository.
+    """
+    manifests = {m.name: m for m in discover(repository)}
+    unknown = sorted(set(models) - set(manifests))
+    if unknown:
+        raise ValueError(f"models {unknown} are not in {repository}; it has {sorted(manifests)}")
+    chosen = [m for name, m in manifests.items() if not models or name in models]
+    return [load_workload(m, count, attention) for m in chosen]
+
+
+@contextlib.contextmanager
+def _server(cfg: BenchConfig, kind: str) -> Iterator[Target]:
+    """The server of one kind: a running target, or a new Ray service or plain server holding every
+    model of the repository, as a replica does."""
+    if kind == "ray" and cfg.target:
+        yield Target("ray", cfg.target)  # a remote server's CPU is not ours to see
+    elif kind == "ray":
+        with ray_service(cfg.repository, cfg.serve_config) as target:
+            yield target
+    elif kind == "plain":
+        with plain_service(cfg.repository, cfg.serve_config) as target:
+            yield target
+    else:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+
+async def _over_grpc(cfg: BenchConfig, target: Target, workloads: list[Workload]) -> list[Row]:
+    """Every model over one gRPC channel to the target."""
+    rows = []
+    async with grpc.aio.insecure_channel(target.address) as channel:
+        for w in workloads:
+            call = grpc_call([channel], w, cfg.timeout_s)
+            rows += await _measure(cfg, target.kind, w.model, call, target.processes)
+    return rows
+
+
+async def _in_process(cfg: BenchConfig, workloads: list[Workload]) -> list[Row]:
+    """Every model's engine called from this event loop."""
+    from attnserve.bench.plain import engines_for
+
+    engines = engines_for(cfg.serve_config, cfg.repository, [w.model for w in workloads])
+    try:
+        rows = []
+        for w in workloads:
+            call = engine_call(engines[w.model], w, cfg.attention)
+            rows += await _measure(cfg, "in-process", w.model, call, None)
+        return rows
+    finally:
+        for engine in engines.values():
+            engine.close(timeout_s=2)
+
+
+def grpc_call(channels: list[grpc.aio.Channel], workload: Workload, timeout_s: float) -> Call:
+    """A Call sending the workload's prebuilt requests round-robin over the channels.
+
+    Args:
+        channels: open grpc.aio channels to one server.
+        workload: the model's requests.
+        timeout_s: each call's deadline, sent as gRPC's deadline and as the metadata Ray reads.
+
+    Returns:
+        The Call: input index -> (status code name, batch size).
+    """
+    stubs = [getattr(pb_grpc.TranslatorStub(c), workload.rpc) for c in channels]
+    requests, metadata = workload.requests, ((TIMEOUT_METADATA, str(int(timeout_s * 1000))),)
+
+    async def call(i: int) -> tuple[str, int]:
+        try:
+            response = await stubs[i % len(stubs)](requests[i % len(requests)], timeout=timeout_s,
+                                                   metadata=metadata)  # fmt: skip
+        except grpc.aio.AioRpcError as e:
+            return e.code().name, 0
+        return "OK", response.batch_size
+
+    return call
+
+
+def engine_call(engine: Engine, workload: Workload, attention: bool = True) -> Call:
+    """A Call validating a sample as the servicer does and awaiting the engine's future.
+
+    Args:
+        engine: the model's engine (in this process).
+        workload: the model's samples.
+        attention: ask for cross attention.
+
+    Returns:
+        The Call: input index -> (status code name, batch size).
+    """
+    codec, samples = engine.translator.codec, workload.samples
+
+    async def call(i: int) -> tuple[str, int]:
+        try:
+            future = engine.submit(prepare(codec, samples[i % len(samples)], attention))
+            return "OK", (await asyncio.wrap_future(future)).batch_size
+        except RequestError as e:
+            return e.code.name, 0
+
+    return call
+
+
+async def _measure(cfg: BenchConfig, kind: str, model: str, call: Call, server_processes) -> list[Row]:
+    """Warm-up, then a timed closed loop per concurrency, with the CPU spent on both sides.
+
+    server_processes: the server's processes, or None when the server is this process.
+    """
+    rows = []
+    me = psutil.Process()
+    for c in cfg.concurrency:
+        await closed_loop(call, c, max(cfg.warmup, 2 * c))
+        servers = [p for p in server_processes() if p.pid != me.pid] if server_processes else []
+        before, busy = CpuSample.take([me, *servers]), busy_seconds()
+        outcomes, wall = await closed_loop(call, c, cfg.requests, cfg.max_seconds)
+        busy = busy_seconds() - busy
+        spent = CpuSample.take([me, *servers]).since(before)
+        client = spent.pop(me.pid, ("", 0.0))[1]
+        server = by_role(spent) if servers else {"this process": client} if server_processes is None else None
+        other = busy - client - sum(by_role(spent).values())
+        rows.append(_row(kind, model, c, outcomes, wall, CpuSpent(server, client, other)))
+        r = rows[-1]
+        print(f"  {kind:<10} {model:<18} c={c:<3d} {r.req_per_s:8.1f} req/s  p50 {r.p50_ms} ms", flush=True)
+    return rows
+
+
+@dataclass(frozen=True)
+class CpuSpent:
+    """CPU seconds of one run: the server's by process role (None if unknown), this process's,
+    and everything else's on this machine."""
+
+    server: dict[str, float] | None
+    client: float
+    other: float
+
+
+def _row(kind: str, model: str, concurrency: int, outcomes, wall: float, cpu: CpuSpent) -> Row:
+    """A Row from one closed loop's outcomes and CPU seconds."""
+    ok = [o for o in outcomes if o.code == "OK"]
+    n = len(outcomes)
+    p50, p99 = percentiles_ms([o.seconds for o in ok], 50, 99)
+
+    def per_call(seconds: float) -> float | None:
+        return round(1000 * seconds / n, 2) if n else None
+
+    return Row(
+        kind, model, concurrency, n, round(wall, 2), round(len(ok) / wall, 1) if wall else 0.0, p50, p99,
+        round(float(np.mean([o.batch_size for o in ok])), 2) if ok else None,
+        per_call(sum(cpu.server.values())) if cpu.server is not None else None, per_call(cpu.client),
+        round(max(cpu.other, 0.0) / wall, 2) if wall else None, codes(outcomes),
+        {name: per_call(s) for name, s in sorted(cpu.server.items())} if cpu.server else {},
+    )  # fmt: skip
+
+
+def ratios(rows: list[Row]) -> list[dict]:
+    """ray / plain req/s per model and concurrency, where both were measured."""
+    by_key = {(r.kind, r.model, r.concurrency): r for r in rows}
+    out = []
+    for r in rows:
+        plain = by_key.get(("plain", r.model, r.concurrency))
+        if r.kind == "ray" and plain and plain.req_per_s:
+            out.append({"model": r.model, "concurrency": r.concurrency,
+                        "ray_over_plain": round(r.req_per_s / plain.req_per_s, 2)})  # fmt: skip
+    return out
+
+
+COLUMNS = (("model", "<18"), ("conc", ">4"), ("path", "<10"), ("req/s", ">8"), ("p50 ms", ">8"),
+           ("p99 ms", ">8"), ("batch", ">6"), ("srv CPU ms", ">10"), ("gen CPU ms", ">10"), ("others", ">6"),
+           ("ray/plain", ">9"), ("errors", ""))  # fmt: skip
+LEGEND = (
+    "srv / gen CPU ms: CPU per call of the server's processes / of the load generator (in-process: both\n"
+    "are this process); others: cores busy with anything else on this machine meanwhile (should be ~0)"
+)
+
+
+def print_table(rows: list[Row]) -> None:
+    """The rows grouped by model and concurrency, with ray/plain and the ray CPU by process."""
+    ratio = {(x["model"], x["concurrency"]): x["ray_over_plain"] for x in ratios(rows)}
+    header = " ".join(f"{name:{align}}" for name, align in COLUMNS)
     print("\n" + header + "\n" + "-" * len(header))
-    for r in sorted(rows, key=lambda r: (r.concurrency, r.mode)):
-        cpu = "-" if r.cpu_ms_per_req is None else f"{r.cpu_ms_per_req:.2f}"
-        print(f"{r.mode:<11} {r.concurrency:>4} {r.req_per_s:>8.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-              f"{r.mean_batch:>10.2f} {cpu:>10}")  # fmt: skip
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    order = {k: i for i, k in enumerate(KINDS)}
+    for r in sorted(rows, key=lambda r: (r.model, r.concurrency, order.get(r.kind, 9))):
+        errors = ", ".join(f"{k} {v}" for k, v in r.codes.items() if k != "OK")
+        x = ratio.get((r.model, r.concurrency)) if r.kind == "ray" else None
+        figures = (r.p50_ms, r.p99_ms, r.mean_batch, r.server_cpu_ms, r.client_cpu_ms, r.other_cores, x)
+        values = (r.model, r.concurrency, r.kind, f"{r.req_per_s:.1f}", *map(_f, figures), errors)
+        print(" ".join(f"{v:{align}}" for v, (_, align) in zip(values, COLUMNS, strict=True)))
+    print(LEGEND)
+    disturbed = [r for r in rows if (r.other_cores or 0) >= BUSY_ELSEWHERE]
+    if disturbed:
+        print(f"warning: {len(disturbed)} of {len(rows)} rows ran while other work used >= {BUSY_ELSEWHERE} "
+              "cores of this machine (column 'others'); compare ratios from a quiet machine")  # fmt: skip
+    split = [r for r in rows if r.cpu_by_process and r.kind == "ray"]
+    if split:
+        print("\nray server CPU ms per call, by process:")
+    for r in split:
+        parts = sorted(r.cpu_by_process.items(), key=lambda kv: -kv[1])
+        print(f"  {r.model:<18} c={r.concurrency:<3d} " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Writes the payload with a description of this machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     machine = {
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    config = {**asdict(cfg), "repository": str(cfg.repository), "out": str(cfg.out),
-              "batching": cfg.batching.model_dump()}  # fmt: skip
-    cfg.out.write_text(json.dumps({"machine": machine, "config": config, "rows": [asdict(r) for r in rows]},
-                                  indent=2) + "\n")  # fmt: skip
-    print(f"\nwrote {cfg.out}")
+    path.write_text(json.dumps({"machine": machine, **payload}, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+def _jsonable(config: dict) -> dict:
+    """A config dict with paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}

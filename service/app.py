@@ -35,7 +35,7 @@ log = logging.getLogger("attnserve")
 DEPLOYMENT = "attnserve"
 SERVICE_NAME = "attnserve.v1.Translator"
 TIMEOUT_METADATA = "attnserve-timeout-ms"  # the SDK's deadline, as Ray does not pass gRPC's on
-PROVIDER_GAUGE_PERIOD_S = 5
+GAUGE_PERIOD_S = 5
 HEALTH_POLL_S = 0.5
 
 
@@ -85,18 +85,19 @@ class Attnserve:
             engines[name] = Engine(translator, config.for_model(name).engine_config(), RayObserver(tags))
         self.servicer = Servicer(engines, _record)
         self.draining = False
-        threading.Thread(target=self._report_providers, name="provider-gauge", daemon=True).start()
+        threading.Thread(target=self._report_gauges, name="gauges", daemon=True).start()
         log.info("serving %s", ", ".join(sorted(engines)))
 
-    def _report_providers(self) -> None:
-        """Keeps the provider gauge exported: Ray drops a gauge not set for ~20 s from /metrics."""
+    def _report_gauges(self) -> None:
+        """Keeps the gauges exported (Ray drops a gauge not set for ~20 s): providers, queue depth."""
         while True:
             for engine in self.servicer.engines.values():
                 m = engine.translator.manifest
                 for provider in engine.translator.model.providers:
                     tags = {"model": m.name, "version": m.version, "provider": provider}
                     metrics.execution_provider().set(1, tags=tags)
-            time.sleep(PROVIDER_GAUGE_PERIOD_S)
+                metrics.queue_depth().set(engine.queued, tags={"model": m.name, "version": m.version})
+            time.sleep(GAUGE_PERIOD_S)
 
     def reconfigure(self, user_config: dict) -> None:
         """Applies a ServingConfig to every engine without a restart (Ray Serve user_config)."""

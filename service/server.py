@@ -100,21 +100,41 @@ def start(options: LocalOptions) -> Endpoints:
     )
 
 
-def _free_port() -> int:
-    """A free port below Linux's ephemeral range (32768+), where other processes' random ports
-    land, and outside Ray's replica port ranges (30000-31000, 40000-41000)."""
+PORT_BLOCK = 8  # direct-ingress ports of one host's replicas (one replica needs one of each)
+# Ports Ray Serve would otherwise take at fixed defaults: the replicas' direct ingress (40000..,
+# 30000..) and the fallback proxy (9500, 8500) are bound with SO_REUSEPORT, so a second Ray on
+# the host silently shares them and HAProxy sends this service's calls to the other one; and
+# HAProxy's stats (8404) and metrics (9101) ports.
+LOCAL_PORTS = (
+    ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"),
+    ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"),
+    ("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", None),
+    ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", None),
+    ("RAY_SERVE_HAPROXY_STATS_PORT", None),
+    ("RAY_SERVE_HAPROXY_METRICS_PORT", None),
+)
+
+
+def _free_ports(size: int) -> int:
+    """The first of `size` consecutive free ports, drawn at random below Linux's ephemeral range
+    (32768+, where other processes' random ports land) and below Ray's default replica ports."""
     while True:
-        port = random.randrange(20000, 30000)
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("0.0.0.0", port))
-            return port
+        base = random.randrange(20000, 29500)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + size):
+                    held.enter_context(socket.socket()).bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return base
 
 
 def _set_local_environment() -> None:
     """Serving settings for the local Ray this process starts (the environment may override them).
 
     HAProxy's files go to a folder of this run, so leftover HAProxy processes can be found by it,
-    and its stats and metrics ports are free ones, so two services on one host do not collide.
+    and the ports Ray Serve would take at fixed defaults are free ones of this run, so two
+    services on one host neither collide nor serve each other's calls.
     """
     for key, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
@@ -123,8 +143,12 @@ def _set_local_environment() -> None:
     os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(run / "admin.sock"))
     os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(run))
     os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(run / "server-state"))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+    for low, high in LOCAL_PORTS:
+        if low not in os.environ:
+            base = _free_ports(PORT_BLOCK if high else 1)
+            os.environ[low] = str(base)
+            if high:
+                os.environ[high] = str(base + PORT_BLOCK - 1)
 
 
 # What HAProxy answers when a replica dies mid-call and no retry can save the call: a gRPC

@@ -1,5 +1,6 @@
 """Serving must not need torch, and the serve config files must be valid and overridable."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,26 @@ def test_bad_serve_configs_say_what_is_wrong(tmp_path, yaml_text, error):
 def test_unreadable_serve_config_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot read serve config"):
         load_serve_config(LocalOptions(serve_config=tmp_path / "missing.yaml"))
+
+
+def test_a_local_service_gets_ports_and_haproxy_files_of_its_own(monkeypatch):
+    from attnserve.service import server
+
+    names = [n for pair in server.LOCAL_PORTS for n in pair if n] + [
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
+        *server.SERVE_ENVIRONMENT,
+    ]  # fmt: skip
+    for name in names:
+        monkeypatch.setenv(name, "")  # undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "12345")  # one already set is left alone
+    server._set_local_environment()
+    assert os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "12345"
+    low, high = (int(os.environ[n]) for n in server.LOCAL_PORTS[0])
+    assert high - low == server.PORT_BLOCK - 1 and high < 30000  # not Ray's shared defaults
+    ports = [int(os.environ[low]) for low, _ in server.LOCAL_PORTS]
+    assert len(set(ports)) == len(ports)
+    socket_path = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+    assert len(str(socket_path.parent)) + 1 + 56 + 1 + len(socket_path.name) <= 97  # + Ray's node id
+    assert all(os.environ[k] == v for k, v in server.SERVE_ENVIRONMENT.items())
