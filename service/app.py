@@ -23,12 +23,11 @@ from ray.serve.grpc_util import RayServegRPCContext
 from attnserve.service import metrics
 from attnserve.service.config import AppArgs, ServingConfig
 from attnserve.service.core.engine import Engine
-from attnserve.service.core.errors import ErrorCode
 from attnserve.service.core.manifest import Manifest, ManifestError, discover
 from attnserve.service.core.onnx_model import RuntimeConfig
 from attnserve.service.core.translation import Translator
 from attnserve.service.grpc_services import Undecodable
-from attnserve.service.servicer import Outcome, Servicer
+from attnserve.service.servicer import Outcome, Servicer, undecodable
 from attnserve.v1 import translator_pb2 as pb
 
 log = logging.getLogger("attnserve")
@@ -107,23 +106,17 @@ class Attnserve:
 
     async def Translate(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
         """Translate one text with the named model."""
-        if isinstance(request, Undecodable):
-            return _undecodable(request, grpc_context, pb.TranslateResponse)
         outcome = await self.servicer.translate(request, _time_remaining(grpc_context))
         return _reply(outcome, grpc_context, pb.TranslateResponse)
 
     async def Caption(self, request: pb.CaptionRequest, grpc_context: RayServegRPCContext):
         """Caption one image with the named model."""
-        if isinstance(request, Undecodable):
-            return _undecodable(request, grpc_context, pb.CaptionResponse)
         outcome = await self.servicer.caption(request, _time_remaining(grpc_context))
         return _reply(outcome, grpc_context, pb.CaptionResponse)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext):
         """The models this application serves."""
-        if isinstance(request, Undecodable):
-            return _undecodable(request, grpc_context, pb.ListModelsResponse)
-        return _reply(await self.servicer.list_models(), grpc_context, pb.ListModelsResponse)
+        return _reply(await self.servicer.list_models(request), grpc_context, pb.ListModelsResponse)
 
     def _status(self, service: str) -> int | None:
         """Health of "" (the whole server), the Translator service, or one model; None if unknown."""
@@ -135,7 +128,7 @@ class Attnserve:
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext):
         """grpc.health.v1.Health/Check: overall ("") or per service / model name."""
         if isinstance(request, Undecodable):
-            return _undecodable(request, grpc_context, health_pb2.HealthCheckResponse)
+            return _reply(undecodable(request), grpc_context, health_pb2.HealthCheckResponse)
         status = self._status(request.service)
         if status is None:
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
@@ -201,13 +194,6 @@ def _reply(outcome: Outcome, grpc_context: RayServegRPCContext, empty):
         return outcome.response
     grpc_context.set_code(grpc.StatusCode[outcome.code.name])
     grpc_context.set_details(outcome.message)
-    return empty()
-
-
-def _undecodable(request: Undecodable, grpc_context: RayServegRPCContext, empty):
-    """INVALID_ARGUMENT for request bytes that do not parse."""
-    grpc_context.set_code(grpc.StatusCode[ErrorCode.INVALID_ARGUMENT.name])
-    grpc_context.set_details(f"the request body ({request.size} bytes) is not a valid {request.type_name}")
     return empty()
 
 

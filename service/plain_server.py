@@ -15,6 +15,7 @@ from attnserve.service.core.engine import Engine, EngineConfig
 from attnserve.service.core.manifest import discover
 from attnserve.service.core.onnx_model import RuntimeConfig
 from attnserve.service.core.translation import Translator
+from attnserve.service.grpc_services import add_translator_to_server
 from attnserve.service.servicer import Outcome, Servicer
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -32,7 +33,7 @@ class PlainTranslator(pb_grpc.TranslatorServicer):
         return await _reply(await self.servicer.caption(request, context.time_remaining()), context)
 
     async def ListModels(self, request, context: grpc.aio.ServicerContext):
-        return await _reply(await self.servicer.list_models(), context)
+        return await _reply(await self.servicer.list_models(request), context)
 
 
 async def _reply(outcome: Outcome, context: grpc.aio.ServicerContext):
@@ -57,7 +58,7 @@ def load_engines(
 async def serve_plain(engines: dict[str, Engine], address: str, stop: asyncio.Event) -> None:
     """Serves the engines on `address` until `stop` is set, then drains for up to 5 s."""
     server = grpc.aio.server()
-    pb_grpc.add_TranslatorServicer_to_server(PlainTranslator(Servicer(engines)), server)
+    add_translator_to_server(PlainTranslator(Servicer(engines)), server)
     server.add_insecure_port(address)
     await server.start()
     try:

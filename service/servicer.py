@@ -26,6 +26,7 @@ from attnserve.service.grpc_mapping import (
     model_info_to_pb,
     translation_to_pb,
 )
+from attnserve.service.grpc_services import Undecodable
 from attnserve.v1 import translator_pb2 as pb
 
 log = logging.getLogger("attnserve")
@@ -47,6 +48,12 @@ class Outcome:
     message: str = ""
 
 
+def undecodable(request: Undecodable) -> Outcome:
+    """INVALID_ARGUMENT for request bytes that do not parse."""
+    message = f"the request body ({request.size} bytes) is not a valid {request.type_name}"
+    return Outcome(None, ErrorCode.INVALID_ARGUMENT, message)
+
+
 class Servicer:
     """Answers Translate, Caption and ListModels for the models whose engines it holds."""
 
@@ -58,6 +65,8 @@ class Servicer:
 
     async def translate(self, request: pb.TranslateRequest, time_remaining: float | None) -> Outcome:
         """Translate: validate the text, decode it in the model's next batch, map the result."""
+        if isinstance(request, Undecodable):
+            return undecodable(request)
 
         def prepare(engine: Engine) -> PreparedRequest:
             o = request.options
@@ -70,6 +79,8 @@ class Servicer:
 
     async def caption(self, request: pb.CaptionRequest, time_remaining: float | None) -> Outcome:
         """Caption: check and decode the image, decode it in the model's next batch, map the result."""
+        if isinstance(request, Undecodable):
+            return undecodable(request)
 
         def prepare(engine: Engine) -> PreparedRequest:
             o = request.options
@@ -80,8 +91,10 @@ class Servicer:
 
         return await self._decode("Caption", request.model, time_remaining, prepare, caption_to_pb)
 
-    async def list_models(self) -> Outcome:
+    async def list_models(self, request: pb.ListModelsRequest) -> Outcome:
         """ListModels: every model this replica serves, with its figures and providers."""
+        if isinstance(request, Undecodable):
+            return undecodable(request)
 
         async def work() -> pb.ListModelsResponse:
             return pb.ListModelsResponse(

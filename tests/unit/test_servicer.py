@@ -1,0 +1,79 @@
+"""The rpcs over engines, without Ray or a socket: every outcome is a response or a plain status."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnserve.service.core.engine import Engine, EngineConfig
+from attnserve.service.core.errors import ErrorCode
+from attnserve.service.core.translation import Translator
+from attnserve.service.grpc_services import Undecodable, _tolerant
+from attnserve.service.servicer import Servicer
+from attnserve.v1 import translator_pb2 as pb
+
+MODEL = "g2p-bahdanau"
+
+
+@pytest.fixture(scope="module")
+def servicer(bundled_manifest):
+    engine = Engine(Translator(bundled_manifest), EngineConfig(max_batch_size=8))
+    recorded = []
+    yield Servicer({MODEL: engine}, lambda *call: recorded.append(call)), recorded
+    engine.close()
+
+
+def _translate(servicer, text: str, model: str = MODEL, time_remaining=None):
+    request = pb.TranslateRequest(model=model, text=text)
+    return asyncio.run(servicer.translate(request, time_remaining))
+
+
+def test_a_good_call_is_answered_and_recorded(servicer):
+    s, recorded = servicer
+    outcome = _translate(s, "servicer")
+    assert outcome.code is None and outcome.response.text and outcome.response.model == MODEL
+    assert recorded[-1][:4] == ("Translate", MODEL, "1", "OK")
+
+
+@pytest.mark.parametrize(
+    ("text", "model", "code", "words"),
+    [
+        ("", MODEL, ErrorCode.INVALID_ARGUMENT, "text is empty"),
+        ("cat", "nope", ErrorCode.NOT_FOUND, "served models: g2p-bahdanau"),
+    ],
+)
+def test_bad_calls_get_a_status_and_a_plain_message(servicer, text, model, code, words):
+    s, recorded = servicer
+    outcome = _translate(s, text, model)
+    assert outcome.code is code and words in outcome.message and outcome.response is None
+    assert recorded[-1][1] == ("_unknown" if model == "nope" else MODEL)  # no client text in labels
+
+
+def test_a_deadline_already_gone_is_refused(servicer):
+    s, _ = servicer
+    assert _translate(s, "late", time_remaining=0.0).code is ErrorCode.DEADLINE_EXCEEDED
+
+
+def test_a_draining_servicer_refuses_new_calls_as_unavailable(bundled_manifest):
+    engine = Engine(Translator(bundled_manifest))
+    s = Servicer({MODEL: engine})
+    s.serving = False
+    outcome = _translate(s, "drain")
+    engine.close()
+    assert outcome.code is ErrorCode.UNAVAILABLE and "shutting down" in outcome.message
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_request_bytes_parse_or_become_invalid_argument(servicer, data):
+    s, _ = servicer
+    parse = _tolerant(pb.TranslateRequest.FromString, "attnserve.v1.Translator/Translate request")
+    request = parse(data)
+    if isinstance(request, Undecodable):
+        outcome = asyncio.run(s.translate(request, None))
+        assert outcome.code is ErrorCode.INVALID_ARGUMENT and f"({len(data)} bytes)" in outcome.message
+    else:
+        assert isinstance(request, pb.TranslateRequest)
