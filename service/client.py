@@ -1,7 +1,7 @@
 """A small synchronous client for attnserve.v1, used by the CLI, the benchmark and the tests.
 
-Calls are retried on UNAVAILABLE (a replica restarting or draining) with exponential backoff
-by gRPC's standard retry policy, so a replica killed under load costs a caller no failed call;
+Calls are retried on UNAVAILABLE (a replica restarting or draining) and on a CANCELLED sent by
+the server with exponential backoff by gRPC's standard retry policy, so a replica killed under load costs a caller no failed call;
 inference calls are idempotent. Each call carries its deadline twice: as gRPC's deadline and as
 `attnserve-timeout-ms` metadata, which the server reads to refuse work it cannot finish in time
 (Ray Serve does not hand gRPC's deadline to the replica). A model served by another
@@ -31,7 +31,9 @@ RETRY_SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    # CANCELLED: a burst can make gRPC's core drop a new call before the server
+                    # ran anything for it; the calls are idempotent, so retrying is safe.
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ]
