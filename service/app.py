@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ SERVICE_NAME = "attnserve.v1.Translator"
 TIMEOUT_METADATA = "attnserve-timeout-ms"  # the SDK's deadline, as Ray does not pass gRPC's on
 GAUGE_PERIOD_S = 5
 HEALTH_POLL_S = 0.5
+GIL_SWITCH_INTERVAL_S = 0.001  # Python's default is 0.005
 
 
 class RayObserver:
@@ -76,6 +78,9 @@ class Attnserve:
     """attnserve.v1.Translator and grpc.health.v1.Health for the models of one group."""
 
     def __init__(self, entries: dict[str, str], runtime: RuntimeConfig, serving: dict):
+        # The event loop shares the GIL with the engine threads' Python; a shorter switch
+        # interval lets it accept and refuse calls promptly while batches decode.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         config = ServingConfig.model_validate(serving)
         engines = {}
         for name, path in entries.items():

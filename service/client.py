@@ -1,12 +1,12 @@
 """A small synchronous client for attnserve.v1, used by the CLI, the benchmark and the tests.
 
-Calls are retried on UNAVAILABLE (a replica restarting or draining) and on a CANCELLED sent by
-the server with exponential backoff by gRPC's standard retry policy, so a replica killed under load costs a caller no failed call;
-inference calls are idempotent. Each call carries its deadline twice: as gRPC's deadline and as
-`attnserve-timeout-ms` metadata, which the server reads to refuse work it cannot finish in time
-(Ray Serve does not hand gRPC's deadline to the replica). A model served by another
-application (a model group) is reached with `application` metadata, which the client finds
-itself from ListModels.
+Calls are retried with exponential backoff by gRPC's standard retry policy on UNAVAILABLE (a
+replica restarting or draining) and on a CANCELLED sent by the server, so a replica killed under
+load costs a caller no failed call; inference calls are idempotent. Each call carries its deadline
+twice: as gRPC's deadline and as `attnserve-timeout-ms` metadata, which the server reads to
+refuse work it cannot finish in time (Ray Serve does not hand gRPC's deadline to the replica).
+A model served by another application (a model group) is reached with `application` metadata,
+which the client finds itself from ListModels.
 """
 
 from __future__ import annotations
