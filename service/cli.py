@@ -17,7 +17,8 @@ DEFAULT_RUN = Path("runs/model")
 
 def _serve(args: argparse.Namespace) -> int:
     from attnserve.service.config import DEFAULT_SERVE_CONFIG, LocalOptions
-    from attnserve.service.server import DeployError, serve_until_signalled
+    from attnserve.service.server import DeployError
+    from attnserve.service.supervisor import serve_until_signalled
 
     options = LocalOptions(
         serve_config=args.serve_config or DEFAULT_SERVE_CONFIG, address=args.address, num_cpus=args.num_cpus,

@@ -8,6 +8,7 @@ runs last here, so the other tests see a settled replica.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 import urllib.request
@@ -161,7 +162,12 @@ def test_calls_cancelled_while_queued_are_dropped_undecoded(stub, service):
 
 
 def _replicas(service) -> list[psutil.Process]:
-    return [p for p in service.descendants() if "ServeReplica:attnserve" in " ".join(p.cmdline())]
+    found = []
+    for p in service.descendants():
+        with contextlib.suppress(psutil.Error):  # a process may exit or be a zombie meanwhile
+            if "ServeReplica:attnserve" in " ".join(p.cmdline()):
+                found.append(p)
+    return found
 
 
 def test_a_replica_killed_under_load_costs_sdk_callers_nothing(service):

@@ -212,7 +212,7 @@ def test_sigterm_to_the_group_drains_accepted_calls_then_exits_and_leaves_no_pro
     """SIGTERM to the service's process group under load: health turns NOT_SERVING, calls in
     flight finish, new ones are refused with UNAVAILABLE, exit 0, nothing left running."""
     children = service.descendants()
-    haproxy = [c for c in children if "haproxy" in c.name()]
+    haproxy = [c for c in children if _alive(c) and "haproxy" in c.name()]
     assert children and haproxy, "Ray and HAProxy run in child processes of the service"
     stop = threading.Event()
     outcomes: list[tuple[float, str, str]] = []  # (started, code, details)

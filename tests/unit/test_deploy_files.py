@@ -21,7 +21,8 @@ import pytest
 import yaml
 from docker.utils.build import PatternMatcher
 
-from attnserve.service.server import DRAIN_GRACE_S, SERVE_ENVIRONMENT
+from attnserve.service.local_ray import SERVE_ENVIRONMENT
+from attnserve.service.server import DRAIN_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -90,23 +90,23 @@ def test_unreadable_serve_config_is_a_clear_error(tmp_path):
 
 
 def test_a_local_service_gets_ports_and_haproxy_files_of_its_own(monkeypatch):
-    from attnserve.service import server
+    from attnserve.service import local_ray
 
-    names = [n for pair in server.LOCAL_PORTS for n in pair if n] + [
+    names = [n for pair in local_ray.LOCAL_PORTS for n in pair if n] + [
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
-        *server.SERVE_ENVIRONMENT,
+        *local_ray.SERVE_ENVIRONMENT,
     ]  # fmt: skip
     for name in names:
         monkeypatch.setenv(name, "")  # undone after the test
         monkeypatch.delenv(name)
     monkeypatch.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "12345")  # one already set is left alone
-    server._set_local_environment()
+    local_ray.set_local_environment()
     assert os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "12345"
-    low, high = (int(os.environ[n]) for n in server.LOCAL_PORTS[0])
-    assert high - low == server.PORT_BLOCK - 1 and high < 30000  # not Ray's shared defaults
-    ports = [int(os.environ[low]) for low, _ in server.LOCAL_PORTS]
+    low, high = (int(os.environ[n]) for n in local_ray.LOCAL_PORTS[0])
+    assert high - low == local_ray.PORT_BLOCK - 1 and high < 30000  # not Ray's shared defaults
+    ports = [int(os.environ[low]) for low, _ in local_ray.LOCAL_PORTS]
     assert len(set(ports)) == len(ports)
     socket_path = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
     assert len(str(socket_path.parent)) + 1 + 56 + 1 + len(socket_path.name) <= 97  # + Ray's node id
-    assert all(os.environ[k] == v for k, v in server.SERVE_ENVIRONMENT.items())
+    assert all(os.environ[k] == v for k, v in local_ray.SERVE_ENVIRONMENT.items())

@@ -1,0 +1,107 @@
+"""The environment of a local Ray that `attnserve serve` starts: the serving path's Ray Serve
+settings, ports and HAProxy files of its own, and HAProxy's answer when a replica dies."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("attnserve")
+# Ray Serve settings of the serving path (FACTS.md: "The serving path, measured"): HAProxy
+# forwards gRPC straight to the replica (direct ingress), the replica runs user code on its
+# event loop, and its drain period is short because attnserve drains its engines first.
+SERVE_ENVIRONMENT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    # A call whose replica dies before answering is replayed on another server (inference is
+    # idempotent), instead of failing with HAProxy's error page.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+    # One HAProxy thread forwards thousands of calls/s; Ray's default of 4 threads on a small
+    # host competes with the replica (2 cores: c=1 p50 6.6 -> 4.2 ms, c=32 +10%; make bench).
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+}
+
+
+HAPROXY_DIR_PREFIX = "as-hap-"  # a run's HAProxy files: /tmp/as-hap-XXXXXXXX
+PORT_BLOCK = 8  # direct-ingress ports of one host's replicas (one replica needs one of each)
+# Ports Ray Serve would otherwise take at fixed defaults: the replicas' direct ingress (40000..,
+# 30000..) and the fallback proxy (9500, 8500) are bound with SO_REUSEPORT, so a second Ray on
+# the host silently shares them and HAProxy sends this service's calls to the other one; and
+# HAProxy's stats (8404) and metrics (9101) ports.
+LOCAL_PORTS = (
+    ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"),
+    ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"),
+    ("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", None),
+    ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", None),
+    ("RAY_SERVE_HAPROXY_STATS_PORT", None),
+    ("RAY_SERVE_HAPROXY_METRICS_PORT", None),
+)
+
+
+def _free_ports(size: int) -> int:
+    """The first of `size` consecutive free ports, drawn at random below Linux's ephemeral range
+    (32768+, where other processes' random ports land) and below Ray's default replica ports."""
+    while True:
+        base = random.randrange(20000, 29500)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + size):
+                    held.enter_context(socket.socket()).bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return base
+
+
+def set_local_environment() -> None:
+    """Serving settings for the local Ray this process starts (the environment may override them).
+
+    HAProxy's files go to a folder of this run, so leftover HAProxy processes can be found by it,
+    and the ports Ray Serve would take at fixed defaults are free ones of this run, so two
+    services on one host neither collide nor serve each other's calls.
+    """
+    for key, value in SERVE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    run = Path(tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX))  # short: HAProxy's socket paths end at 97 bytes
+    os.environ.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(run / "haproxy.cfg"))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(run / "admin.sock"))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(run))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(run / "server-state"))
+    for low, high in LOCAL_PORTS:
+        if low not in os.environ:
+            base = _free_ports(PORT_BLOCK if high else 1)
+            os.environ[low] = str(base)
+            if high:
+                os.environ[high] = str(base + PORT_BLOCK - 1)
+
+
+# What HAProxy answers when a replica dies mid-call and no retry can save the call: a gRPC
+# trailers-only UNAVAILABLE (Ray's page is an HTTP 500, which gRPC clients read as UNKNOWN).
+UNAVAILABLE_PAGE = (
+    "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 14\r\n"
+    "grpc-message: the serving replica is restarting; retry\r\ncontent-length: 0\r\n\r\n"
+)
+
+
+def answer_proxy_errors_as_unavailable(timeout_s: float = 20.0) -> None:
+    """Replaces Ray's HAProxy error page before the first replica joins (HAProxy reads it then)."""
+    config_dir = Path(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "")).parent
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or config_dir == Path("."):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pages = list(config_dir.glob("*/500.http"))
+        if pages:
+            for page in pages:
+                page.write_text(UNAVAILABLE_PAGE)
+            return
+        time.sleep(0.1)
+    log.warning(
+        "HAProxy's error page did not appear in %s; a killed replica's calls may get UNKNOWN", config_dir
+    )
