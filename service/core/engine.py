@@ -38,8 +38,9 @@ class EngineConfig:
     max_batch_tokens: 0 for no budget; else the most (source + output limit) x beam tokens per batch.
     batch_wait_s: how long a batch that is not full waits for more requests (0: never waits).
     max_queued: requests waiting at most; beyond it RESOURCE_EXHAUSTED.
-    max_queue_wait_s: the longest wait the engine accepts a request into, judged from its
-        measured cost per batch; beyond it RESOURCE_EXHAUSTED.
+    max_queue_wait_s: the longest the engine expects a request it accepts to wait, counting the
+        decode of the request's own batch, judged from its measured cost per batch; beyond it
+        RESOURCE_EXHAUSTED. A request that would not wait at all is always accepted.
     """
 
     max_batch_size: int = 32
@@ -182,7 +183,7 @@ class Engine:
         if len(self._queue) >= self.config.max_queued:
             return "queue_full"
         wait = self.expected_wait(now)
-        if wait > self.config.max_queue_wait_s:
+        if wait > 0 and wait + self._own_batch_seconds() > self.config.max_queue_wait_s:
             return "queue_wait"
         if deadline is not None and now + wait >= deadline:
             return "deadline"
@@ -199,6 +200,11 @@ class Engine:
             started, size = self._running
             remaining = max(self.cost.seconds(size) - (now - started), 0.0)
         return remaining + len(self._queue) // self.config.max_batch_size * full
+
+    def _own_batch_seconds(self) -> float:
+        """Expected decode time of the batch a request queued now would join."""
+        size = len(self._queue) % self.config.max_batch_size + 1
+        return self.cost.seconds(size) or 0.0
 
     @property
     def queued(self) -> int:

@@ -125,9 +125,9 @@ def test_queue_is_bounded_by_expected_wait(translator):
     engine.cost.observe(2, 0.4)  # as if measured: a batch of 2 takes 0.4 s
     running = engine.submit(_prepare(gated, "busy"))
     assert gated.started.wait(5)
-    accepted = [engine.submit(_prepare(gated, w)) for w in ("a", "b")]  # wait ~0.2 s: the running batch
+    accepted = [engine.submit(_prepare(gated, "a"))]  # ~0.2 s for the running batch + 0.2 s its own
     with pytest.raises(RequestError) as info:
-        engine.submit(_prepare(gated, "c"))  # a full batch ahead too: ~0.2 + 0.4 s > 0.5 s
+        engine.submit(_prepare(gated, "b"))  # ~0.2 s + its own batch of 2, 0.4 s: over 0.5 s
     assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED and "expected wait" in info.value.message
     assert recorder.rejections == ["queue_wait"]
     gated.gate.set()
