@@ -76,19 +76,19 @@ def served_repository(tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.fixture(scope="session")
-def service(served_repository) -> RunningService:
-    """`attnserve serve` on the served repository, on free local ports, with a 20 ms batch timer."""
+def start_service(serve_config: Path, *options: str) -> RunningService:
+    """`attnserve serve` with a serve config and options, on free local ports; waits until it is up.
+
+    It runs in a session of its own, so a test can signal the service's whole process group.
+    """
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
-    exe = Path(sys.executable).with_name("attnserve")
     cmd = [
-        str(exe), "serve", "--serve-config", str(ROOT / "deploy/serve/attnserve.yaml"),
-        "--repository", str(served_repository), "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--batch-wait-ms", "20",
+        str(Path(sys.executable).with_name("attnserve")), "serve", "--serve-config", str(serve_config),
+        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--http-port", str(http_port),
+        *options,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    # A session of its own, so the last test can signal the service's whole process group.
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
@@ -100,6 +100,16 @@ def service(served_repository) -> RunningService:
             proc.kill()
             pytest.fail("attnserve did not start:\n" + "".join(running.lines[-40:]))
         time.sleep(0.5)
+    return running
+
+
+@pytest.fixture(scope="session")
+def service(served_repository) -> RunningService:
+    """`attnserve serve` on the served repository, on free local ports, with a 20 ms batch timer."""
+    running = start_service(
+        ROOT / "deploy/serve/attnserve.yaml", "--repository", str(served_repository), "--batch-wait-ms", "20"
+    )
+    proc = running.process
     yield running
     if proc.poll() is None:  # a test failed before the shutdown test ran
         children = running.descendants()

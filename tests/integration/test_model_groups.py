@@ -4,13 +4,7 @@ which the SDK finds by itself."""
 from __future__ import annotations
 
 import io
-import os
 import signal
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,7 +16,7 @@ from attnserve.service.client import Client
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
-from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningService, _pump, free_port
+from tests.integration.conftest import start_service
 
 pytestmark = pytest.mark.integration
 GROUPS = {"words": ["g2p-bahdanau"], "images": ["caption-fashion"]}
@@ -40,25 +34,10 @@ def grouped_service(tmp_path_factory):
         base["applications"].append(app)
     config = tmp_path_factory.mktemp("groups") / "groups.yaml"
     config.write_text(yaml.safe_dump(base))
-    grpc_port = free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("attnserve")), "serve", "--serve-config", str(config),
-        "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()), "--http-port", str(free_port()),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    running = RunningService(proc, f"127.0.0.1:{grpc_port}", "")
-    threading.Thread(target=_pump, args=(proc.stdout, running.lines), daemon=True).start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not any("attnserve is up" in line for line in running.lines):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("attnserve did not start:\n" + "".join(running.lines[-40:]))
-        time.sleep(0.5)
+    running = start_service(config)
     yield running
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(60) == 0
 
 
 def _png() -> bytes:
