@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
-import psutil
 
 from attnserve.bench.inputs import load_workload
 from attnserve.bench.loadgen import (
@@ -37,8 +36,8 @@ from attnserve.bench.loadgen import (
     recovery_seconds,
 )
 from attnserve.bench.plain import app_args
-from attnserve.bench.run import grpc_call, write_json
-from attnserve.bench.servers import CpuSample, Target, busy_seconds, by_role, ray_service
+from attnserve.bench.run import fmt, grpc_call, jsonable, write_json
+from attnserve.bench.servers import CpuMeter, Target, ray_service
 from attnserve.service.config import DEFAULT_SERVE_CONFIG
 from attnserve.service.core.manifest import discover
 
@@ -126,8 +125,7 @@ def run_overload(cfg: OverloadConfig) -> OverloadReport:
     with _service(cfg) as target:
         report = asyncio.run(_overload(cfg, target, workload, max_wait))
     print_report(report)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    write_json(cfg.out, {"config": config, "report": asdict(report)})
+    write_json(cfg.out, {"config": jsonable(asdict(cfg)), "report": asdict(report)})
     return report
 
 
@@ -199,18 +197,15 @@ async def _storm(cfg: OverloadConfig, target: Target, call: Call, probe: Call, r
     def start_probing() -> None:
         probing.append(asyncio.ensure_future(probe_for(cfg.recovery_seconds)))
 
-    me, servers, stop = psutil.Process(), target.processes(), asyncio.Event()
-    before, busy, started = CpuSample.take([me, *servers]), busy_seconds(), time.perf_counter()
+    meter, stop, started = CpuMeter(target.processes()), asyncio.Event(), time.perf_counter()
     lags = asyncio.ensure_future(loop_lag(stop))
     result = await open_loop(call, poisson_arrivals(rate, cfg.seconds, cfg.seed), start_probing)
     await asyncio.gather(*probing)
     stop.set()
-    wall, busy = time.perf_counter() - started, busy_seconds() - busy
-    spent = CpuSample.take([me, *servers]).since(before)
-    client = spent.pop(me.pid, ("", 0.0))[1]
-    server = sum(by_role(spent).values())
-    return Storm(result, tuple(probes), round(server / wall, 2) if servers else None, round(client / wall, 2),
-                 round(max(busy - client - server, 0.0) / wall, 2), tuple(await lags))  # fmt: skip
+    wall, spent = time.perf_counter() - started, meter.read()
+    server = round(sum(spent.server.values()) / wall, 2) if meter.servers else None
+    return Storm(result, tuple(probes), server, round(spent.client / wall, 2),
+                 round(max(spent.other, 0.0) / wall, 2), tuple(await lags))  # fmt: skip
 
 
 def _report(cfg: OverloadConfig, before: Before, storm: Storm) -> OverloadReport:
@@ -275,21 +270,17 @@ def print_report(r: OverloadReport) -> None:
     header = f"{'status':<20} {'calls':>7} {'p50 ms':>9} {'p99 ms':>9}"
     print(header + "\n" + "-" * len(header))
     for name, phase in (("OK (accepted)", r.accepted), ("RESOURCE_EXHAUSTED", r.rejected)):
-        print(f"{name:<20} {phase.count:>7} {_f(phase.p50_ms):>9} {_f(phase.p99_ms):>9}")
+        print(f"{name:<20} {phase.count:>7} {fmt(phase.p50_ms):>9} {fmt(phase.p99_ms):>9}")
     for code, count in sorted(r.codes.items()):
         if code not in ("OK", "RESOURCE_EXHAUSTED"):
             print(f"{code:<20} {count:>7} {'-':>9} {'-':>9}")
     print(f"accepted {r.accepted_per_s} req/s during the storm; CPU cores busy: server "
-          f"{_f(r.server_cpu_cores)}, load generator {r.client_cpu_cores}, anything else {r.other_cores}; "
-          f"generator's event loop late by {_f(r.client_loop_lag_p99_ms)} ms at p99")  # fmt: skip
+          f"{fmt(r.server_cpu_cores)}, load generator {r.client_cpu_cores}, anything else {r.other_cores}; "
+          f"generator's event loop late by {fmt(r.client_loop_lag_p99_ms)} ms at p99")  # fmt: skip
     recovery = "never" if r.recovery_s is None else f"{r.recovery_s} s"
-    print(f"recovery: c=1 latency back within {_f(r.recovery_threshold_ms)} ms (2x the c=1 p50 "
-          f"{_f(r.baseline_p50_ms)} ms before the storm) after {recovery} "
+    print(f"recovery: c=1 latency back within {fmt(r.recovery_threshold_ms)} ms (2x the c=1 p50 "
+          f"{fmt(r.baseline_p50_ms)} ms before the storm) after {recovery} "
           f"({r.recovery_probes} probes)")  # fmt: skip
     print(f"targets (max queue wait {r.max_queue_wait_s:g} s):")
     for name, passed in r.checks.items():
         print(f"  {'PASS' if passed else 'FAIL'}  {name}")
-
-
-def _f(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"

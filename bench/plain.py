@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from attnserve.service.config import DEFAULT_SERVE_CONFIG, AppArgs, LocalOptions, load_serve_config
-from attnserve.service.core.engine import Engine
+from attnserve.service.core.engine import Engine, start_engines
+from attnserve.service.core.manifest import discover
 from attnserve.service.core.onnx_model import RuntimeConfig
-from attnserve.service.plain_server import load_engines, serve_plain
+from attnserve.service.plain_server import serve_plain
 
 
 def app_args(serve_config: Path, repository: Path) -> AppArgs:
@@ -47,10 +48,11 @@ def engines_for(serve_config: Path, repository: Path, names: list[str] | None = 
         Engine per model name, each running on its own thread.
     """
     args = app_args(serve_config, repository)
-    engines = load_engines(repository, names, runtime=RuntimeConfig(**args.runtime.model_dump()))
-    for name, engine in engines.items():
-        engine.reconfigure(args.serving.for_model(name).engine_config())
-    return engines
+    return start_engines(
+        (m for m in discover(repository) if names is None or m.name in names),
+        RuntimeConfig(**args.runtime.model_dump()),
+        lambda name: args.serving.for_model(name).engine_config(),
+    )
 
 
 async def _serve(engines: dict[str, Engine], address: str) -> None:

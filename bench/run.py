@@ -25,11 +25,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import psutil
 
 from attnserve.bench.inputs import DEFAULT_COUNT, Workload, load_workload, prepare
 from attnserve.bench.loadgen import Call, closed_loop, codes, percentiles_ms
-from attnserve.bench.servers import CpuSample, Target, busy_seconds, by_role, plain_service, ray_service
+from attnserve.bench.servers import CpuMeter, CpuSpent, Target, plain_service, ray_service
 from attnserve.service.client import TIMEOUT_METADATA
 from attnserve.service.config import DEFAULT_SERVE_CONFIG
 from attnserve.service.core.engine import Engine
@@ -111,7 +110,7 @@ def run_bench(cfg: BenchConfig) -> list[Row]:
             with _server(cfg, kind) as target:
                 rows += asyncio.run(_over_grpc(cfg, target, workloads))
     print_table(rows)
-    write_json(cfg.out, {"config": _jsonable(asdict(cfg)), "rows": [asdict(r) for r in rows],
+    write_json(cfg.out, {"config": jsonable(asdict(cfg)), "rows": [asdict(r) for r in rows],
                          "ratios": ratios(rows)})  # fmt: skip
     return rows
 
@@ -226,35 +225,25 @@ async def _measure(cfg: BenchConfig, kind: str, model: str, call: Call, server_p
     server_processes: the server's processes, or None when the server is this process.
     """
     rows = []
-    me = psutil.Process()
     for c in cfg.concurrency:
         await closed_loop(call, c, max(cfg.warmup, 2 * c))
-        servers = [p for p in server_processes() if p.pid != me.pid] if server_processes else []
-        before, busy = CpuSample.take([me, *servers]), busy_seconds()
+        meter = CpuMeter(server_processes() if server_processes else [])
         outcomes, wall = await closed_loop(call, c, cfg.requests, cfg.max_seconds)
-        busy = busy_seconds() - busy
-        spent = CpuSample.take([me, *servers]).since(before)
-        client = spent.pop(me.pid, ("", 0.0))[1]
-        server = by_role(spent) if servers else {"this process": client} if server_processes is None else None
-        other = busy - client - sum(by_role(spent).values())
-        rows.append(_row(kind, model, c, outcomes, wall, CpuSpent(server, client, other)))
+        spent = meter.read()
+        if server_processes is None:  # in-process: the server is this process
+            server = {"this process": spent.client}
+        else:  # a remote target's processes are not ours to see
+            server = spent.server if meter.servers else None
+        rows.append(_row(kind, model, c, outcomes, wall, server, spent))
         r = rows[-1]
         print(f"  {kind:<10} {model:<18} c={c:<3d} {r.req_per_s:8.1f} req/s  p50 {r.p50_ms} ms", flush=True)
     return rows
 
 
-@dataclass(frozen=True)
-class CpuSpent:
-    """CPU seconds of one run: the server's by process role (None if unknown), this process's,
-    and everything else's on this machine."""
-
-    server: dict[str, float] | None
-    client: float
-    other: float
-
-
-def _row(kind: str, model: str, concurrency: int, outcomes, wall: float, cpu: CpuSpent) -> Row:
-    """A Row from one closed loop's outcomes and CPU seconds."""
+def _row(kind: str, model: str, concurrency: int, outcomes, wall: float, server: dict[str, float] | None,
+         cpu: CpuSpent) -> Row:  # fmt: skip
+    """A Row from one closed loop's outcomes and CPU seconds (server: by process role, None if
+    unknown)."""
     ok = [o for o in outcomes if o.code == "OK"]
     n = len(outcomes)
     p50, p99 = percentiles_ms([o.seconds for o in ok], 50, 99)
@@ -265,9 +254,9 @@ def _row(kind: str, model: str, concurrency: int, outcomes, wall: float, cpu: Cp
     return Row(
         kind, model, concurrency, n, round(wall, 2), round(len(ok) / wall, 1) if wall else 0.0, p50, p99,
         round(float(np.mean([o.batch_size for o in ok])), 2) if ok else None,
-        per_call(sum(cpu.server.values())) if cpu.server is not None else None, per_call(cpu.client),
+        per_call(sum(server.values())) if server is not None else None, per_call(cpu.client),
         round(max(cpu.other, 0.0) / wall, 2) if wall else None, codes(outcomes),
-        {name: per_call(s) for name, s in sorted(cpu.server.items())} if cpu.server else {},
+        {name: per_call(s) for name, s in sorted(server.items())} if server else {},
     )  # fmt: skip
 
 
@@ -302,7 +291,7 @@ def print_table(rows: list[Row]) -> None:
         errors = ", ".join(f"{k} {v}" for k, v in r.codes.items() if k != "OK")
         x = ratio.get((r.model, r.concurrency)) if r.kind == "ray" else None
         figures = (r.p50_ms, r.p99_ms, r.mean_batch, r.server_cpu_ms, r.client_cpu_ms, r.other_cores, x)
-        values = (r.model, r.concurrency, r.kind, f"{r.req_per_s:.1f}", *map(_f, figures), errors)
+        values = (r.model, r.concurrency, r.kind, f"{r.req_per_s:.1f}", *map(fmt, figures), errors)
         print(" ".join(f"{v:{align}}" for v, (_, align) in zip(values, COLUMNS, strict=True)))
     print(LEGEND)
     disturbed = [r for r in rows if (r.other_cores or 0) >= BUSY_ELSEWHERE]
@@ -317,7 +306,8 @@ def print_table(rows: list[Row]) -> None:
         print(f"  {r.model:<18} c={r.concurrency:<3d} " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
 
 
-def _f(value: float | None) -> str:
+def fmt(value: float | None) -> str:
+    """A figure for a table: two decimals, or - when there is none."""
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -334,6 +324,6 @@ def write_json(path: Path, payload: dict) -> None:
     print(f"\nwrote {path}")
 
 
-def _jsonable(config: dict) -> dict:
+def jsonable(config: dict) -> dict:
     """A config dict with paths as strings."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}

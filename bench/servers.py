@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import psutil
 
+from attnserve.service.local_ray import haproxy_processes
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -60,6 +61,34 @@ class CpuSample:
                 for pid, (name, seconds) in self.by_pid.items() if pid in before.by_pid}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class CpuSpent:
+    """CPU seconds of one window: the server's processes by role, this process's, and everything
+    else's on this machine."""
+
+    server: dict[str, float]
+    client: float
+    other: float
+
+
+class CpuMeter:
+    """Measures the CPU this process, a server's processes and the rest of the machine spend from
+    its creation to `read()`."""
+
+    def __init__(self, servers: list[psutil.Process]):
+        self.me = psutil.Process()
+        self.servers = [p for p in servers if p.pid != self.me.pid]
+        self.before, self.busy = CpuSample.take([self.me, *self.servers]), busy_seconds()
+
+    def read(self) -> CpuSpent:
+        """CPU seconds spent since the meter was created."""
+        busy = busy_seconds() - self.busy
+        spent = CpuSample.take([self.me, *self.servers]).since(self.before)
+        client = spent.pop(self.me.pid, ("", 0.0))[1]
+        server = by_role(spent)
+        return CpuSpent(server, client, busy - client - sum(server.values()))
+
+
 def by_role(spent: dict[int, tuple[str, float]]) -> dict[str, float]:
     """CPU seconds summed by process role."""
     out: dict[str, float] = {}
@@ -93,17 +122,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _bindable(port: int) -> bool:
-    """True if nothing is bound to the port on any address (IPv4 or IPv6)."""
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.bind(("::", port))
-    except OSError:
-        return False
-    return True
 
 
 def wait_until_serving(address: str, alive: Callable[[], bool] = lambda: True) -> None:
@@ -183,21 +201,9 @@ def ray_service(repository: Path, serve_config: Path) -> Iterator[Target]:
 def _ray_processes(haproxy_dir: str | None) -> list[psutil.Process]:
     """Every descendant of this process (GCS, raylet, workers, HAProxy) and this run's HAProxy."""
     found = {p.pid: p for p in _children(psutil.Process())}
-    for p in _haproxy_processes(haproxy_dir):
+    for p in haproxy_processes(haproxy_dir):
         found.setdefault(p.pid, p)
     return list(found.values())
-
-
-def _haproxy_processes(haproxy_dir: str | None) -> list[psutil.Process]:
-    """HAProxy processes whose command line names this run's HAProxy folder."""
-    if not haproxy_dir:
-        return []
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(haproxy_dir in part for part in p.info["cmdline"] or ()):
-                found.append(p)
-    return found
 
 
 def _children(process: psutil.Process) -> list[psutil.Process]:

@@ -23,18 +23,16 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from attnserve.service import metrics
 from attnserve.service.config import AppArgs, ServingConfig
-from attnserve.service.core.engine import Engine
+from attnserve.service.core.engine import start_engines
 from attnserve.service.core.manifest import Manifest, ManifestError, discover
 from attnserve.service.core.onnx_model import RuntimeConfig
-from attnserve.service.core.translation import Translator
-from attnserve.service.grpc_services import Undecodable
+from attnserve.service.grpc_services import TIMEOUT_METADATA, Undecodable
 from attnserve.service.servicer import Outcome, Servicer, undecodable
 from attnserve.v1 import translator_pb2 as pb
 
 log = logging.getLogger("attnserve")
 DEPLOYMENT = "attnserve"
 SERVICE_NAME = "attnserve.v1.Translator"
-TIMEOUT_METADATA = "attnserve-timeout-ms"  # the SDK's deadline, as Ray does not pass gRPC's on
 GAUGE_PERIOD_S = 5
 HEALTH_POLL_S = 0.5
 GIL_SWITCH_INTERVAL_S = 0.001  # Python's default is 0.005
@@ -82,11 +80,12 @@ class Attnserve:
         # interval lets it accept and refuse calls promptly while batches decode.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         config = ServingConfig.model_validate(serving)
-        engines = {}
-        for name, path in entries.items():
-            translator = Translator(Manifest.load(Path(path)), runtime)
-            tags = {"model": name, "version": translator.manifest.version}
-            engines[name] = Engine(translator, config.for_model(name).engine_config(), RayObserver(tags))
+        engines = start_engines(
+            (Manifest.load(Path(path)) for path in entries.values()),
+            runtime,
+            lambda name: config.for_model(name).engine_config(),
+            lambda m: RayObserver({"model": m.name, "version": m.version}),
+        )
         self.servicer = Servicer(engines, _record)
         self.draining = False
         threading.Thread(target=self._report_gauges, name="gauges", daemon=True).start()

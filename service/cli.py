@@ -225,9 +225,9 @@ def _bench(args: argparse.Namespace) -> int:
         run_overload(
             OverloadConfig(
                 model=args.model[0] if args.model else OverloadConfig.model, repository=args.repository,
-                serve_config=args.serve_config, target=args.target, factor=args.overload_factor,
-                seconds=args.overload_seconds, deadline_s=args.deadline,
-                out=args.out or Path("bench/results/overload.json"),
+                serve_config=args.serve_config or OverloadConfig.serve_config, target=args.target,
+                factor=args.overload_factor, seconds=args.overload_seconds, deadline_s=args.deadline,
+                out=args.out or OverloadConfig.out,
             )
         )  # fmt: skip
         return 0
@@ -236,9 +236,9 @@ def _bench(args: argparse.Namespace) -> int:
     run_bench(
         BenchConfig(
             models=tuple(args.model or ()), kinds=tuple(args.kind or KINDS), repository=args.repository,
-            serve_config=args.serve_config, target=args.target, concurrency=tuple(args.concurrency),
-            requests=args.requests, max_seconds=args.max_seconds,
-            out=args.out or Path("bench/results/bench.json"),
+            serve_config=args.serve_config or BenchConfig.serve_config, target=args.target,
+            concurrency=tuple(args.concurrency), requests=args.requests, max_seconds=args.max_seconds,
+            out=args.out or BenchConfig.out,
         )
     )  # fmt: skip
     return 0
@@ -345,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", action="append", choices=("ray", "plain", "in-process"),
                    help="a serving path to measure (repeatable; default: all three)")  # fmt: skip
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--serve-config", type=Path, default=Path("deploy/serve/attnserve.yaml"),
-                   help="the service, and the engine settings every path uses")  # fmt: skip
+    p.add_argument("--serve-config", type=Path, help="the service and every path's engine settings "
+                   "(deploy/serve/attnserve.yaml)")  # fmt: skip
     p.add_argument("--target", help="measure this running service (HOST:PORT) instead of starting Ray")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=1000, help="calls per model and concurrency at most")

@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from attnserve.service.grpc_services import TIMEOUT_METADATA
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 
-TIMEOUT_METADATA = "attnserve-timeout-ms"
 RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [

@@ -18,6 +18,10 @@ from grpc_health.v1 import health_pb2_grpc
 
 from attnserve.v1 import translator_pb2_grpc
 
+# The caller's deadline in milliseconds, sent by the SDK beside gRPC's own: Ray Serve does not
+# hand gRPC's deadline to the replica.
+TIMEOUT_METADATA = "attnserve-timeout-ms"
+
 
 @dataclass(frozen=True)
 class Undecodable:

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger("attnserve")
 # Ray Serve settings of the serving path (FACTS.md: "The serving path, measured"): HAProxy
 # forwards gRPC straight to the replica (direct ingress), the replica runs user code on its
@@ -68,17 +70,30 @@ def set_local_environment() -> None:
     """
     for key, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
-    run = Path(tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX))  # short: HAProxy's socket paths end at 97 bytes
-    os.environ.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(run / "haproxy.cfg"))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(run / "admin.sock"))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(run))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(run / "server-state"))
+    if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ:  # the supervisor may have set it
+        run = Path(tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX))  # short: socket paths end at 97 bytes
+        os.environ.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(run / "haproxy.cfg"))
+        os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(run / "admin.sock"))
+        os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(run))
+        os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(run / "server-state"))
     for low, high in LOCAL_PORTS:
         if low not in os.environ:
             base = _free_ports(PORT_BLOCK if high else 1)
             os.environ[low] = str(base)
             if high:
                 os.environ[high] = str(base + PORT_BLOCK - 1)
+
+
+def haproxy_processes(haproxy_dir: str | None) -> list[psutil.Process]:
+    """HAProxy processes whose command line names a run's HAProxy folder ([] without one)."""
+    if not haproxy_dir:
+        return []
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(haproxy_dir in part for part in p.info["cmdline"] or ()):
+                found.append(p)
+    return found
 
 
 # What HAProxy answers when a replica dies mid-call and no retry can save the call: a gRPC

@@ -7,14 +7,10 @@ serve one host without a Ray cluster.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import grpc
 
-from attnserve.service.core.engine import Engine, EngineConfig
-from attnserve.service.core.manifest import discover
-from attnserve.service.core.onnx_model import RuntimeConfig
-from attnserve.service.core.translation import Translator
+from attnserve.service.core.engine import Engine
 from attnserve.service.grpc_services import add_translator_to_server
 from attnserve.service.servicer import Outcome, Servicer
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
@@ -41,18 +37,6 @@ async def _reply(outcome: Outcome, context: grpc.aio.ServicerContext):
     if outcome.code is not None:
         await context.abort(grpc.StatusCode[outcome.code.name], outcome.message)
     return outcome.response
-
-
-def load_engines(
-    repository: Path, names: list[str] | None = None, config: EngineConfig = EngineConfig(),
-    runtime: RuntimeConfig = RuntimeConfig(),
-) -> dict[str, Engine]:  # fmt: skip
-    """An engine per model of the repository (or of `names`), each on its own thread."""
-    return {
-        m.name: Engine(Translator(m, runtime), config)
-        for m in discover(repository)
-        if names is None or m.name in names
-    }
 
 
 async def serve_plain(engines: dict[str, Engine], address: str, stop: asyncio.Event) -> None:

@@ -18,7 +18,6 @@ from typing import Protocol
 
 from attnserve.service.core.engine import Engine
 from attnserve.service.core.errors import ErrorCode, RequestError
-from attnserve.service.core.manifest import Manifest
 from attnserve.service.core.translation import PreparedRequest
 from attnserve.service.grpc_mapping import (
     attention_from_pb,
@@ -59,14 +58,11 @@ class Servicer:
 
     def __init__(self, engines: dict[str, Engine], record: RequestRecorder | None = None):
         self.engines = engines
-        self.manifests: dict[str, Manifest] = {n: e.translator.manifest for n, e in engines.items()}
         self.record = record or (lambda *_: None)
         self.serving = True
 
     async def translate(self, request: pb.TranslateRequest, time_remaining: float | None) -> Outcome:
         """Translate: validate the text, decode it in the model's next batch, map the result."""
-        if isinstance(request, Undecodable):
-            return undecodable(request)
 
         def prepare(engine: Engine) -> PreparedRequest:
             o = request.options
@@ -75,12 +71,10 @@ class Servicer:
                 o.length_penalty, request.locale,
             )  # fmt: skip
 
-        return await self._decode("Translate", request.model, time_remaining, prepare, translation_to_pb)
+        return await self._decode("Translate", request, time_remaining, prepare, translation_to_pb)
 
     async def caption(self, request: pb.CaptionRequest, time_remaining: float | None) -> Outcome:
         """Caption: check and decode the image, decode it in the model's next batch, map the result."""
-        if isinstance(request, Undecodable):
-            return undecodable(request)
 
         def prepare(engine: Engine) -> PreparedRequest:
             o = request.options
@@ -89,7 +83,7 @@ class Servicer:
                 o.length_penalty,
             )  # fmt: skip
 
-        return await self._decode("Caption", request.model, time_remaining, prepare, caption_to_pb)
+        return await self._decode("Caption", request, time_remaining, prepare, caption_to_pb)
 
     async def list_models(self, request: pb.ListModelsRequest) -> Outcome:
         """ListModels: every model this replica serves, with its figures and providers."""
@@ -106,8 +100,11 @@ class Servicer:
 
         return await self._answer("ListModels", "", "", work)
 
-    async def _decode(self, rpc: str, name: str, time_remaining: float | None, prepare, to_pb) -> Outcome:
+    async def _decode(self, rpc: str, request, time_remaining: float | None, prepare, to_pb) -> Outcome:
         """Validates with `prepare`, submits to the model's engine, awaits and maps the result."""
+        if isinstance(request, Undecodable):
+            return undecodable(request)
+        name = request.model
         engine = self.engines.get(name)
         manifest = engine.translator.manifest if engine else None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from attnserve.service.config import LocalOptions
-from attnserve.service.local_ray import HAPROXY_DIR_PREFIX, set_local_environment
+from attnserve.service.local_ray import HAPROXY_DIR_PREFIX, haproxy_processes, set_local_environment
 from attnserve.service.server import start, stop
 
 log = logging.getLogger("attnserve")
@@ -70,13 +70,16 @@ def _exit_with_parent() -> None:
 def _remove_leftovers(session: int, haproxy_dir: str | None) -> None:
     """Kills what the serving child left: its session's processes and this run's HAProxy
     (a reload's successor can outlive Ray, holding the ports)."""
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    leftovers = {p.pid: p for p in haproxy_processes(haproxy_dir)}
+    for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
-            cmdline = p.info["cmdline"] or []
-            ours = bool(haproxy_dir) and any(haproxy_dir in part for part in cmdline)
-            if p.pid != os.getpid() and (ours or os.getsid(p.pid) == session):
-                log.warning("stopping leftover process %d (%s)", p.pid, " ".join(cmdline[:2]))
-                p.kill()
+            if os.getsid(p.pid) == session:
+                leftovers[p.pid] = p
+    leftovers.pop(os.getpid(), None)
+    for p in leftovers.values():
+        with contextlib.suppress(psutil.Error):
+            log.warning("stopping leftover process %d (%s)", p.pid, p.name())
+            p.kill()
 
 
 def _serve_child(options: LocalOptions) -> None:

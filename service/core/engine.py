@@ -19,11 +19,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from attnserve.service.core.errors import ErrorCode, RequestError
+from attnserve.service.core.manifest import Manifest
+from attnserve.service.core.onnx_model import RuntimeConfig
 from attnserve.service.core.translation import PreparedRequest, Translation, Translator
 
 log = logging.getLogger(__name__)
@@ -318,6 +321,26 @@ class Engine:
                 job.future.set_exception(result)
         produced = sum(len(r.output_tokens) for r in results if isinstance(r, Translation))
         self.observer.batch([started - j.queued_at for j in jobs], elapsed, produced)
+
+
+def start_engines(
+    manifests: Iterable[Manifest],
+    runtime: RuntimeConfig,
+    settings: Callable[[str], EngineConfig],
+    observer: Callable[[Manifest], EngineObserver | None] = lambda manifest: None,
+) -> dict[str, Engine]:
+    """An engine per model, each on its own thread.
+
+    Args:
+        manifests: the models to load.
+        runtime: how their ONNX Runtime sessions are built.
+        settings: a model name -> its batching and admission settings.
+        observer: a manifest -> what records its engine's events (None records nothing).
+
+    Returns:
+        Engine per model name.
+    """
+    return {m.name: Engine(Translator(m, runtime), settings(m.name), observer(m)) for m in manifests}
 
 
 def _fail(job: _Job, error: RequestError) -> None:

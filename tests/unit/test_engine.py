@@ -64,6 +64,15 @@ def _prepare(translator, word, attention=AttentionMode.CROSS, beam_size=1):
     return translator.codec.prepare(word, attention, beam_size=beam_size)
 
 
+def _busy(translator, config: EngineConfig):
+    """An engine whose first batch is held at the gate: (gated, recorder, engine, that batch's future)."""
+    gated, recorder = Gated(translator), Recorder()
+    engine = Engine(gated, config, recorder)
+    running = engine.submit(_prepare(gated, "busy"))
+    assert gated.started.wait(5)
+    return gated, recorder, engine, running
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     picks=st.lists(st.integers(0, len(WORDS) - 1), min_size=1, max_size=40),
@@ -104,10 +113,7 @@ def test_batches_take_what_is_queued_when_the_engine_is_free(translator):
 
 
 def test_queue_is_bounded_by_count(translator):
-    gated, recorder = Gated(translator), Recorder()
-    engine = Engine(gated, EngineConfig(max_batch_size=4, max_queued=3), recorder)
-    running = engine.submit(_prepare(gated, "busy"))
-    assert gated.started.wait(5)
+    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=4, max_queued=3))
     queued = [engine.submit(_prepare(gated, w)) for w in ("one", "two", "three")]
     with pytest.raises(RequestError) as info:
         engine.submit(_prepare(gated, "four"))
@@ -120,11 +126,8 @@ def test_queue_is_bounded_by_count(translator):
 
 
 def test_queue_is_bounded_by_expected_wait(translator):
-    gated, recorder = Gated(translator), Recorder()
-    engine = Engine(gated, EngineConfig(max_batch_size=2, max_queue_wait_s=0.5), recorder)
+    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=2, max_queue_wait_s=0.5))
     engine.cost.observe(2, 0.4)  # as if measured: a batch of 2 takes 0.4 s
-    running = engine.submit(_prepare(gated, "busy"))
-    assert gated.started.wait(5)
     accepted = [engine.submit(_prepare(gated, "a"))]  # ~0.2 s for the running batch + 0.2 s its own
     with pytest.raises(RequestError) as info:
         engine.submit(_prepare(gated, "b"))  # ~0.2 s + its own batch of 2, 0.4 s: over 0.5 s
@@ -137,10 +140,7 @@ def test_queue_is_bounded_by_expected_wait(translator):
 
 
 def test_a_deadline_that_passes_in_the_queue_drops_the_request_undecoded(translator):
-    gated, recorder = Gated(translator), Recorder()
-    engine = Engine(gated, EngineConfig(max_batch_size=8), recorder)
-    running = engine.submit(_prepare(gated, "busy"))
-    assert gated.started.wait(5)
+    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=8))
     late = _prepare(gated, "late")
     doomed = engine.submit(late, deadline=time.monotonic() + 0.05)
     fine = engine.submit(_prepare(gated, "fine"))
@@ -156,12 +156,8 @@ def test_a_deadline_that_passes_in_the_queue_drops_the_request_undecoded(transla
 
 
 def test_a_deadline_that_cannot_be_met_is_refused_at_once(translator):
-    engine = Engine(translator, EngineConfig(max_batch_size=1, max_queue_wait_s=10))
-    engine.cost.observe(1, 5.0)
-    gated = Gated(translator)
-    engine.translator = gated  # the next batch blocks, so one is running when we submit
-    busy = engine.submit(_prepare(translator, "busy"))
-    assert gated.started.wait(5)
+    gated, _, engine, busy = _busy(translator, EngineConfig(max_batch_size=1, max_queue_wait_s=10))
+    engine.cost.observe(1, 5.0)  # as if measured: the running batch takes 5 s
     with pytest.raises(RequestError) as info:
         engine.submit(_prepare(translator, "soon"), deadline=time.monotonic() + 1.0)
     assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
@@ -171,10 +167,7 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once(translator):
 
 
 def test_a_cancelled_request_is_not_decoded(translator):
-    gated, recorder = Gated(translator), Recorder()
-    engine = Engine(gated, EngineConfig(max_batch_size=8), recorder)
-    running = engine.submit(_prepare(gated, "busy"))
-    assert gated.started.wait(5)
+    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=8))
     request = _prepare(gated, "cancelled")
     cancelled = engine.submit(request)
     kept = engine.submit(_prepare(gated, "kept"))
