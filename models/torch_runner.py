@@ -32,5 +32,5 @@ class TorchStepModel(WiredStepModel):
             DecoderSpec(**arch.wiring),
             _graph(model.encode, arch.encoder_inputs, arch.encoder_outputs),
             _graph(model.decode_step, arch.decoder_inputs, arch.decoder_outputs),
-            [n for n, _, _ in arch.decoder_inputs],
+            [(n, shape) for n, _, shape in arch.decoder_inputs],
         )
