@@ -50,12 +50,12 @@ class RayObserver:
     def dropped(self, reason: str) -> None:
         metrics.drops().inc(tags={**self.tags, "reason": reason})
 
-    def batch(self, waits: list[float], decode_s: float, output_tokens: int) -> None:
+    def step(self, rows: int, waits: list[float], seconds: float, output_tokens: int) -> None:
         wait = metrics.queue_wait()
-        for seconds in waits:
-            wait.observe(seconds, tags=self.tags)
-        metrics.batch_size().observe(len(waits), tags=self.tags)
-        metrics.decode_latency().observe(decode_s, tags=self.tags)
+        for queued in waits:
+            wait.observe(queued, tags=self.tags)
+        metrics.batch_size().observe(rows, tags=self.tags)
+        metrics.decode_latency().observe(seconds, tags=self.tags)
         if output_tokens:
             metrics.output_tokens().inc(output_tokens, tags=self.tags)
 

@@ -112,7 +112,6 @@ class DecodeJob:
     extras: tuple[str, ...] = ()
     on_token: TokenCallback | None = None
     tag: object = None
-    cancelled: bool = False  # set by the caller; the job leaves at the next step unanswered
     # Filled by the running batch.
     columns: slice = field(default_factory=lambda: slice(None))
     slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -289,9 +288,16 @@ class RunningBatch:
 
     # -- stepping ------------------------------------------------------------------------------
 
-    def step(self) -> list[tuple[DecodeJob, Hypothesis | None]]:
-        """Runs one decoder step for every row; returns the jobs that finished (or were
-        cancelled, with None) and removes their rows."""
+    def remove(self, jobs: Sequence[DecodeJob]) -> None:
+        """Takes jobs out of the batch unfinished (their callers went away)."""
+        gone = {id(job) for job in jobs}
+        leaving = [job for job in self.jobs if id(job) in gone]
+        if leaving:
+            self.jobs = [job for job in self.jobs if id(job) not in gone]
+            self._compact(np.concatenate([job.slots for job in leaving]))
+
+    def step(self) -> list[tuple[DecodeJob, Hypothesis]]:
+        """Runs one decoder step for every row; returns the jobs that finished and removes their rows."""
         n, slot, spec = self.rows, self._slot, self.spec
         if not n:
             return []
@@ -383,14 +389,12 @@ class RunningBatch:
                     value = value[..., self._owner[i].columns]
                 steps[name].append(value)
 
-    def _retire(self) -> list[tuple[DecodeJob, Hypothesis | None]]:
-        """Removes finished and cancelled jobs; returns them with their hypotheses."""
+    def _retire(self) -> list[tuple[DecodeJob, Hypothesis]]:
+        """Removes finished jobs; returns them with their hypotheses."""
         finished, keep = [], []
         done = self._slot["done"]
         for job in self.jobs:
-            if job.cancelled:
-                finished.append((job, None))
-            elif done[job.slots].all():
+            if done[job.slots].all():
                 hyp = self._hypothesis(job)
                 if job.on_token is not None and job.beam_size > 1:  # a beam's tokens are final only now
                     for t, token in enumerate(hyp.token_ids):
