@@ -35,6 +35,7 @@ from attnserve.service.core.translation import PreparedRequest, StreamCallback, 
 
 log = logging.getLogger(__name__)
 COST_SMOOTHING = 0.1  # weight of the newest request in the running estimate of decode time
+JOIN_FRACTION = 4  # with more queued than free rows, requests join once 1/4 of the rows are free
 
 
 @dataclass(frozen=True)
@@ -306,8 +307,10 @@ class Engine:
                 return None
             cfg = self.config
             room = cfg.max_batch_size - running_rows
-            if not cfg.step_batching and running_rows:
+            if running_rows and not cfg.step_batching:
                 room = 0
+            elif running_rows and room < min(self._queued_rows, cfg.max_batch_size // JOIN_FRACTION):
+                room = 0  # under load, join in groups: one encoder call per few rows costs less
             if cfg.batch_wait_s > 0 and not running_rows and self._queued_rows < cfg.max_batch_size:
                 until = self._queue[0].queued_at + cfg.batch_wait_s
                 while self._queued_rows < cfg.max_batch_size and not self._stopped:
