@@ -245,8 +245,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.batching:
         from attnserve.bench.batching import BatchingConfig, run_batching
 
-        run_batching(BatchingConfig(models=tuple(args.model or BatchingConfig.models), repository=args.repository,
-                                    out=args.out or BatchingConfig.out))  # fmt: skip
+        models = tuple(args.model or BatchingConfig.models)
+        run_batching(
+            BatchingConfig(models=models, repository=args.repository, out=args.out or BatchingConfig.out)
+        )
         return 0
     if args.overload:
         from attnserve.bench.overload import OverloadConfig, run_overload
@@ -387,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json or overload.json)")
     p.add_argument("--overload", action="store_true", help="open-loop arrivals at a multiple of capacity "
                    "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
-    p.add_argument("--batching", action="store_true", help="step-level vs request-level batching in-process "
-                   "under Poisson load (default models en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
+    p.add_argument("--batching", action="store_true", help="step-level vs request-level batching, in-process, "
+                   "Poisson load (default models en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
     p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
     p.add_argument("--deadline", type=float, default=10.0, help="overload: each call's deadline (10 s)")
