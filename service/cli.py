@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json or overload.json)")
     p.add_argument("--overload", action="store_true", help="open-loop arrivals at a multiple of capacity "
                    "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
-    p.add_argument("--batching", action="store_true", help="step-level vs request-level batching, in-process, "
+    p.add_argument("--batching", action="store_true", help="step-level vs request-level batching in-process, "
                    "Poisson load (default models en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
     p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
