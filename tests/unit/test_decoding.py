@@ -2,9 +2,13 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnserve.models.g2p_data import load_split
 from attnserve.service.core.decoding import (
+    DecodeJob,
+    RunningBatch,
     SourceBatch,
     decode,
     greedy_decode,
@@ -131,3 +135,29 @@ def test_beam_respects_per_row_limits(model, bundled_manifest, sources):
 def test_length_normalisation():
     assert length_normalised(-6.0, 1, 0.0) == -6.0
     assert length_normalised(-6.0, 7, 1.0) == pytest.approx(-3.0)  # ((5 + 7) / 6) ** 1 = 2
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    joins=st.lists(
+        st.tuples(st.integers(0, 12), st.integers(0, 4), st.sampled_from([1, 1, 3])), min_size=1, max_size=8
+    ),
+)
+def test_requests_joining_at_any_step_decode_as_alone(model, bundled_manifest, sources, joins):
+    """(source index, steps to run before it joins, beam size) per request: same tokens as alone."""
+    vocab = bundled_manifest.target_vocab
+    batch = RunningBatch(model, vocab.bos_id, vocab.eos_id, 32)
+    got = {}
+    jobs = []
+    for i, (pick, wait, beam) in enumerate(joins):
+        for _ in range(wait):
+            got.update({job.tag: hyp for job, hyp in batch.step()})
+        job = DecodeJob(32, beam, tag=i)
+        jobs.append((job, sources[pick % len(sources)]))
+        batch.add([job], SourceBatch.from_ids([jobs[-1][1]]))
+    while batch.rows:
+        got.update({job.tag: hyp for job, hyp in batch.step()})
+    for job, src in jobs:
+        (alone,) = decode(model, SourceBatch.from_ids([src]), vocab.bos_id, vocab.eos_id, [32], job.beam_size)
+        assert got[job.tag].token_ids == alone.token_ids
+        np.testing.assert_allclose(got[job.tag].attention, alone.attention, atol=1e-5)
