@@ -143,7 +143,9 @@ def _old_graphs(folder: Path, raw: dict):
 
     encoder, decoder = named(sessions["encoder"]), sessions["decoder_step"]
     spec = DecoderSpec(**raw["decoder"])
-    return encoder, WiredStepModel(spec, encoder, named(decoder), [i.name for i in decoder.get_inputs()])
+    return encoder, WiredStepModel(
+        spec, encoder, named(decoder), [(i.name, i.shape) for i in decoder.get_inputs()]
+    )
 
 
 @torch.no_grad()

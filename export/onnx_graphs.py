@@ -66,8 +66,10 @@ def export_graphs(
     runner = TorchStepModel(model, arch)
     state = runner.encode(example.inputs)
     bos = np.full(example.size, 1, dtype=np.int64)
-    _, _, state = runner.step(bos, state)
+    _, _, state = runner.step(bos, state, np.zeros(example.size, dtype=np.int64))
     feeds = {arch.wiring["token_input"]: bos, **state}
+    if arch.wiring.get("position_input"):
+        feeds[arch.wiring["position_input"]] = np.ones(example.size, dtype=np.int64)
     enc_args = tuple(torch.from_numpy(example.inputs[n]) for n, _, _ in arch.encoder_inputs)
     dec_args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n, _, _ in arch.decoder_inputs)
     paths = {"encoder": out_dir / "encoder.onnx", "decoder_step": out_dir / "decoder_step.onnx"}

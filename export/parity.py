@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnserve.service.core.decoding import SourceBatch, StepModel, greedy_decode
+from attnserve.service.core.decoding import SourceBatch, greedy_decode
+from attnserve.service.core.wiring import WiredStepModel
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def check_parity(
-    torch_model: StepModel,
-    onnx_model: StepModel,
+    torch_model: WiredStepModel,
+    onnx_model: WiredStepModel,
     probes: Sequence[SourceBatch],
     greedy: Sequence[SourceBatch],
     bos_id: int,
@@ -54,9 +55,10 @@ def check_parity(
         s_torch, s_onnx = torch_model.encode(batch.inputs), onnx_model.encode(batch.inputs)
         worst = max(worst, _max_diff(s_torch, s_onnx))
         prev = np.full(batch.size, bos_id, dtype=np.int64)
-        for _ in range(steps):
-            l_t, a_t, s_torch = torch_model.step(prev, s_torch)
-            l_o, a_o, s_onnx = onnx_model.step(prev, s_onnx)
+        for t in range(steps):
+            position = np.full(batch.size, t, dtype=np.int64)
+            l_t, a_t, s_torch = torch_model.step(prev, s_torch, position)
+            l_o, a_o, s_onnx = onnx_model.step(prev, s_onnx, position)
             worst = max(
                 worst, _max_diff({"l": l_t, "a": a_t}, {"l": l_o, "a": a_o}), _max_diff(s_torch, s_onnx)
             )

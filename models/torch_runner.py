@@ -28,9 +28,10 @@ class TorchStepModel(WiredStepModel):
 
     def __init__(self, model: nn.Module, arch: Architecture):
         self.model = model.eval()
+        arch = arch.for_config(model.config)
         super().__init__(
             DecoderSpec(**arch.wiring),
             _graph(model.encode, arch.encoder_inputs, arch.encoder_outputs),
             _graph(model.decode_step, arch.decoder_inputs, arch.decoder_outputs),
-            [n for n, _, _ in arch.decoder_inputs],
+            [(n, shape) for n, _, shape in arch.decoder_inputs],
         )

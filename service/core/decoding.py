@@ -1,37 +1,49 @@
-"""Greedy and beam decoding over any encoder + single-step decoder (plain numpy, no Ray).
+"""Step-level batched greedy and beam decoding over any encoder + single-step decoder (numpy, no Ray).
 
-A `StepModel` exposes `encode()` and `step()`; a `SourceBatch` holds the encoder's inputs (token
-ids and mask for text, pixels for images) and how many attention columns of each row are real.
-The decoder state is a dict of arrays whose first axis is the batch, so the loop can drop
-finished rows after every step and keep decoding only the rows still running. The same loop
-drives ONNX Runtime (serving, evaluation) and PyTorch (training-time evaluation, parity tests).
+A `RunningBatch` holds the decoder rows of every request being decoded. Requests join it at any
+step (`add` encodes them together and merges their rows, padding source axes as needed) and
+leave it as soon as they finish (`step` returns them), so a short request never waits for long
+ones and a finished row's slot is reused at once. A greedy request is one row; a beam request is
+beam_size rows of the same batch. Each row carries its own position, so rows that started at
+different steps decode together; a Transformer's KV cache is a preallocated buffer per layer that
+each step writes one column into (no copies), and every other state array is a buffer whose first
+`rows` entries are the live rows: a finished row is replaced by the last live one.
 
-Shapes: B batch, S source length, V target vocabulary.
+The same loop drives ONNX Runtime (serving, evaluation) and PyTorch (training-time evaluation,
+parity tests); `decode()` runs a whole batch through it.
+
+Shapes: C row capacity, n live rows, S source length (capacity S_cap), T cache capacity,
+V target vocabulary, Tmax the most tokens any row may emit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-State = dict[str, np.ndarray]
+from attnserve.service.core.manifest import DecoderSpec
+from attnserve.service.core.wiring import CACHE_AXIS, EXTRA_PREFIX, State
+
+MIN_CACHE = 16  # smallest cache capacity (positions)
 
 
 class StepModel(Protocol):
-    """An encoder plus a single decoder step, numpy in and out."""
+    """An encoder plus a single decoder step, numpy in and out (see wiring.WiredStepModel)."""
+
+    spec: DecoderSpec
+    state_inputs: list[str]
+    source_axes: dict[str, int]
 
     def encode(self, inputs: dict[str, np.ndarray]) -> State:
         """The encoder's named inputs (batch first) -> the decoder's initial state."""
         ...
 
-    def step(self, prev_tokens: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray, State]:
-        """prev_tokens (B,) int64 -> logits (B, V), attention (B, S), next state."""
+    def run_decoder(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The decoder step's named inputs -> its named outputs."""
         ...
-
-
-EXTRA_PREFIX = "attention:"  # state entries holding extra attention outputs (see wiring.py)
 
 
 @dataclass(frozen=True)
@@ -44,36 +56,6 @@ class Hypothesis:
     attention: np.ndarray
     finished: bool
     extras: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def _stack_steps(steps: list[np.ndarray]) -> np.ndarray:
-    """Per-step arrays (..., X_t) -> (T, ..., max X_t), zero-padded on the last axis."""
-    if not steps:
-        return np.zeros((0,), dtype=np.float32)
-    width = max(a.shape[-1] for a in steps)
-    out = np.zeros((len(steps), *steps[0].shape[:-1], width), dtype=np.float32)
-    for t, a in enumerate(steps):
-        out[t, ..., : a.shape[-1]] = a
-    return out
-
-
-def _carried(state: State, step_names: list[str]) -> State:
-    """The state without the extra attention nobody asked for, so rows are not copied for nothing."""
-    keep = {EXTRA_PREFIX + n for n in step_names}
-    return {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX) or k in keep}
-
-
-def _extras(state: State, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(per-step names, encoder names) of the requested extra attention outputs.
-
-    Raises:
-        ValueError: if a requested encoder output is not in the encoder's state.
-    """
-    encoder = [n for n in names if n.startswith("encoder")]
-    missing = [n for n in encoder if EXTRA_PREFIX + n not in state]
-    if missing:
-        raise ValueError(f"the model returns no {missing} attention")
-    return [n for n in names if n not in encoder], encoder
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -114,84 +96,27 @@ class SourceBatch:
         return cls({"images": images})
 
 
-def greedy_decode(
-    model: StepModel,
-    source: SourceBatch,
-    bos_id: int,
-    eos_id: int,
-    max_steps: list[int],
-    extras: tuple[str, ...] = (),
-) -> list[Hypothesis]:
-    """Greedy decoding of a batch of source id lists.
+TokenCallback = Callable[[int, np.ndarray], None]  # token id, its attention row (S_src,)
 
-    Args:
-        model: the encoder and decoder step.
-        source: the encoder inputs of the batch.
-        bos_id: id fed at the first step; eos_id: id that ends a row.
-        max_steps: per row, the most tokens to emit (</s> not counted).
-        extras: extra attention outputs to collect by name (e.g. "cross_heads", "encoder_self").
 
-    Returns:
-        One hypothesis per row, in input order.
+@dataclass(eq=False)
+class DecodeJob:
+    """One request's decoding settings; `on_token` (greedy only) sees each token as it is chosen.
 
-    Raises:
-        ValueError: if the model does not return a requested extra attention.
+    A `tag` is the caller's own object (the engine keeps its request there).
     """
-    batch = source.size
-    state = model.encode(source.inputs)
-    step_names, encoder_names = _extras(state, extras)
-    encoder_out = {n: state[EXTRA_PREFIX + n] for n in encoder_names}
-    collected: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in range(batch)] for n in step_names}
-    limits = np.asarray(max_steps)
-    tokens = np.zeros((batch, int(limits.max(initial=0))), dtype=np.int64)
-    attention = np.zeros((batch, tokens.shape[1], 0), dtype=np.float32)  # widened at the first step
-    lengths = np.zeros(batch, dtype=np.int64)
-    finished = np.zeros(batch, dtype=bool)
-    active = np.flatnonzero(limits > 0)  # rows still decoding, as indices into the batch
-    state = {k: v[active] for k, v in _carried(state, step_names).items()}
-    prev = np.full(len(active), bos_id, dtype=np.int64)
-    t = 0
-    while len(active):
-        logits, weights, state = model.step(prev, state)  # (b, V), (b, S), ...
-        state = _carried(state, step_names)
-        if t == 0:
-            attention = np.zeros((batch, tokens.shape[1], weights.shape[1]), dtype=np.float32)
-        prev = logits.argmax(axis=1).astype(np.int64)  # (b,)
-        ended = prev == eos_id
-        emit = active[~ended]
-        tokens[emit, t] = prev[~ended]
-        attention[emit, t] = weights[~ended]
-        for name in step_names:
-            for row, value in zip(emit, state[EXTRA_PREFIX + name][~ended], strict=True):
-                collected[name][row].append(value)
-        lengths[emit] += 1
-        finished[active[ended]] = True
-        t += 1
-        keep = ~ended & (lengths[active] < limits[active])
-        if not keep.all():
-            active, prev = active[keep], prev[keep]
-            state = {k: v[keep] for k, v in state.items()}
-    return [
-        Hypothesis(
-            token_ids=tokens[row, : lengths[row]].tolist(),
-            attention=attention[row, : lengths[row], source.columns(row)],
-            finished=bool(finished[row]),
-            extras=_row_extras(collected, encoder_out, row, source),
-        )
-        for row in range(batch)
-    ]
 
-
-def _row_extras(collected, encoder_out, row: int, source: SourceBatch, origin: int | None = None):
-    """One row's extra attention: steps stacked, source axes cut to the row's real length."""
-    cols = source.columns(row)
-    out = {n: _stack_steps(steps[row if origin is None else origin]) for n, steps in collected.items()}
-    for name, value in out.items():
-        if name.startswith("cross") and value.size:
-            out[name] = value[..., cols]
-    for name, value in encoder_out.items():
-        out[name] = value[row][..., cols, cols]
-    return out
+    max_steps: int
+    beam_size: int = 1
+    length_penalty: float = 0.0
+    extras: tuple[str, ...] = ()
+    on_token: TokenCallback | None = None
+    tag: object = None
+    cancelled: bool = False  # set by the caller; the job leaves at the next step unanswered
+    # Filled by the running batch.
+    columns: slice = field(default_factory=lambda: slice(None))
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    encoder_extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -205,88 +130,351 @@ def length_normalised(score: float, length: int, alpha: float) -> float:
     return score / (((5 + length) / 6) ** alpha)
 
 
-def beam_decode(
-    model: StepModel,
-    source: SourceBatch,
-    bos_id: int,
-    eos_id: int,
-    max_steps: list[int],
-    beam_size: int,
-    length_penalty: float = 0.0,
-    extras: tuple[str, ...] = (),
-) -> list[Hypothesis]:
-    """Beam search over a batch: every row keeps `beam_size` hypotheses, all rows step together.
+def _resize(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """A copy of `array` with `axis` cut or zero-padded to `size`."""
+    shape = list(array.shape)
+    shape[axis] = size
+    out = np.zeros(shape, dtype=array.dtype)
+    keep = [slice(None)] * array.ndim
+    keep[axis] = slice(0, min(size, array.shape[axis]))
+    out[tuple(keep)] = array[tuple(keep)]
+    return out
 
-    A finished hypothesis only extends with </s> at no cost, so it keeps its score; a row that
-    reaches its limit is finished there. The best hypothesis by length-normalised log-probability
-    is returned with its own attention.
+
+class RunningBatch:
+    """The rows being decoded; requests join with `add` and leave when `step` returns them.
 
     Args:
-        model, source, bos_id, eos_id, max_steps, extras: as for greedy_decode.
-        beam_size: hypotheses kept per row (1 gives greedy decoding).
-        length_penalty: GNMT alpha; 0 ranks by total log-probability.
-
-    Returns:
-        One hypothesis per row, in input order.
+        model: the encoder and decoder step.
+        bos_id: id fed at the first step; eos_id: id that ends a row.
+        max_steps: the most tokens any request may ask for (sizes the history buffers).
     """
-    batch = source.size
-    K = beam_size
-    state = model.encode(source.inputs)
-    step_names, encoder_names = _extras(state, extras)
-    encoder_out = {n: state[EXTRA_PREFIX + n] for n in encoder_names}
-    state = {k: np.repeat(v, K, axis=0) for k, v in _carried(state, step_names).items()}  # (B*K, ...)
-    collected: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in range(batch * K)] for n in step_names}
-    limits = np.repeat(np.asarray(max_steps), K)  # (B*K,)
-    width = int(limits.max(initial=0))
-    scores = np.tile(np.r_[0.0, np.full(K - 1, -np.inf)], batch)  # (B*K,): one live beam at first
-    tokens = np.zeros((batch * K, width), dtype=np.int64)
-    attention = np.zeros((batch * K, width, 0), dtype=np.float32)  # widened at the first step
-    lengths = np.zeros(batch * K, dtype=np.int64)
-    finished = limits == 0
-    prev = np.full(batch * K, bos_id, dtype=np.int64)
-    for t in range(width):
-        if finished.all():
-            break
-        logits, weights, state = model.step(prev, state)  # (B*K, V), (B*K, S)
-        state = _carried(state, step_names)
-        if t == 0:
-            attention = np.zeros((batch * K, width, weights.shape[1]), dtype=np.float32)
-        logp = _log_softmax(logits.astype(np.float64))
-        logp[finished] = -np.inf
-        logp[finished, eos_id] = 0.0  # finished hypotheses carry their score unchanged
-        vocab = logp.shape[1]
-        total = (scores[:, None] + logp).reshape(batch, K * vocab)  # (B, K*V)
-        best = np.argsort(-total, axis=1, kind="stable")[:, :K]  # (B, K)
-        parent = (best // vocab + np.arange(batch)[:, None] * K).ravel()  # (B*K,)
-        token = (best % vocab).ravel()
-        scores = total[np.arange(batch)[:, None], best].ravel()
-        was_finished = finished[parent]
-        tokens, attention, lengths = tokens[parent], attention[parent], lengths[parent].copy()
-        state = {k: v[parent] for k, v in state.items()}
-        grow = ~was_finished & (token != eos_id)
-        tokens[grow, t] = token[grow]
-        attention[grow, t] = weights[parent][grow]
-        for name in step_names:
-            values = state[EXTRA_PREFIX + name]  # already reordered to the new beams
-            collected[name] = [list(collected[name][p]) for p in parent]
-            for i in np.flatnonzero(grow):
-                collected[name][i].append(values[i])
-        lengths[grow] += 1
-        finished = was_finished | (token == eos_id) | (lengths >= limits)
-        prev = np.where(finished, eos_id, token)
-    results = []
-    for row in range(batch):
-        beams = range(row * K, row * K + K)
-        pick = max(beams, key=lambda i: length_normalised(scores[i], int(lengths[i]), length_penalty))
-        results.append(
-            Hypothesis(
-                token_ids=tokens[pick, : lengths[pick]].tolist(),
-                attention=attention[pick, : lengths[pick], source.columns(row)],
-                finished=bool(finished[pick]),
-                extras=_row_extras(collected, encoder_out, row, source, origin=pick),
+
+    def __init__(self, model: StepModel, bos_id: int, eos_id: int, max_steps: int):
+        self.model, self.spec = model, model.spec
+        self.bos_id, self.eos_id, self.max_steps = bos_id, eos_id, max_steps
+        self.rows = 0
+        self.jobs: list[DecodeJob] = []  # jobs with rows in the batch
+        self._owner: list[DecodeJob | None] = []  # per slot
+        self._buffers: dict[str, np.ndarray] = {}  # decoder state inputs, (C, ...)
+        self._slot: dict[str, np.ndarray] = {}  # per-row bookkeeping and history, (C, ...)
+        self._steps: list[dict[str, list[np.ndarray]] | None] = []  # per slot, extra attention steps
+        self._src_cap = 0
+        self._cache_cap = 0
+
+    # -- joining -------------------------------------------------------------------------------
+
+    def add(self, jobs: Sequence[DecodeJob], source: SourceBatch) -> list[DecodeJob]:
+        """Encodes the jobs' sources together and merges their rows into the batch.
+
+        Args:
+            jobs: one per source row.
+            source: the encoder inputs of the jobs, in order.
+
+        Returns:
+            The jobs that are already finished (a limit of 0 steps); the others are decoding.
+
+        Raises:
+            ValueError: if a job asks for extra attention the model does not return.
+        """
+        state = self.model.encode(source.inputs)
+        done = []
+        for job in jobs:
+            encoder_names = [n for n in job.extras if n.startswith("encoder")]
+            missing = [n for n in job.extras if n.startswith("encoder") and EXTRA_PREFIX + n not in state]
+            if missing:
+                raise ValueError(f"the model returns no {missing} attention")
+            job.encoder_extras = {n: None for n in encoder_names}
+        repeats = np.array([j.beam_size if j.max_steps > 0 else 0 for j in jobs])
+        for i, job in enumerate(jobs):
+            job.columns = source.columns(i)
+            for name in job.encoder_extras:
+                job.encoder_extras[name] = state[EXTRA_PREFIX + name][i][..., job.columns, job.columns]
+            if job.max_steps <= 0:
+                done.append(job)
+        new = int(repeats.sum())
+        if not new:
+            return done
+        first = self.rows
+        self._reserve(first + new)
+        rows = np.repeat(np.arange(len(jobs)), repeats)  # (new,) source row of each new slot
+        width = max((state[n].shape[a] for n, a in self.model.source_axes.items()), default=0)
+        if width > self._src_cap:
+            self._resize_source(width)
+        for name in self.model.state_inputs:
+            value = state[name][rows]
+            if name in self.spec.cache.values():  # empty (new, ..., 0, X): positions mask the columns
+                if name not in self._buffers:
+                    self._cache_cap = max(self._cache_cap, MIN_CACHE)
+                    self._buffer(name, _resize(value, CACHE_AXIS % value.ndim, self._cache_cap))
+                continue
+            if name in self.model.source_axes:
+                value = _resize(value, self.model.source_axes[name], self._src_cap)
+            self._buffer(name, value)[first : first + new] = value
+        lengths = np.full(len(jobs), self._src_cap) if source.lengths is None else source.lengths
+        slot = self._slot
+        slot["prev"][first : first + new] = self.bos_id
+        slot["position"][first : first + new] = 0
+        slot["length"][first : first + new] = 0
+        slot["done"][first : first + new] = False
+        slot["ended"][first : first + new] = False
+        slot["source_len"][first : first + new] = lengths[rows]
+        slot["limit"][first : first + new] = [jobs[r].max_steps for r in rows]
+        slot["greedy"][first : first + new] = [jobs[r].beam_size == 1 for r in rows]
+        scores = np.zeros(new)
+        for start in np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]):
+            scores[start + 1 : start + repeats[rows[start]]] = -np.inf  # one live beam at first
+        slot["score"][first : first + new] = scores
+        for offset, r in enumerate(rows):
+            job = jobs[r]
+            self._owner[first + offset] = job
+            step_names = [n for n in job.extras if not n.startswith("encoder")]
+            self._steps[first + offset] = {n: [] for n in step_names} if step_names else None
+        for r, job in enumerate(jobs):
+            if repeats[r]:
+                job.slots = first + np.flatnonzero(rows == r)
+                self.jobs.append(job)
+        self.rows += new
+        return done
+
+    def _reserve(self, rows: int) -> None:
+        """Grows the row capacity to at least `rows`."""
+        capacity = len(self._owner)
+        if rows <= capacity:
+            return
+        capacity = max(rows, 2 * capacity, 8)
+        if not self._slot:
+            self._slot = {
+                "prev": np.zeros(capacity, np.int64),
+                "position": np.zeros(capacity, np.int64),
+                "length": np.zeros(capacity, np.int64),
+                "limit": np.zeros(capacity, np.int64),
+                "done": np.zeros(capacity, bool),
+                "ended": np.zeros(capacity, bool),  # the row emitted </s>
+                "greedy": np.zeros(capacity, bool),
+                "score": np.zeros(capacity, np.float64),
+                "source_len": np.zeros(capacity, np.int64),
+                "tokens": np.zeros((capacity, self.max_steps), np.int64),
+                "attention": np.zeros((capacity, self.max_steps, self._src_cap), np.float32),
+            }
+        else:
+            self._slot = {k: _resize(v, 0, capacity) for k, v in self._slot.items()}
+        self._buffers = {k: _resize(v, 0, capacity) for k, v in self._buffers.items()}
+        grow = capacity - len(self._owner)
+        self._owner += [None] * grow
+        self._steps += [None] * grow
+
+    def _buffer(self, name: str, like: np.ndarray) -> np.ndarray:
+        """The state buffer `name`, allocated on first use from a value's row shape."""
+        if name not in self._buffers:
+            self._buffers[name] = np.zeros((len(self._owner), *like.shape[1:]), like.dtype)
+        return self._buffers[name]
+
+    def _resize_source(self, width: int) -> None:
+        """Re-allocates every source-length axis (state and attention history) to `width`."""
+        for name, axis in self.model.source_axes.items():
+            if name in self._buffers:
+                self._buffers[name] = _resize(self._buffers[name], axis, width)
+        self._slot["attention"] = _resize(self._slot["attention"], 2, width)
+        self._src_cap = width
+
+    def _resize_caches(self, width: int) -> None:
+        """Re-allocates every cache's position axis to `width`."""
+        for name in self.spec.cache.values():
+            if name in self._buffers:
+                self._buffers[name] = _resize(
+                    self._buffers[name], CACHE_AXIS % self._buffers[name].ndim, width
+                )
+        self._cache_cap = width
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[DecodeJob, Hypothesis | None]]:
+        """Runs one decoder step for every row; returns the jobs that finished (or were
+        cancelled, with None) and removes their rows."""
+        n, slot, spec = self.rows, self._slot, self.spec
+        if not n:
+            return []
+        position = slot["position"][:n]
+        if spec.cache and int(position.max()) >= self._cache_cap:
+            self._resize_caches(max(MIN_CACHE, 2 * self._cache_cap, int(position.max()) + 1))
+        feeds = {
+            spec.token_input: slot["prev"][:n],
+            **{k: self._buffers[k][:n] for k in self.model.state_inputs},
+        }
+        if spec.position_input:
+            feeds[spec.position_input] = position
+        out = self.model.run_decoder(feeds)
+        for out_name, in_name in spec.recurrent.items():
+            self._buffers[in_name][:n] = out[out_name]
+        rows = np.arange(n)
+        for out_name, in_name in spec.cache.items():
+            new = out[out_name]  # (n, ..., 1, X)
+            self._buffers[in_name][(rows, ..., position, slice(None))] = new[..., 0, :]
+        logits, weights = out[spec.logits_output], out[spec.attention_output]  # (n, V), (n, S_cap)
+        token, parent = self._choose(logits, n)
+        if (parent != rows).any():
+            self._reorder(parent, n)
+            weights = weights[parent]
+        live = ~slot["done"][:n]
+        grow = live & (token != self.eos_id)
+        slot["ended"][:n] |= live & (token == self.eos_id)
+        emit = np.flatnonzero(grow)
+        if weights.shape[1] > slot["attention"].shape[2]:  # images: the grid's width, known now
+            slot["attention"] = _resize(slot["attention"], 2, weights.shape[1])
+        slot["tokens"][emit, slot["length"][emit]] = token[emit]
+        slot["attention"][emit, slot["length"][emit], : weights.shape[1]] = weights[emit]
+        self._record_extras(out, emit, parent, position)
+        for i in emit:
+            job = self._owner[i]
+            if job.on_token is not None and job.beam_size == 1:
+                job.on_token(int(token[i]), weights[i, job.columns])
+        slot["length"][:n] += grow
+        slot["done"][:n] |= (token == self.eos_id) | (slot["length"][:n] >= slot["limit"][:n])
+        slot["prev"][:n] = np.where(slot["done"][:n], self.eos_id, token)
+        slot["position"][:n] += 1
+        return self._retire()
+
+    def _choose(self, logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Next token (n,) and parent slot (n,) of every row: argmax for greedy rows, beam search
+        within each beam job's rows."""
+        slot = self._slot
+        token = logits.argmax(axis=1).astype(np.int64)
+        parent = np.arange(n)
+        for job in self.jobs:
+            if job.beam_size == 1:
+                continue
+            s = job.slots  # (K,)
+            logp = _log_softmax(logits[s].astype(np.float64))  # (K, V)
+            finished = slot["done"][s]
+            logp[finished] = -np.inf
+            logp[finished, self.eos_id] = 0.0  # finished hypotheses carry their score unchanged
+            vocab = logp.shape[1]
+            total = (slot["score"][s][:, None] + logp).ravel()  # (K*V,)
+            best = np.argsort(-total, kind="stable")[: job.beam_size]
+            parent[s] = s[best // vocab]
+            token[s] = best % vocab
+            slot["score"][s] = total[best]
+        return token, parent
+
+    def _reorder(self, parent: np.ndarray, n: int) -> None:
+        """Copies each beam row's parent state into it (state, history and extras)."""
+        moved = np.flatnonzero(parent != np.arange(n))
+        source = parent[moved]
+        for buffers in (self._buffers, self._slot):
+            for name, buf in buffers.items():
+                if name != "score":  # scores are already the new beams'
+                    buf[moved] = buf[source]
+        old = [self._steps[i] for i in range(n)]
+        for i, p in zip(moved, source, strict=True):
+            self._steps[i] = None if old[p] is None else {k: list(v) for k, v in old[p].items()}
+
+    def _record_extras(self, out, emit: np.ndarray, parent: np.ndarray, position: np.ndarray) -> None:
+        """Appends this step's extra attention to the rows that asked for it."""
+        for i in emit:
+            steps = self._steps[i]
+            if steps is None:
+                continue
+            for name in steps:
+                value = out[self.spec.step_attention[name]][parent[i]]
+                if self.spec.cache and name == "decoder_self":  # cache columns < position, then itself
+                    value = np.concatenate([value[..., : position[parent[i]]], value[..., -1:]], axis=-1)
+                elif name.startswith("cross"):
+                    value = value[..., self._owner[i].columns]
+                steps[name].append(value)
+
+    def _retire(self) -> list[tuple[DecodeJob, Hypothesis | None]]:
+        """Removes finished and cancelled jobs; returns them with their hypotheses."""
+        finished, keep = [], []
+        done = self._slot["done"]
+        for job in self.jobs:
+            if job.cancelled:
+                finished.append((job, None))
+            elif done[job.slots].all():
+                hyp = self._hypothesis(job)
+                if job.on_token is not None and job.beam_size > 1:  # a beam's tokens are final only now
+                    for t, token in enumerate(hyp.token_ids):
+                        job.on_token(token, hyp.attention[t])
+                finished.append((job, hyp))
+            else:
+                keep.append(job)
+        if not finished:
+            return []
+        self.jobs = keep
+        free = np.concatenate([job.slots for job, _ in finished])
+        self._compact(free)
+        return finished
+
+    def _hypothesis(self, job: DecodeJob) -> Hypothesis:
+        """The job's result: its best row's tokens, attention and extras."""
+        slot = self._slot
+        s = job.slots
+        pick = s[0]
+        if job.beam_size > 1:
+            pick = max(
+                s,
+                key=lambda i: length_normalised(slot["score"][i], int(slot["length"][i]), job.length_penalty),
             )
+        length = int(slot["length"][pick])
+        extras = dict(job.encoder_extras)
+        if self._steps[pick] is not None:
+            extras.update({k: _stack_steps(v) for k, v in self._steps[pick].items()})
+        return Hypothesis(
+            token_ids=slot["tokens"][pick, :length].tolist(),
+            attention=slot["attention"][pick, :length, job.columns].copy(),
+            finished=bool(slot["ended"][pick]),
+            extras=extras,
         )
-    return results
+
+    def _compact(self, free: np.ndarray) -> None:
+        """Moves the last live rows into the freed slots so live rows stay first."""
+        n = self.rows - len(free)
+        holes = np.sort(free[free < n])
+        movers = np.setdiff1d(np.arange(n, self.rows), free)  # live rows past the new end, sorted
+        if len(holes):
+            for buffers in (self._buffers, self._slot):
+                for buf in buffers.values():
+                    buf[holes] = buf[movers]
+            where = dict(zip(movers.tolist(), holes.tolist(), strict=True))
+            for i, j in where.items():
+                self._owner[j], self._steps[j] = self._owner[i], self._steps[i]
+            for job in self.jobs:
+                job.slots = np.array([where.get(int(s), int(s)) for s in job.slots])
+        for i in range(n, self.rows):
+            self._owner[i], self._steps[i] = None, None
+        self.rows = n
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Gives back source and cache capacity the live rows no longer need."""
+        n = self.rows
+        if not n:
+            return
+        if self.model.source_axes and self._src_cap:
+            need = int(self._slot["source_len"][:n].max())
+            if need <= self._src_cap // 2:
+                self._resize_source(need)
+        if self.spec.cache and self._cache_cap > 4 * MIN_CACHE:
+            need = int(self._slot["position"][:n].max()) + 1
+            if need <= self._cache_cap // 4:
+                self._resize_caches(max(MIN_CACHE, 2 * need))
+
+
+def empty_hypothesis(job: DecodeJob, source: SourceBatch) -> Hypothesis:
+    """The result of a job allowed no tokens."""
+    width = len(range(*job.columns.indices(source.inputs.get("src_ids", np.zeros((1, 0))).shape[1])))
+    return Hypothesis([], np.zeros((0, width), np.float32), False, dict(job.encoder_extras))
+
+
+def _stack_steps(steps: list[np.ndarray]) -> np.ndarray:
+    """Per-step arrays (..., X_t) -> (T, ..., max X_t), zero-padded on the last axis."""
+    if not steps:
+        return np.zeros((0,), dtype=np.float32)
+    width = max(a.shape[-1] for a in steps)
+    out = np.zeros((len(steps), *steps[0].shape[:-1], width), dtype=np.float32)
+    for t, a in enumerate(steps):
+        out[t, ..., : a.shape[-1]] = a
+    return out
 
 
 def decode(
@@ -299,7 +487,42 @@ def decode(
     length_penalty: float = 0.0,
     extras: tuple[str, ...] = (),
 ) -> list[Hypothesis]:
-    """Greedy decoding for beam_size 1 (it drops finished rows as it goes), beam search above."""
-    if beam_size > 1:
-        return beam_decode(model, source, bos_id, eos_id, max_steps, beam_size, length_penalty, extras)
-    return greedy_decode(model, source, bos_id, eos_id, max_steps, extras)
+    """Decodes a batch of sources to the end (greedy for beam_size 1, else beam search).
+
+    Args:
+        model: the encoder and decoder step.
+        source: the encoder inputs of the batch.
+        bos_id: id fed at the first step; eos_id: id that ends a row.
+        max_steps: per row, the most tokens to emit (</s> not counted).
+        beam_size: hypotheses kept per row; a finished hypothesis keeps its score and the best
+            by length-normalised log-probability is returned with its own attention.
+        length_penalty: GNMT alpha; 0 ranks by total log-probability.
+        extras: extra attention outputs to collect by name (e.g. "cross_heads", "encoder_self").
+
+    Returns:
+        One hypothesis per row, in input order.
+
+    Raises:
+        ValueError: if the model does not return a requested extra attention.
+    """
+    jobs = [DecodeJob(limit, beam_size, length_penalty, extras) for limit in max_steps]
+    batch = RunningBatch(model, bos_id, eos_id, max(max_steps, default=0))
+    results: dict[int, Hypothesis] = {}
+    for job in batch.add(jobs, source):
+        results[id(job)] = empty_hypothesis(job, source)
+    while batch.rows:
+        for job, hyp in batch.step():
+            results[id(job)] = hyp
+    return [results[id(job)] for job in jobs]
+
+
+def greedy_decode(
+    model: StepModel,
+    source: SourceBatch,
+    bos_id: int,
+    eos_id: int,
+    max_steps: list[int],
+    extras: tuple[str, ...] = (),
+) -> list[Hypothesis]:
+    """Greedy decoding of a batch (see `decode`)."""
+    return decode(model, source, bos_id, eos_id, max_steps, 1, 0.0, extras)

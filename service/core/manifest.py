@@ -52,10 +52,11 @@ class DecoderSpec:
 
     initial_state maps each decoder input to where its first value comes from:
     "encoder:<output name>" or "input:<encoder input name>". recurrent maps a decoder output to
-    the decoder input it feeds at the next step. position_input (if any) takes each row's step
-    index; cache maps a decoder output (B, ..., 1, d) to the cache input (B, ..., T, d) it is
-    written into at that index. step_attention and encoder_attention name the outputs holding
-    extra attention modes (per layer and head, self-attention).
+    the decoder input it replaces at the next step; cache maps a decoder output holding one
+    position (B, ..., 1, X) to the cache input (B, ..., T, X) it is written into, at each row's
+    position. position_input (optional) names the (B,) int64 input that carries each row's step
+    index. step_attention and encoder_attention name the outputs holding extra attention modes
+    (per layer and head, self-attention).
     """
 
     token_input: str
@@ -63,10 +64,10 @@ class DecoderSpec:
     attention_output: str
     initial_state: dict[str, str]
     recurrent: dict[str, str]
-    position_input: str | None = None
-    cache: dict[str, str] = field(default_factory=dict)  # new key/value output -> cache input
     step_attention: dict[str, str] = field(default_factory=dict)  # mode -> decoder output
     encoder_attention: dict[str, str] = field(default_factory=dict)  # mode -> encoder output
+    cache: dict[str, str] = field(default_factory=dict)  # one-position output -> cache input
+    position_input: str = ""
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class OnnxSeq2Seq(WiredStepModel):
                 manifest.decoder,
                 _named(self.encoder),
                 _named(self.decoder),
-                [i.name for i in self.decoder.get_inputs()],
+                [(i.name, i.shape) for i in self.decoder.get_inputs()],
             )
         except ValueError as e:
             raise ValueError(f"{manifest.path}: {e}") from e

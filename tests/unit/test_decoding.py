@@ -6,7 +6,7 @@ import pytest
 from attnserve.models.g2p_data import load_split
 from attnserve.service.core.decoding import (
     SourceBatch,
-    beam_decode,
+    decode,
     greedy_decode,
     length_normalised,
     pad_batch,
@@ -90,11 +90,11 @@ def test_beam_of_one_is_greedy_and_beams_are_batch_invariant(model, bundled_mani
     greedy = greedy_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits)
     assert [
         h.token_ids
-        for h in beam_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 1)
+        for h in decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 1)
     ] == [h.token_ids for h in greedy]
-    beams = beam_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 4)
+    beams = decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 4)
     for src, hyp in zip(sources, beams, strict=True):
-        (alone,) = beam_decode(model, SourceBatch.from_ids([src]), vocab.bos_id, vocab.eos_id, [32], 4)
+        (alone,) = decode(model, SourceBatch.from_ids([src]), vocab.bos_id, vocab.eos_id, [32], 4)
         assert hyp.token_ids == alone.token_ids
         assert hyp.attention.shape == (len(hyp.token_ids), len(src))
         np.testing.assert_allclose(hyp.attention.sum(axis=1), 1.0, atol=1e-5)
@@ -106,7 +106,7 @@ def test_beam_search_finds_likelier_outputs_than_greedy(model, bundled_manifest)
     sources = [bundled_manifest.source_vocab.encode(list(w)) for w in words]
     limits = [32] * len(sources)
     greedy = greedy_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits)
-    beams = beam_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 8)
+    beams = decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 8)
     gains = [
         _sequence_logprob(model, s, b.token_ids, vocab.bos_id, vocab.eos_id)
         - _sequence_logprob(model, s, g.token_ids, vocab.bos_id, vocab.eos_id)
@@ -121,7 +121,7 @@ def test_beam_respects_per_row_limits(model, bundled_manifest, sources):
     limits = [i % 3 for i in range(len(sources))]
     for limit, hyp in zip(
         limits,
-        beam_decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 3),
+        decode(model, SourceBatch.from_ids(sources), vocab.bos_id, vocab.eos_id, limits, 3),
         strict=True,
     ):
         assert len(hyp.token_ids) <= limit
