@@ -21,7 +21,13 @@ from torch import nn
 
 from attnserve.models.architectures import architecture
 from attnserve.service.core.decoding import SourceBatch
-from attnserve.service.core.manifest import MANIFEST_FILE, DecoderSpec, ManifestError, sha256_of
+from attnserve.service.core.manifest import (
+    FORMAT_REVISION,
+    MANIFEST_FILE,
+    DecoderSpec,
+    ManifestError,
+    sha256_of,
+)
 from attnserve.service.core.vocab import Vocab
 from attnserve.service.core.wiring import WiredStepModel
 
@@ -95,10 +101,13 @@ def rebuild(folder: Path) -> Rebuilt:
 
     Raises:
         ManifestError: if the entry cannot be read.
-        ValueError: if the graphs' weights do not fill the model's state_dict exactly.
+        ValueError: if the entry is of the current format revision already (its graphs hold the
+            decoder's Q/K/V fused), or the graphs' weights do not fill the model's state_dict exactly.
     """
     folder = Path(folder)
     raw = read_entry(folder)
+    if raw.get("format_revision") == FORMAT_REVISION:
+        raise ValueError(f"{folder} is of format revision {FORMAT_REVISION} already; nothing to re-export")
     arch = architecture(raw["architecture"])
     model = arch.model_cls(arch.config_cls(**raw["model_config"]))
     weights: dict[str, np.ndarray] = {}
