@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench bench-overload train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batching train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, and the Fashion-MNIST images the captioner is trained and scored on.
 SYSTEM_TOOLS := prometheus promtool docker-compose
@@ -60,6 +60,9 @@ bench: $(DEV_STAMP)  ## every model at c=1/8/32: Ray path, plain gRPC, in-proces
 
 bench-overload: $(DEV_STAMP)  ## 3x capacity open loop on en-fr-transformer (Ray path); bench/results/overload.json
 	$(BIN)/attnserve bench --overload
+
+bench-batching: $(DEV_STAMP)  ## step-level vs request-level batching, Poisson load; bench/results/batching.json
+	$(BIN)/attnserve bench --batching
 
 MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
 

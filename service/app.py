@@ -50,12 +50,12 @@ class RayObserver:
     def dropped(self, reason: str) -> None:
         metrics.drops().inc(tags={**self.tags, "reason": reason})
 
-    def batch(self, waits: list[float], decode_s: float, output_tokens: int) -> None:
+    def step(self, rows: int, waits: list[float], seconds: float, output_tokens: int) -> None:
         wait = metrics.queue_wait()
-        for seconds in waits:
-            wait.observe(seconds, tags=self.tags)
-        metrics.batch_size().observe(len(waits), tags=self.tags)
-        metrics.decode_latency().observe(decode_s, tags=self.tags)
+        for queued in waits:
+            wait.observe(queued, tags=self.tags)
+        metrics.batch_size().observe(rows, tags=self.tags)
+        metrics.decode_latency().observe(seconds, tags=self.tags)
         if output_tokens:
             metrics.output_tokens().inc(output_tokens, tags=self.tags)
 
@@ -117,6 +117,22 @@ class Attnserve:
         """Caption one image with the named model."""
         outcome = await self.servicer.caption(request, _time_remaining(grpc_context))
         return _reply(outcome, grpc_context, pb.CaptionResponse)
+
+    async def TranslateStream(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
+        """Translate one text, a message per output token as it is decoded."""
+        async for outcome in self.servicer.translate_stream(request, _time_remaining(grpc_context)):
+            if outcome.code is not None:
+                _set_status(outcome, grpc_context)
+                return
+            yield outcome.response
+
+    async def CaptionStream(self, request: pb.CaptionRequest, grpc_context: RayServegRPCContext):
+        """Caption one image, a message per output word as it is decoded."""
+        async for outcome in self.servicer.caption_stream(request, _time_remaining(grpc_context)):
+            if outcome.code is not None:
+                _set_status(outcome, grpc_context)
+                return
+            yield outcome.response
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext):
         """The models this application serves."""
@@ -196,9 +212,14 @@ def _reply(outcome: Outcome, grpc_context: RayServegRPCContext, empty):
     """
     if outcome.code is None:
         return outcome.response
+    _set_status(outcome, grpc_context)
+    return empty()
+
+
+def _set_status(outcome: Outcome, grpc_context: RayServegRPCContext) -> None:
+    """Sets a failed outcome's status and plain message on the call."""
     grpc_context.set_code(grpc.StatusCode[outcome.code.name])
     grpc_context.set_details(outcome.message)
-    return empty()
 
 
 def app_builder(args: dict | AppArgs) -> Application:

@@ -48,9 +48,35 @@ def _call(args: argparse.Namespace, rpc: str, *params):
             return None
 
 
+def _translate_stream(args: argparse.Namespace) -> int:
+    """Prints each token as it is decoded, then the text."""
+    import grpc
+
+    from attnserve.service.client import Client
+
+    with Client(args.target, timeout_s=args.timeout) as client:
+        stream = client.translate_stream(args.model, args.text, args.attention, args.max_output_tokens,
+                                         args.beam, args.length_penalty, args.locale)  # fmt: skip
+        try:
+            for chunk in stream:
+                if chunk.HasField("response"):
+                    print(f"\n{chunk.response.text}")
+                elif args.attention:
+                    weights = " ".join(f"{w:.2f}" for w in chunk.attention)
+                    print(f"{chunk.token}\t{weights}", flush=True)
+                else:
+                    print(chunk.token, end=" ", flush=True)
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _translate(args: argparse.Namespace) -> int:
     from attnserve.service.client import format_attention
 
+    if args.stream:
+        return _translate_stream(args)
     response = _call(args, "translate", args.model, args.text, args.attention, args.max_output_tokens,
                      args.beam, args.length_penalty, args.locale)  # fmt: skip
     if response is None:
@@ -228,6 +254,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.batching:
+        from attnserve.bench.batching import BatchingConfig, run_batching
+
+        models = tuple(args.model or BatchingConfig.models)
+        run_batching(
+            BatchingConfig(models=models, repository=args.repository, out=args.out or BatchingConfig.out)
+        )
+        return 0
     if args.overload:
         from attnserve.bench.overload import OverloadConfig, run_overload
 
@@ -296,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "translate":
             p.add_argument("text")
             p.add_argument("--locale", default="", help="the text's CLDR locale, e.g. de_DE (date models)")
+            p.add_argument("--stream", action="store_true", help="print each output token as it is decoded")
         elif name == "caption":
             p.add_argument("image", type=Path, help="a PNG or JPEG file")
         if name == "health":
@@ -373,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json or overload.json)")
     p.add_argument("--overload", action="store_true", help="open-loop arrivals at a multiple of capacity "
                    "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
+    p.add_argument("--batching", action="store_true", help="step-level vs request-level batching in-process, "
+                   "Poisson load (default models en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
     p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
     p.add_argument("--deadline", type=float, default=10.0, help="overload: each call's deadline (10 s)")

@@ -12,6 +12,7 @@ which the client finds itself from ListModels.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -114,6 +115,27 @@ class Client:
         options = _options(attention, max_output_tokens, beam_size, length_penalty)
         request = pb.TranslateRequest(model=model, text=text, options=options, locale=locale)
         return self._call(self.stub.Translate, request, model)
+
+    def translate_stream(
+        self,
+        model: str,
+        text: str,
+        attention: bool = False,
+        max_output_tokens: int = 0,
+        beam_size: int = 0,
+        length_penalty: float = 0.0,
+        locale: str = "",
+    ) -> Iterator[pb.TranslateChunk]:
+        """Calls TranslateStream: a chunk per output token as it is decoded (with its attention
+        row when `attention`), the last one carrying the whole response. Call `cancel()` on the
+        returned iterator to stop the decoding.
+
+        Raises:
+            grpc.RpcError: while iterating, with the server's status code and message.
+        """
+        options = _options(attention, max_output_tokens, beam_size, length_penalty)
+        request = pb.TranslateRequest(model=model, text=text, options=options, locale=locale)
+        return self.stub.TranslateStream(request, timeout=self.timeout_s, metadata=self._metadata(model))
 
     def caption(
         self,

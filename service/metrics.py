@@ -40,10 +40,10 @@ def request_errors() -> Counter:
 
 @cache
 def queue_wait() -> Histogram:
-    """Time a request waited in its model's queue before its batch started decoding."""
+    """Time a request waited in its model's queue before it joined the running batch."""
     return Histogram(
         "attnserve_queue_wait_seconds",
-        description="Time from a request being admitted to its model's engine to its batch starting.",
+        description="Time from a request being admitted to its model's engine to its first decoder step.",
         boundaries=LATENCY_BUCKETS_S,
         tag_keys=MODEL_TAGS,
     )
@@ -51,10 +51,10 @@ def queue_wait() -> Histogram:
 
 @cache
 def batch_size() -> Histogram:
-    """Requests per decoded batch."""
+    """Decoder rows per step of the running batch."""
     return Histogram(
         "attnserve_batch_size",
-        description="Number of requests decoded together in one batch.",
+        description="Decoder rows (requests, beams counted) in the running batch at each decoder step.",
         boundaries=BATCH_BUCKETS,
         tag_keys=MODEL_TAGS,
     )
@@ -62,10 +62,10 @@ def batch_size() -> Histogram:
 
 @cache
 def decode_latency() -> Histogram:
-    """Time to decode one batch."""
+    """Time of one decoder step."""
     return Histogram(
         "attnserve_batch_decode_seconds",
-        description="Time to encode and decode one batch with ONNX Runtime.",
+        description="Time of one decoder step of the running batch (encoding requests joining it included).",
         boundaries=LATENCY_BUCKETS_S,
         tag_keys=MODEL_TAGS,
     )
@@ -96,7 +96,7 @@ def queue_depth() -> Gauge:
     """Requests waiting in a model's queue."""
     return Gauge(
         "attnserve_queue_depth",
-        description="Requests waiting in the model's engine queue (sampled at every batch).",
+        description="Requests waiting in the model's engine queue (sampled when requests join the batch).",
         tag_keys=MODEL_TAGS,
     )
 

@@ -28,6 +28,14 @@ class PlainTranslator(pb_grpc.TranslatorServicer):
     async def Caption(self, request, context: grpc.aio.ServicerContext):
         return await _reply(await self.servicer.caption(request, context.time_remaining()), context)
 
+    async def TranslateStream(self, request, context: grpc.aio.ServicerContext):
+        async for outcome in self.servicer.translate_stream(request, context.time_remaining()):
+            yield await _reply(outcome, context)
+
+    async def CaptionStream(self, request, context: grpc.aio.ServicerContext):
+        async for outcome in self.servicer.caption_stream(request, context.time_remaining()):
+            yield await _reply(outcome, context)
+
     async def ListModels(self, request, context: grpc.aio.ServicerContext):
         return await _reply(await self.servicer.list_models(request), context)
 

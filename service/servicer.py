@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,28 +62,35 @@ class Servicer:
         self.serving = True
 
     async def translate(self, request: pb.TranslateRequest, time_remaining: float | None) -> Outcome:
-        """Translate: validate the text, decode it in the model's next batch, map the result."""
-
-        def prepare(engine: Engine) -> PreparedRequest:
-            o = request.options
-            return engine.translator.codec.prepare(
-                request.text, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
-                o.length_penalty, request.locale,
-            )  # fmt: skip
-
-        return await self._decode("Translate", request, time_remaining, prepare, translation_to_pb)
+        """Translate: validate the text, decode it in the model's running batch, map the result."""
+        return await self._decode(
+            "Translate", request, time_remaining, _text_request(request), translation_to_pb
+        )
 
     async def caption(self, request: pb.CaptionRequest, time_remaining: float | None) -> Outcome:
-        """Caption: check and decode the image, decode it in the model's next batch, map the result."""
+        """Caption: check and decode the image, decode it in the model's running batch, map the result."""
+        return await self._decode("Caption", request, time_remaining, _image_request(request), caption_to_pb)
 
-        def prepare(engine: Engine) -> PreparedRequest:
-            o = request.options
-            return engine.translator.codec.prepare_image(
-                request.image, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
-                o.length_penalty,
-            )  # fmt: skip
+    def translate_stream(
+        self, request: pb.TranslateRequest, time_remaining: float | None
+    ) -> AsyncIterator[Outcome]:
+        """TranslateStream: a chunk per output token, then one with the whole response."""
+        return self._stream(
+            "TranslateStream",
+            request,
+            time_remaining,
+            _text_request(request),
+            translation_to_pb,
+            pb.TranslateChunk,
+        )
 
-        return await self._decode("Caption", request, time_remaining, prepare, caption_to_pb)
+    def caption_stream(
+        self, request: pb.CaptionRequest, time_remaining: float | None
+    ) -> AsyncIterator[Outcome]:
+        """CaptionStream: a chunk per output word, then one with the whole response."""
+        return self._stream(
+            "CaptionStream", request, time_remaining, _image_request(request), caption_to_pb, pb.CaptionChunk
+        )
 
     async def list_models(self, request: pb.ListModelsRequest) -> Outcome:
         """ListModels: every model this replica serves, with its figures and providers."""
@@ -100,37 +107,99 @@ class Servicer:
 
         return await self._answer("ListModels", "", "", work)
 
+    def _engine(self, name: str) -> Engine:
+        """The named model's engine, if it can take a request now.
+
+        Raises:
+            RequestError: NOT_FOUND for an unknown model, UNAVAILABLE while shutting down.
+        """
+        engine = self.engines.get(name)
+        if engine is None:
+            served = ", ".join(sorted(self.engines))
+            raise RequestError(ErrorCode.NOT_FOUND, f"no model named {name!r}; served models: {served}")
+        if not self.serving:
+            raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry")
+        return engine
+
+    def _tags(self, name: str) -> tuple[str, str]:
+        """(model, version) metric labels of a requested model name."""
+        engine = self.engines.get(name)
+        m = engine.translator.manifest if engine else None
+        return (m.name, m.version) if m else (UNKNOWN_MODEL_TAG, "")
+
     async def _decode(self, rpc: str, request, time_remaining: float | None, prepare, to_pb) -> Outcome:
         """Validates with `prepare`, submits to the model's engine, awaits and maps the result."""
         if isinstance(request, Undecodable):
             return undecodable(request)
-        name = request.model
-        engine = self.engines.get(name)
-        manifest = engine.translator.manifest if engine else None
 
         async def work():
-            if engine is None:
-                served = ", ".join(sorted(self.engines))
-                raise RequestError(ErrorCode.NOT_FOUND, f"no model named {name!r}; served models: {served}")
-            if not self.serving:
-                raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry")
-            prepared = prepare(engine)
-            deadline = None if time_remaining is None else time.monotonic() + time_remaining
-            future = engine.submit(prepared, deadline)
+            engine = self._engine(request.model)
+            future = engine.submit(prepare(engine), _deadline(time_remaining))
             # wrap_future cancels the engine's future if this call is cancelled: the request
-            # is then dropped from the queue without decoding.
-            return to_pb(await asyncio.wrap_future(future), manifest)
+            # is then dropped, queued or decoding.
+            return to_pb(await asyncio.wrap_future(future), engine.translator.manifest)
 
-        model, version = (manifest.name, manifest.version) if manifest else (UNKNOWN_MODEL_TAG, "")
-        return await self._answer(rpc, model, version, work)
+        return await self._answer(rpc, *self._tags(request.model), work)
 
-    async def _answer(self, rpc: str, model: str, version: str, work: Callable[[], Awaitable]) -> Outcome:
-        """Runs one rpc and records it; every failure becomes a status with a plain message.
+    async def _stream(
+        self, rpc: str, request, time_remaining: float | None, prepare, to_pb, chunk
+    ) -> AsyncIterator[Outcome]:
+        """Like `_decode`, but yields a `chunk` per token as the engine thread chooses it, then a
+        chunk with the whole response; a failure is the last outcome. If the client goes away,
+        the request leaves the running batch at the next step."""
+        if isinstance(request, Undecodable):
+            yield undecodable(request)
+            return
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        future = None
+
+        def on_token(token: str, row) -> None:  # on the engine thread
+            message = chunk(token=token, attention=() if row is None else row.tolist())
+            loop.call_soon_threadsafe(tokens.put_nowait, message)
+
+        async def start():
+            nonlocal future
+            engine = self._engine(request.model)
+            future = engine.submit(prepare(engine), _deadline(time_remaining), on_token)
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+            return engine
+
+        model, version = self._tags(request.model)
+        opened = await self._answer(rpc, model, version, start, record_ok=False)
+        if opened.code is not None:
+            yield opened
+            return
+        started = time.perf_counter()
+        try:
+            while (message := await tokens.get()) is not None:
+                yield Outcome(message)
+
+            async def finish():
+                return chunk(response=to_pb(future.result(), opened.response.translator.manifest))
+
+            yield await self._answer(rpc, model, version, finish, started=started)
+        finally:
+            if not future.done():
+                future.cancel()
+                self.record(rpc, model, version, "CANCELLED", time.perf_counter() - started)
+
+    async def _answer(
+        self,
+        rpc: str,
+        model: str,
+        version: str,
+        work: Callable[[], Awaitable],
+        record_ok: bool = True,
+        started: float | None = None,
+    ) -> Outcome:
+        """Runs one rpc (or a step of a streamed one) and records it; every failure becomes a
+        status with a plain message.
 
         Anything that is not a RequestError is logged with an incident id, and the client gets
         INTERNAL with only that id: no traceback, pid or Ray error text.
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         code = "OK"
         try:
             return Outcome(await work())
@@ -146,4 +215,36 @@ class Servicer:
             code = ErrorCode.INTERNAL.name
             return Outcome(None, ErrorCode.INTERNAL, f"internal error (incident {incident})")
         finally:
-            self.record(rpc, model, version, code, time.perf_counter() - started)
+            if code != "OK" or record_ok:
+                self.record(rpc, model, version, code, time.perf_counter() - started)
+
+
+def _deadline(time_remaining: float | None) -> float | None:
+    """The time.monotonic() deadline of a call with `time_remaining` seconds left."""
+    return None if time_remaining is None else time.monotonic() + time_remaining
+
+
+def _text_request(request: pb.TranslateRequest) -> Callable[[Engine], PreparedRequest]:
+    """Validates a TranslateRequest for an engine's model."""
+
+    def prepare(engine: Engine) -> PreparedRequest:
+        o = request.options
+        return engine.translator.codec.prepare(
+            request.text, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
+            o.length_penalty, request.locale,
+        )  # fmt: skip
+
+    return prepare
+
+
+def _image_request(request: pb.CaptionRequest) -> Callable[[Engine], PreparedRequest]:
+    """Validates a CaptionRequest for an engine's model."""
+
+    def prepare(engine: Engine) -> PreparedRequest:
+        o = request.options
+        return engine.translator.codec.prepare_image(
+            request.image, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
+            o.length_penalty,
+        )  # fmt: skip
+
+    return prepare

@@ -27,7 +27,7 @@ import numpy as np
 from attnserve.service.core.manifest import DecoderSpec
 from attnserve.service.core.wiring import CACHE_AXIS, EXTRA_PREFIX, State
 
-MIN_CACHE = 16  # smallest cache capacity (positions)
+MIN_CACHE = 16  # capacities of source and cache axes are multiples of this
 
 
 class StepModel(Protocol):
@@ -112,7 +112,6 @@ class DecodeJob:
     extras: tuple[str, ...] = ()
     on_token: TokenCallback | None = None
     tag: object = None
-    cancelled: bool = False  # set by the caller; the job leaves at the next step unanswered
     # Filled by the running batch.
     columns: slice = field(default_factory=lambda: slice(None))
     slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -200,7 +199,7 @@ class RunningBatch:
         rows = np.repeat(np.arange(len(jobs)), repeats)  # (new,) source row of each new slot
         width = max((state[n].shape[a] for n, a in self.model.source_axes.items()), default=0)
         if width > self._src_cap:
-            self._resize_source(width)
+            self._resize_source(_rounded(width))
         for name in self.model.state_inputs:
             value = state[name][rows]
             if name in self.spec.cache.values():  # empty (new, ..., 0, X): positions mask the columns
@@ -289,15 +288,22 @@ class RunningBatch:
 
     # -- stepping ------------------------------------------------------------------------------
 
-    def step(self) -> list[tuple[DecodeJob, Hypothesis | None]]:
-        """Runs one decoder step for every row; returns the jobs that finished (or were
-        cancelled, with None) and removes their rows."""
+    def remove(self, jobs: Sequence[DecodeJob]) -> None:
+        """Takes jobs out of the batch unfinished (their callers went away)."""
+        gone = {id(job) for job in jobs}
+        leaving = [job for job in self.jobs if id(job) in gone]
+        if leaving:
+            self.jobs = [job for job in self.jobs if id(job) not in gone]
+            self._compact(np.concatenate([job.slots for job in leaving]))
+
+    def step(self) -> list[tuple[DecodeJob, Hypothesis]]:
+        """Runs one decoder step for every row; returns the jobs that finished and removes their rows."""
         n, slot, spec = self.rows, self._slot, self.spec
         if not n:
             return []
         position = slot["position"][:n]
         if spec.cache and int(position.max()) >= self._cache_cap:
-            self._resize_caches(max(MIN_CACHE, 2 * self._cache_cap, int(position.max()) + 1))
+            self._resize_caches(_rounded(max(2 * self._cache_cap, int(position.max()) + 1)))
         feeds = {
             spec.token_input: slot["prev"][:n],
             **{k: self._buffers[k][:n] for k in self.model.state_inputs},
@@ -383,14 +389,15 @@ class RunningBatch:
                     value = value[..., self._owner[i].columns]
                 steps[name].append(value)
 
-    def _retire(self) -> list[tuple[DecodeJob, Hypothesis | None]]:
-        """Removes finished and cancelled jobs; returns them with their hypotheses."""
+    def _retire(self) -> list[tuple[DecodeJob, Hypothesis]]:
+        """Removes finished jobs; returns them with their hypotheses."""
         finished, keep = [], []
         done = self._slot["done"]
+        candidates = {id(self._owner[i]) for i in np.flatnonzero(done[: self.rows])}
+        if not candidates:
+            return []
         for job in self.jobs:
-            if job.cancelled:
-                finished.append((job, None))
-            elif done[job.slots].all():
+            if id(job) in candidates and done[job.slots].all():
                 hyp = self._hypothesis(job)
                 if job.on_token is not None and job.beam_size > 1:  # a beam's tokens are final only now
                     for t, token in enumerate(hyp.token_ids):
@@ -450,20 +457,25 @@ class RunningBatch:
         n = self.rows
         if not n:
             return
-        if self.model.source_axes and self._src_cap:
+        if self.model.source_axes and self._src_cap > MIN_CACHE:
             need = int(self._slot["source_len"][:n].max())
-            if need <= self._src_cap // 2:
-                self._resize_source(need)
-        if self.spec.cache and self._cache_cap > 4 * MIN_CACHE:
+            if need <= self._src_cap // 4:
+                self._resize_source(_rounded(need))
+        if self.spec.cache and self._cache_cap > 2 * MIN_CACHE:
             need = int(self._slot["position"][:n].max()) + 1
             if need <= self._cache_cap // 4:
-                self._resize_caches(max(MIN_CACHE, 2 * need))
+                self._resize_caches(_rounded(2 * need))
 
 
 def empty_hypothesis(job: DecodeJob, source: SourceBatch) -> Hypothesis:
     """The result of a job allowed no tokens."""
     width = len(range(*job.columns.indices(source.inputs.get("src_ids", np.zeros((1, 0))).shape[1])))
     return Hypothesis([], np.zeros((0, width), np.float32), False, dict(job.encoder_extras))
+
+
+def _rounded(size: int) -> int:
+    """A capacity for `size`: the next multiple of MIN_CACHE, so sizes do not change every step."""
+    return max(MIN_CACHE, -(-size // MIN_CACHE) * MIN_CACHE)
 
 
 def _stack_steps(steps: list[np.ndarray]) -> np.ndarray:

@@ -1,16 +1,19 @@
-"""An engine per model: one thread that owns the model, admits requests and decodes batches.
+"""An engine per model: one thread that owns the model, admits requests and decodes them step by step.
 
 Callers (asyncio handlers, batch jobs, tests) `submit()` a prepared request and get a
-`concurrent.futures.Future`; the engine thread takes whatever is queued as soon as it is free
-(up to `max_batch_size`, optionally a token budget), decodes it with the `Translator` and
-completes the futures. Admission is decided in `submit()` without waiting: the queue is bounded
-by count and by the wait the engine expects from its measured batch cost, so an overloaded model
-says no in microseconds instead of queueing for longer than a client would wait. Deadlines are
-honoured: a request whose deadline passes or whose future is cancelled while queued is dropped
-without decoding, and one that cannot finish before its deadline is not started.
+`concurrent.futures.Future`. The engine thread keeps one running batch of decoder rows: before
+every decoder step it encodes whatever is queued (up to `max_batch_size` rows in all, a beam
+request taking beam-size rows) and merges it in, runs one step for every row, and answers each
+request the moment it finishes, so a short request never waits for long ones (step-level, or
+"continuous", batching). With `step_batching` off it behaves as a request-level batcher: a batch
+is taken only when the previous one has finished.
 
-The batch is formed in `_take_batch()` and decoded in `_run_batch()`; step-level batching can
-replace the second without touching admission. No Ray, no protos.
+Admission is decided in `submit()` without waiting: the queue is bounded by count and by the
+wait the engine expects (from the measured time requests spend decoding and how many rows are
+free), so an overloaded model says no in microseconds instead of queueing for longer than a
+client would wait. A request whose deadline passes or whose caller cancels it while queued is
+dropped without decoding; one cancelled while decoding (a stream whose client went away) frees
+its rows at the next step. No Ray, no protos.
 """
 
 from __future__ import annotations
@@ -24,26 +27,31 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from attnserve.service.core.decoding import DecodeJob, RunningBatch, empty_hypothesis
 from attnserve.service.core.errors import ErrorCode, RequestError
 from attnserve.service.core.manifest import Manifest
 from attnserve.service.core.onnx_model import RuntimeConfig
-from attnserve.service.core.translation import PreparedRequest, Translation, Translator
+from attnserve.service.core.translation import PreparedRequest, StreamCallback, Translator
 
 log = logging.getLogger(__name__)
-COST_SMOOTHING = 0.2  # weight of the newest batch in the running estimate of batch cost
+COST_SMOOTHING = 0.1  # weight of the newest request in the running estimate of decode time
+JOIN_FRACTION = 4  # with more queued than free rows, requests join once 1/4 of the rows are free
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Batching and admission settings of one model's engine (changeable while it runs).
 
-    max_batch_size: requests decoded together at most.
-    max_batch_tokens: 0 for no budget; else the most (source + output limit) x beam tokens per batch.
-    batch_wait_s: how long a batch that is not full waits for more requests (0: never waits).
+    max_batch_size: decoder rows in the running batch at most (a beam request takes beam-size rows).
+    max_batch_tokens: 0 for no budget; else the most (source + output limit) x beam tokens that
+        join the batch at one step.
+    batch_wait_s: how long an idle engine waits for more requests before its first step (0: never).
     max_queued: requests waiting at most; beyond it RESOURCE_EXHAUSTED.
-    max_queue_wait_s: the longest the engine expects a request it accepts to wait, counting the
-        decode of the request's own batch, judged from its measured cost per batch; beyond it
-        RESOURCE_EXHAUSTED. A request that would not wait at all is always accepted.
+    max_queue_wait_s: the longest the engine expects a request it accepts to wait, counting its
+        own decoding, judged from measured decode times; beyond it RESOURCE_EXHAUSTED. A request
+        that would join the next step is always accepted.
+    step_batching: requests join and leave the running batch at every step; off, a batch is
+        taken only when the previous one has finished (request-level batching, for comparison).
     """
 
     max_batch_size: int = 32
@@ -51,6 +59,7 @@ class EngineConfig:
     batch_wait_s: float = 0.0
     max_queued: int = 1024
     max_queue_wait_s: float = 2.0
+    step_batching: bool = True
 
 
 class EngineObserver(Protocol):
@@ -62,11 +71,12 @@ class EngineObserver(Protocol):
     def dropped(self, reason: str) -> None:
         """A queued request was dropped without decoding (deadline, cancelled)."""
 
-    def batch(self, waits: list[float], decode_s: float, output_tokens: int) -> None:
-        """A batch was decoded: each request's queue wait, the decode time, tokens produced."""
+    def step(self, rows: int, waits: list[float], seconds: float, output_tokens: int) -> None:
+        """A decoder step ran over `rows` rows: the queue waits of the requests that joined at
+        it, its time (their encoding included) and the tokens it produced."""
 
     def queue_depth(self, queued: int) -> None:
-        """Requests waiting after a batch was taken."""
+        """Requests waiting after requests joined the running batch."""
 
 
 class _Silent:
@@ -78,11 +88,22 @@ class _Silent:
     def dropped(self, reason: str) -> None:
         pass
 
-    def batch(self, waits: list[float], decode_s: float, output_tokens: int) -> None:
+    def step(self, rows: int, waits: list[float], seconds: float, output_tokens: int) -> None:
         pass
 
     def queue_depth(self, queued: int) -> None:
         pass
+
+
+class EngineFuture(Future):
+    """A request's future; cancelling it while the request decodes frees its rows at the next step."""
+
+    abandoned = False
+
+    def cancel(self) -> bool:
+        """Cancels a queued request, or asks the engine to stop decoding a running one."""
+        self.abandoned = True
+        return super().cancel()
 
 
 @dataclass(eq=False)
@@ -92,7 +113,15 @@ class _Job:
     request: PreparedRequest
     deadline: float | None  # time.monotonic() seconds
     queued_at: float
-    future: Future = field(default_factory=Future)
+    on_token: StreamCallback | None = None
+    future: EngineFuture = field(default_factory=EngineFuture)
+    started: float = 0.0
+    decode: DecodeJob | None = None  # its rows' job once it joins the running batch
+
+    @property
+    def rows(self) -> int:
+        """Decoder rows the request occupies."""
+        return self.request.beam_size
 
     @property
     def tokens(self) -> int:
@@ -101,32 +130,17 @@ class _Job:
         return (len(r.source_ids) + r.max_output_tokens) * r.beam_size
 
 
-class BatchCost:
-    """Running estimate of batch decode time as a + b * size, fitted to recent batches."""
+class DecodeTime:
+    """Running estimate of how long a request spends in the running batch."""
 
     def __init__(self, smoothing: float = COST_SMOOTHING):
         self.smoothing = smoothing
-        self._moments: list[float] | None = None  # smoothed n, t, n*n, n*t
+        self.seconds: float | None = None
 
-    def observe(self, size: int, seconds: float) -> None:
-        """Adds one decoded batch."""
-        sample = [size, seconds, size * size, size * seconds]
-        if self._moments is None:
-            self._moments = sample
-        else:
-            w = self.smoothing
-            self._moments = [(1 - w) * m + w * s for m, s in zip(self._moments, sample, strict=True)]
-
-    def seconds(self, size: int) -> float | None:
-        """Expected decode time of a batch of `size` requests; None before the first batch."""
-        if self._moments is None:
-            return None
-        n, t, nn, nt = self._moments
-        variance = nn - n * n
-        if variance < 0.25:  # (nearly) one batch size seen so far: assume time proportional to size
-            return t / n * size
-        slope = max((nt - n * t) / variance, 0.0)
-        return max(t - slope * n, 0.0) + slope * size
+    def observe(self, seconds: float) -> None:
+        """Adds one finished request."""
+        w = self.smoothing
+        self.seconds = seconds if self.seconds is None else (1 - w) * self.seconds + w * seconds
 
 
 class Engine:
@@ -137,31 +151,37 @@ class Engine:
         self.name = translator.manifest.name
         self.config = config
         self.observer: EngineObserver = observer or _Silent()
-        self.cost = BatchCost()
+        self.cost = DecodeTime()
         self._queue: deque[_Job] = deque()
+        self._queued_rows = 0
         self._lock = threading.Condition()
-        self._running: tuple[float, int] | None = None  # (started, size) of the batch decoding now
+        self._running: list[_Job] = []  # requests in the running batch
+        self._running_rows = 0
         self._accepting = True
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
 
     def reconfigure(self, config: EngineConfig) -> None:
-        """Applies new batching and admission settings from the next batch on."""
+        """Applies new batching and admission settings from the next step on."""
         with self._lock:
             self.config = config
             self._lock.notify_all()
 
-    def submit(self, request: PreparedRequest, deadline: float | None = None) -> Future:
+    def submit(
+        self, request: PreparedRequest, deadline: float | None = None, on_token: StreamCallback | None = None
+    ) -> Future:
         """Admits a request or refuses it at once.
 
         Args:
             request: a validated request.
             deadline: time.monotonic() by which the caller needs the answer, or None.
+            on_token: called on the engine thread with each output token and its attention row
+                (or None) as soon as it is chosen (a beam request's tokens come when it ends).
 
         Returns:
             A future of the Translation; it raises RequestError if decoding fails or the request
-            is dropped. Cancel it to drop the request while it is still queued.
+            is dropped. Cancel it to drop the request, queued or decoding.
 
         Raises:
             RequestError: RESOURCE_EXHAUSTED when the queue is full or its expected wait exceeds
@@ -170,55 +190,58 @@ class Engine:
         """
         now = time.monotonic()
         with self._lock:
-            reason = self._refusal(now, deadline)
+            reason = self._refusal(now, deadline, request.beam_size)
             if reason is None:
-                job = _Job(request, deadline, now)
+                job = _Job(request, deadline, now, on_token)
                 self._queue.append(job)
+                self._queued_rows += job.rows
                 self._lock.notify()
                 return job.future
         self.observer.rejected(reason)
         raise _REFUSALS[reason](self.name, self.config)
 
-    def _refusal(self, now: float, deadline: float | None) -> str | None:
+    def _refusal(self, now: float, deadline: float | None, rows: int) -> str | None:
         """Why a request arriving now would be refused, or None (caller holds the lock)."""
         if not self._accepting:
             return "shutting_down"
         if len(self._queue) >= self.config.max_queued:
             return "queue_full"
-        wait = self.expected_wait(now)
-        if wait > 0 and wait + self._own_batch_seconds() > self.config.max_queue_wait_s:
+        wait = self._expected_wait(rows)
+        own = self.cost.seconds or 0.0
+        if wait > 0 and wait + own > self.config.max_queue_wait_s:
             return "queue_wait"
         if deadline is not None and now + wait >= deadline:
             return "deadline"
         return None
 
-    def expected_wait(self, now: float | None = None) -> float:
-        """Seconds a request queued now would wait before its batch starts (0 until measured)."""
-        now = time.monotonic() if now is None else now
-        full = self.cost.seconds(self.config.max_batch_size)
-        if full is None:
+    def _expected_wait(self, rows: int) -> float:
+        """Seconds a request of `rows` rows queued now would wait to join (0 until measured):
+        rows free up as requests finish, capacity rows every decode time."""
+        capacity = self.config.max_batch_size if self.config.step_batching else 0
+        free = capacity - self._running_rows
+        ahead = self._queued_rows + rows - max(free, 0)
+        if self.cost.seconds is None or (ahead <= 0 and self.config.step_batching):
             return 0.0
-        remaining = 0.0
-        if self._running is not None:
-            started, size = self._running
-            remaining = max(self.cost.seconds(size) - (now - started), 0.0)
-        return remaining + len(self._queue) // self.config.max_batch_size * full
+        if not self.config.step_batching:  # whole batches: the running one, then the queue's
+            size = self.config.max_batch_size
+            return (1 + (self._queued_rows + rows - 1) // size) * self.cost.seconds if self._running else 0.0
+        return ahead / self.config.max_batch_size * self.cost.seconds
 
-    def _own_batch_seconds(self) -> float:
-        """Expected decode time of the batch a request queued now would join."""
-        size = len(self._queue) % self.config.max_batch_size + 1
-        return self.cost.seconds(size) or 0.0
+    def expected_wait(self) -> float:
+        """Seconds a greedy request queued now would wait before joining the running batch."""
+        with self._lock:
+            return self._expected_wait(1)
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a batch."""
+        """Requests waiting to join the running batch."""
         return len(self._queue)
 
     @property
     def busy(self) -> bool:
-        """True while requests are queued or a batch is decoding."""
+        """True while requests are queued or decoding."""
         with self._lock:
-            return bool(self._queue) or self._running is not None
+            return bool(self._queue) or bool(self._running)
 
     def stop_accepting(self) -> None:
         """Refuses new requests with UNAVAILABLE; accepted ones still finish."""
@@ -228,15 +251,15 @@ class Engine:
     def close(self, timeout_s: float = 10.0) -> bool:
         """Stops accepting, lets accepted requests finish for up to timeout_s, stops the thread.
 
-        Requests still queued after the timeout get UNAVAILABLE. Returns True if all finished.
+        Requests not finished by then get UNAVAILABLE. Returns True if all finished.
         """
         deadline = time.monotonic() + timeout_s
         with self._lock:
             self._accepting = False
             while (self._queue or self._running) and time.monotonic() < deadline:
                 self._lock.wait(0.05)
-            drained = not self._queue and self._running is None
-            left, self._queue = list(self._queue), deque()
+            drained = not self._queue and not self._running
+            left, self._queue = [*self._queue, *self._running], deque()
             self._stopped = True
             self._lock.notify_all()
         for job in left:
@@ -245,82 +268,127 @@ class Engine:
         return drained
 
     def _loop(self) -> None:
-        """The engine thread: take a batch when free, decode it, repeat until closed."""
+        """The engine thread: merge what is queued into the running batch, step, repeat."""
+        batch = self.translator.running_batch()
         while True:
-            jobs = self._take_batch()
-            if jobs is None:
+            taken = self._take(batch.rows)
+            if taken is None:
                 return
-            if jobs:
-                self._run_batch(jobs)
+            joining, cancelled = taken
+            if cancelled:
+                batch.remove([job.decode for job in cancelled])
+                self._finish([(job, None) for job in cancelled], batch)
+            started = time.monotonic()
+            waits = [started - j.queued_at for j in joining]
+            finished = self._join(batch, joining, started) if joining else []
+            tokens = 0
+            if batch.rows:
+                rows = batch.rows
+                try:
+                    done = batch.step()
+                except Exception:  # inputs are validated before they queue: this is a bug
+                    log.exception("engine %s failed on a step of %d rows", self.name, rows)
+                    done = [(job, None) for job in batch.jobs]
+                    batch = self.translator.running_batch()
+                    for job, _ in done:
+                        _fail(job.tag, RequestError(ErrorCode.INTERNAL, "the model failed on this input"))
+                tokens = int(sum(len(h.token_ids) for _, h in done if h is not None))
+                finished += [(job.tag, h) for job, h in done]
+                self.observer.step(rows, waits, time.monotonic() - started, tokens)
+            self._finish(finished, batch)
 
-    def _take_batch(self) -> list[_Job] | None:
-        """Waits for work; returns the next batch (may be empty after drops), None once closed."""
+    def _take(self, running_rows: int) -> tuple[list[_Job], list[_Job]] | None:
+        """Waits for work; returns the requests that join at the next step and the running ones
+        their callers cancelled; None once closed."""
         with self._lock:
-            while not self._queue and not self._stopped:
+            while not self._queue and not self._running and not self._stopped:
                 self._lock.wait()
             if self._stopped:
                 return None
             cfg = self.config
-            if cfg.batch_wait_s > 0 and len(self._queue) < cfg.max_batch_size:
+            room = cfg.max_batch_size - running_rows
+            if running_rows and not cfg.step_batching:
+                room = 0
+            elif running_rows and room < min(self._queued_rows, cfg.max_batch_size // JOIN_FRACTION):
+                room = 0  # under load, join in groups: one encoder call per few rows costs less
+            if cfg.batch_wait_s > 0 and not running_rows and self._queued_rows < cfg.max_batch_size:
                 until = self._queue[0].queued_at + cfg.batch_wait_s
-                while len(self._queue) < cfg.max_batch_size and not self._stopped:
+                while self._queued_rows < cfg.max_batch_size and not self._stopped:
                     left = until - time.monotonic()
                     if left <= 0:
                         break
                     self._lock.wait(left)
             jobs, tokens, drops = [], 0, []
             now = time.monotonic()
-            while self._queue and len(jobs) < cfg.max_batch_size:
+            while self._queue and (self._queue[0].rows <= room or not (jobs or running_rows)):
                 job = self._queue[0]
                 if jobs and cfg.max_batch_tokens and tokens + job.tokens > cfg.max_batch_tokens:
                     break
                 self._queue.popleft()
-                reason = self._drop_reason(job, now, len(jobs) + 1)
+                self._queued_rows -= job.rows
+                reason = self._drop_reason(job, now)
                 if reason:
                     drops.append((job, reason))
                     continue
                 jobs.append(job)
+                room -= job.rows
                 tokens += job.tokens
-            if jobs:
-                self._running = (now, len(jobs))
+            cancelled = [j for j in self._running if j.future.abandoned]
+            self._running += jobs
+            self._running_rows += sum(j.rows for j in jobs)
             queued = len(self._queue)
         for job, reason in drops:
             self.observer.dropped(reason)
             if reason == "deadline":
                 _fail(job, RequestError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before decoding"))
-        self.observer.queue_depth(queued)
-        return jobs
+        if jobs or drops:
+            self.observer.queue_depth(queued)
+        return jobs, cancelled
 
-    def _drop_reason(self, job: _Job, now: float, size: int) -> str | None:
+    def _drop_reason(self, job: _Job, now: float) -> str | None:
         """Why a queued job must not be decoded: cancelled by its caller, or too late to finish."""
         if not job.future.set_running_or_notify_cancel():
             return "cancelled"
-        if job.deadline is not None:
-            expected = self.cost.seconds(size) or 0.0
-            if now + expected >= job.deadline:
-                return "deadline"
+        if job.deadline is not None and now + (self.cost.seconds or 0.0) >= job.deadline:
+            return "deadline"
         return None
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
-        """Decodes one batch and completes its futures; never raises."""
-        started = time.monotonic()
+    def _join(self, batch: RunningBatch, jobs: list[_Job], now: float) -> list:
+        """Encodes the joining requests together and merges them into the batch; if that fails,
+        each is tried alone so one bad request cannot fail the others. Returns those already done."""
+        for job in jobs:
+            job.started = now
+            job.decode = self.translator.job(job.request, job, job.on_token)
         try:
-            results = self.translator.translate_batch([j.request for j in jobs])
-        except Exception:  # translate_batch isolates request failures; this is a bug
-            log.exception("engine %s failed on a batch of %d", self.name, len(jobs))
-            results = [RequestError(ErrorCode.INTERNAL, "the model failed on this input")] * len(jobs)
-        elapsed = time.monotonic() - started
+            source = self.translator.source_batch([j.request for j in jobs])
+            return [(d.tag, empty_hypothesis(d, source)) for d in batch.add([j.decode for j in jobs], source)]
+        except Exception:
+            if len(jobs) == 1:
+                log.exception("encoding failed for a request of %d tokens", len(jobs[0].request.source_ids))
+                _fail(jobs[0], RequestError(ErrorCode.INTERNAL, "the model failed on this input"))
+                return [(jobs[0], None)]
+            log.exception("encoding %d requests failed; trying them one by one", len(jobs))
+            return [done for job in jobs for done in self._join(batch, [job], now)]
+
+    def _finish(self, finished: list, batch: RunningBatch) -> None:
+        """Answers finished requests and removes them from the running set."""
+        if not finished:
+            return
+        now = time.monotonic()
+        for job, hyp in finished:
+            if hyp is not None:
+                job.future.set_result(
+                    self.translator.result(job.request, hyp, len(batch.jobs) + len(finished))
+                )
+                self.cost.observe(now - job.started)
+            elif job.future.abandoned:  # its caller is gone: nobody reads this
+                self.observer.dropped("cancelled")
+                _fail(job, RequestError(ErrorCode.UNAVAILABLE, "the request was cancelled"))
         with self._lock:
-            self.cost.observe(len(jobs), elapsed)
-            self._running = None
+            gone = {id(job) for job, _ in finished}
+            self._running = [j for j in self._running if id(j) not in gone]
+            self._running_rows = sum(j.rows for j in self._running)
             self._lock.notify_all()
-        for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, Translation):
-                job.future.set_result(result)
-            else:
-                job.future.set_exception(result)
-        produced = sum(len(r.output_tokens) for r in results if isinstance(r, Translation))
-        self.observer.batch([started - j.queued_at for j in jobs], elapsed, produced)
 
 
 def start_engines(

@@ -7,12 +7,13 @@ batch; `Translator` adds the ONNX Runtime model and decodes batches of prepared 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
-from attnserve.service.core.decoding import Hypothesis, SourceBatch, decode
+from attnserve.service.core.decoding import DecodeJob, Hypothesis, RunningBatch, SourceBatch, empty_hypothesis
 from attnserve.service.core.errors import ErrorCode, RequestError, invalid
 from attnserve.service.core.images import decode_image
 from attnserve.service.core.manifest import Manifest
@@ -23,6 +24,7 @@ from attnserve.service.core.vocab import locale_token
 log = logging.getLogger(__name__)
 MAX_BEAM_SIZE = 16
 MAX_LENGTH_PENALTY = 2.0
+StreamCallback = Callable[[str, np.ndarray | None], None]  # output token, its attention row or None
 
 
 class AttentionMode(Enum):
@@ -184,15 +186,44 @@ _MATRIX_MODES = (AttentionMode.NONE, AttentionMode.CROSS)  # served without per-
 
 
 class Translator:
-    """Decodes batches of prepared requests with one model's ONNX Runtime sessions."""
+    """Decodes prepared requests with one model's ONNX Runtime sessions."""
 
     def __init__(self, manifest: Manifest, runtime: RuntimeConfig = RuntimeConfig()):
         self.manifest = manifest
         self.codec = SourceCodec(manifest)
         self.model = OnnxSeq2Seq(manifest, runtime)
 
+    def running_batch(self) -> RunningBatch:
+        """An empty running batch of this model that requests can join at any step."""
+        vocab = self.manifest.target_vocab
+        return RunningBatch(self.model, vocab.bos_id, vocab.eos_id, self.manifest.max_output_tokens)
+
+    def job(
+        self, request: PreparedRequest, tag: object = None, on_token: StreamCallback | None = None
+    ) -> DecodeJob:
+        """The decoding job of a request; `on_token` sees each output token (special tokens
+        skipped) with its attention row when the request asked for cross attention."""
+        extras = () if request.attention in _MATRIX_MODES else (request.attention.value,)
+        callback = None
+        if on_token is not None:
+            vocab, cross = self.manifest.target_vocab, request.attention is AttentionMode.CROSS
+
+            def callback(token_id: int, row: np.ndarray) -> None:
+                if token_id not in vocab.special_ids:
+                    on_token(vocab.tokens[token_id], row.copy() if cross else None)
+
+        return DecodeJob(
+            request.max_output_tokens, request.beam_size, request.length_penalty, extras, callback, tag
+        )
+
+    def source_batch(self, requests: Sequence[PreparedRequest]) -> SourceBatch:
+        """Token ids, or pixels for an image model, of the requests as one encoder batch."""
+        if self.manifest.image is None:
+            return SourceBatch.from_ids([list(r.source_ids) for r in requests])
+        return SourceBatch.from_images(np.stack([r.image for r in requests]))
+
     def translate_batch(self, requests: list[PreparedRequest]) -> list[Translation | RequestError]:
-        """Decodes requests together; if the batch fails, retries each alone so one bad
+        """Decodes requests together to the end; if that fails, retries each alone so one bad
         request cannot fail the others. Failures come back as RequestError(INTERNAL)."""
         try:
             return self._decode(requests)
@@ -204,36 +235,20 @@ class Translator:
             return [self.translate_batch([r])[0] for r in requests]
 
     def _decode(self, requests: list[PreparedRequest]) -> list[Translation]:
-        """Decodes the batch; requests with different beam settings are decoded in separate groups."""
-        groups: dict[tuple[int, float], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.beam_size, r.length_penalty), []).append(i)
+        """Decodes the requests in one running batch (each with its own beam settings)."""
+        batch = self.running_batch()
+        jobs = [self.job(r, i) for i, r in enumerate(requests)]
+        source = self.source_batch(requests)
         results: list[Translation | None] = [None] * len(requests)
-        vocab = self.manifest.target_vocab
-        for (beam_size, length_penalty), rows in groups.items():
-            extras = {requests[i].attention.value for i in rows} - {m.value for m in _MATRIX_MODES}
-            hyps = decode(
-                self.model,
-                self._source_batch([requests[i] for i in rows]),
-                vocab.bos_id,
-                vocab.eos_id,
-                [requests[i].max_output_tokens for i in rows],
-                beam_size,
-                length_penalty,
-                tuple(sorted(extras)),
-            )
-            for i, hyp in zip(rows, hyps, strict=True):
-                results[i] = self._translation(requests[i], hyp, len(requests))
+        for job in batch.add(jobs, source):
+            results[job.tag] = self.result(requests[job.tag], empty_hypothesis(job, source), len(requests))
+        while batch.rows:
+            for job, hyp in batch.step():
+                results[job.tag] = self.result(requests[job.tag], hyp, len(requests))
         return results
 
-    def _source_batch(self, requests: list[PreparedRequest]) -> SourceBatch:
-        """Token ids, or pixels for an image model, of the requests as one encoder batch."""
-        if self.manifest.image is None:
-            return SourceBatch.from_ids([list(r.source_ids) for r in requests])
-        return SourceBatch.from_images(np.stack([r.image for r in requests]))
-
-    def _translation(self, request: PreparedRequest, hyp: Hypothesis, batch_size: int) -> Translation:
-        """The domain result for one hypothesis (special tokens dropped with their attention rows)."""
+    def result(self, request: PreparedRequest, hyp: Hypothesis, batch_size: int) -> Translation:
+        """The request's answer from its hypothesis (special tokens dropped with their attention rows)."""
         vocab = self.manifest.target_vocab
         keep = [i for i, t in enumerate(hyp.token_ids) if t not in vocab.special_ids]
         tokens = tuple(vocab.tokens[hyp.token_ids[i]] for i in keep)

@@ -7,12 +7,13 @@ import threading
 import time
 from concurrent.futures import CancelledError
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnserve.models.g2p_data import load_split
-from attnserve.service.core.engine import BatchCost, Engine, EngineConfig
+from attnserve.service.core.engine import DecodeTime, Engine, EngineConfig
 from attnserve.service.core.errors import ErrorCode, RequestError
 from attnserve.service.core.translation import AttentionMode, Translator
 
@@ -24,28 +25,56 @@ def translator(bundled_manifest):
     return Translator(bundled_manifest)
 
 
+class GatedBatch:
+    """A real RunningBatch whose steps wait for the test: `gate` open lets every step run,
+    `steps` releases them one at a time; records the rows of every step."""
+
+    def __init__(self, inner, owner):
+        self.inner, self.owner = inner, owner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def add(self, jobs, source):
+        return self.inner.add(jobs, source)
+
+    @property
+    def rows(self):
+        return self.inner.rows
+
+    def step(self):
+        self.owner.started.set()
+        if not self.owner.gate.is_set():
+            self.owner.steps.acquire(timeout=10)
+        self.owner.rows.append(self.inner.rows)
+        self.owner.decoded += [job.tag.request for job in self.inner.jobs if job.tag is not None]
+        return self.inner.step()
+
+
 class Gated:
-    """The real Translator behind a gate the test opens; records every batch it decodes."""
+    """The real Translator, with running batches that step when the test says."""
 
     def __init__(self, translator: Translator):
         self.inner = translator
         self.manifest, self.codec, self.model = translator.manifest, translator.codec, translator.model
         self.gate = threading.Event()
+        self.steps = threading.Semaphore(0)
         self.started = threading.Event()
-        self.batches: list[list] = []
+        self.rows: list[int] = []
+        self.decoded: list = []
 
-    def translate_batch(self, requests):
-        self.started.set()
-        self.gate.wait(10)
-        self.batches.append(list(requests))
-        return self.inner.translate_batch(requests)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def running_batch(self):
+        return GatedBatch(self.inner.running_batch(), self)
 
 
 class Recorder:
     """An observer that keeps what the engine reported."""
 
     def __init__(self):
-        self.rejections, self.drops, self.sizes = [], [], []
+        self.rejections, self.drops, self.rows, self.joined = [], [], [], []
 
     def rejected(self, reason):
         self.rejections.append(reason)
@@ -53,19 +82,20 @@ class Recorder:
     def dropped(self, reason):
         self.drops.append(reason)
 
-    def batch(self, waits, decode_s, output_tokens):
-        self.sizes.append(len(waits))
+    def step(self, rows, waits, seconds, output_tokens):
+        self.rows.append(rows)
+        self.joined.append(len(waits))
 
     def queue_depth(self, queued):
         pass
 
 
-def _prepare(translator, word, attention=AttentionMode.CROSS, beam_size=1):
-    return translator.codec.prepare(word, attention, beam_size=beam_size)
+def _prepare(translator, word, attention=AttentionMode.CROSS, beam_size=1, max_output_tokens=0):
+    return translator.codec.prepare(word, attention, max_output_tokens, beam_size=beam_size)
 
 
 def _busy(translator, config: EngineConfig):
-    """An engine whose first batch is held at the gate: (gated, recorder, engine, that batch's future)."""
+    """An engine whose first request is held at its first step: (gated, recorder, engine, its future)."""
     gated, recorder = Gated(translator), Recorder()
     engine = Engine(gated, config, recorder)
     running = engine.submit(_prepare(gated, "busy"))
@@ -99,21 +129,60 @@ def test_batched_answers_equal_decoding_alone(translator, picks, beams, max_batc
         assert abs(result.attention - alone.attention).max() < 1e-4
 
 
-def test_batches_take_what_is_queued_when_the_engine_is_free(translator):
+def test_requests_join_the_running_batch_at_the_next_step(translator):
     gated, recorder = Gated(translator), Recorder()
     engine = Engine(gated, EngineConfig(max_batch_size=8), recorder)
     first = engine.submit(_prepare(gated, "first"))
     assert gated.started.wait(5)
     rest = [engine.submit(_prepare(gated, w)) for w in WORDS[:20]]
     gated.gate.set()
+    gated.steps.release()
     for f in [first, *rest]:
         f.result(30)
     engine.close()
-    assert recorder.sizes == [1, 8, 8, 4]  # no wait timer: the queue filled while a batch ran
+    assert recorder.joined[:2] == [1, 7]  # the queue joined at the second step, up to 8 rows
+    assert max(recorder.rows) == 8 and sum(recorder.joined) == 21
+    assert recorder.rows[1] == 8  # the first request decodes on with the seven that joined it
+
+
+def test_a_short_request_finishes_within_steps_while_long_ones_decode(translator):
+    gated, recorder = Gated(translator), Recorder()
+    engine = Engine(gated, EngineConfig(max_batch_size=32), recorder)
+    long = [engine.submit(_prepare(gated, w, max_output_tokens=30)) for w in WORDS[:16]]
+    assert gated.started.wait(5)
+    for _ in range(3):  # three steps of the long ones
+        gated.steps.release()
+    while len(gated.rows) < 3:
+        time.sleep(0.001)
+    short = engine.submit(_prepare(gated, "cat", max_output_tokens=2))
+    steps_before = len(gated.rows)
+    gated.gate.set()
+    gated.steps.release()
+    short.result(30)
+    steps_for_short = len(gated.rows) - steps_before
+    assert steps_for_short <= 4 and all(not f.done() or len(f.result().output_tokens) for f in long)
+    assert sum(not f.done() for f in long) > 0 or len(gated.rows) > steps_for_short + 3
+    for f in long:
+        f.result(30)
+    engine.close()
+
+
+def test_request_level_batching_takes_a_batch_only_when_the_last_has_finished(translator):
+    gated, recorder = Gated(translator), Recorder()
+    engine = Engine(gated, EngineConfig(max_batch_size=8, step_batching=False), recorder)
+    first = engine.submit(_prepare(gated, "first"))
+    assert gated.started.wait(5)
+    rest = [engine.submit(_prepare(gated, w)) for w in WORDS[:20]]
+    gated.gate.set()
+    gated.steps.release()
+    for f in [first, *rest]:
+        f.result(30)
+    engine.close()
+    assert [j for j in recorder.joined if j] == [1, 8, 8, 4]
 
 
 def test_queue_is_bounded_by_count(translator):
-    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=4, max_queued=3))
+    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=1, max_queued=3))
     queued = [engine.submit(_prepare(gated, w)) for w in ("one", "two", "three")]
     with pytest.raises(RequestError) as info:
         engine.submit(_prepare(gated, "four"))
@@ -121,64 +190,103 @@ def test_queue_is_bounded_by_count(translator):
     assert "3 requests queued" in info.value.message
     assert recorder.rejections == ["queue_full"]
     gated.gate.set()
+    gated.steps.release()
     assert all(f.result(30).output_tokens for f in [running, *queued])
     engine.close()
 
 
 def test_queue_is_bounded_by_expected_wait(translator):
-    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=2, max_queue_wait_s=0.5))
-    engine.cost.observe(2, 0.4)  # as if measured: a batch of 2 takes 0.4 s
-    accepted = [engine.submit(_prepare(gated, "a"))]  # ~0.2 s for the running batch + 0.2 s its own
+    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=1, max_queue_wait_s=0.9))
+    engine.cost.seconds = 0.4  # as if measured: a request decodes in 0.4 s
+    accepted = [engine.submit(_prepare(gated, "a"))]  # waits ~0.4 s for the running one, then its own 0.4 s
     with pytest.raises(RequestError) as info:
-        engine.submit(_prepare(gated, "b"))  # ~0.2 s + its own batch of 2, 0.4 s: over 0.5 s
+        engine.submit(_prepare(gated, "b"))  # ~0.8 s + its own 0.4 s: over 0.9 s
     assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED and "expected wait" in info.value.message
     assert recorder.rejections == ["queue_wait"]
     gated.gate.set()
+    gated.steps.release()
     for f in [running, *accepted]:
         f.result(30)
     engine.close()
 
 
 def test_a_deadline_that_passes_in_the_queue_drops_the_request_undecoded(translator):
-    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=8))
+    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=1))
     late = _prepare(gated, "late")
     doomed = engine.submit(late, deadline=time.monotonic() + 0.05)
     fine = engine.submit(_prepare(gated, "fine"))
     time.sleep(0.1)
     gated.gate.set()
+    gated.steps.release()
     with pytest.raises(RequestError) as info:
         doomed.result(30)
     assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
     assert fine.result(30).output_tokens and running.result(30).output_tokens
     engine.close()
-    assert all(late is not r for batch in gated.batches for r in batch)
+    assert all(late is not r for r in gated.decoded)
     assert recorder.drops == ["deadline"]
 
 
 def test_a_deadline_that_cannot_be_met_is_refused_at_once(translator):
     gated, _, engine, busy = _busy(translator, EngineConfig(max_batch_size=1, max_queue_wait_s=10))
-    engine.cost.observe(1, 5.0)  # as if measured: the running batch takes 5 s
+    engine.cost.seconds = 5.0  # as if measured: a request decodes in 5 s
     with pytest.raises(RequestError) as info:
         engine.submit(_prepare(translator, "soon"), deadline=time.monotonic() + 1.0)
     assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
     gated.gate.set()
+    gated.steps.release()
     busy.result(30)
     engine.close()
 
 
 def test_a_cancelled_request_is_not_decoded(translator):
-    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=8))
+    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=1))
     request = _prepare(gated, "cancelled")
     cancelled = engine.submit(request)
     kept = engine.submit(_prepare(gated, "kept"))
     assert cancelled.cancel()
     gated.gate.set()
+    gated.steps.release()
     assert kept.result(30).output_tokens and running.result(30).output_tokens
     with pytest.raises(CancelledError):
         cancelled.result(0)
     engine.close()
-    assert all(request is not r for batch in gated.batches for r in batch)
+    assert all(request is not r for r in gated.decoded)
     assert recorder.drops == ["cancelled"]
+
+
+def test_a_request_cancelled_while_decoding_leaves_at_the_next_step(translator):
+    gated, recorder = Gated(translator), Recorder()
+    engine = Engine(gated, EngineConfig(max_batch_size=8), recorder)
+    kept = engine.submit(_prepare(gated, "abracadabra"))
+    assert gated.started.wait(5)
+    cancelled = engine.submit(_prepare(gated, "encyclopedia"))
+    gated.steps.release()  # step 1: the first alone; the second joins at step 2
+    gated.steps.release()
+    while len(gated.rows) < 2:
+        time.sleep(0.001)
+    seen = len(gated.rows)
+    cancelled.cancel()
+    gated.gate.set()
+    gated.steps.release()
+    assert kept.result(30).output_tokens
+    engine.close()
+    assert recorder.drops == ["cancelled"]
+    assert gated.rows[1] == 2 and gated.rows[seen + 1] == 1  # gone at most one step after
+
+
+def test_streamed_tokens_are_the_answer_with_its_attention(translator):
+    engine = Engine(translator, EngineConfig(max_batch_size=8))
+    streams = {w: [] for w in WORDS[:6]}
+    futures = {
+        w: engine.submit(_prepare(translator, w), on_token=lambda t, row, w=w: streams[w].append((t, row)))
+        for w in streams
+    }
+    for word, future in futures.items():
+        result = future.result(30)
+        assert [t for t, _ in streams[word]] == list(result.output_tokens)
+        np.testing.assert_allclose(np.stack([row for _, row in streams[word]]), result.attention, atol=1e-6)
+    engine.close()
 
 
 def test_close_finishes_accepted_requests_and_refuses_new_ones(translator):
@@ -186,7 +294,7 @@ def test_close_finishes_accepted_requests_and_refuses_new_ones(translator):
     engine = Engine(gated, EngineConfig(max_batch_size=2))
     futures = [engine.submit(_prepare(gated, w)) for w in WORDS[:7]]
     assert gated.started.wait(5)
-    threading.Timer(0.2, gated.gate.set).start()
+    threading.Timer(0.2, lambda: (gated.gate.set(), gated.steps.release())).start()
     assert engine.close(timeout_s=30)
     assert all(f.result(0).output_tokens for f in futures)
     with pytest.raises(RequestError) as info:
@@ -201,17 +309,16 @@ def test_close_past_its_grace_fails_what_is_left_as_unavailable(translator):
     assert gated.started.wait(5)
     assert not engine.close(timeout_s=0.2)
     gated.gate.set()
+    gated.steps.release()
     with pytest.raises(RequestError) as info:
         futures[-1].result(30)
     assert info.value.code is ErrorCode.UNAVAILABLE
 
 
-def test_batch_cost_fits_intercept_and_slope():
-    cost = BatchCost(smoothing=0.5)
-    assert cost.seconds(8) is None
-    cost.observe(4, 0.04)
-    assert cost.seconds(8) == pytest.approx(0.08)  # one size seen: proportional
-    for size in [1, 8, 16, 32, 2, 24] * 5:
-        cost.observe(size, 0.01 + 0.002 * size)
-    assert cost.seconds(32) == pytest.approx(0.074, rel=0.05)
-    assert cost.seconds(1) == pytest.approx(0.012, rel=0.2)
+def test_decode_time_is_a_running_average():
+    cost = DecodeTime(smoothing=0.5)
+    assert cost.seconds is None
+    cost.observe(0.4)
+    assert cost.seconds == pytest.approx(0.4)
+    cost.observe(0.2)
+    assert cost.seconds == pytest.approx(0.3)

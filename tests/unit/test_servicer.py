@@ -77,3 +77,48 @@ def test_any_request_bytes_parse_or_become_invalid_argument(servicer, data):
         assert outcome.code is ErrorCode.INVALID_ARGUMENT and f"({len(data)} bytes)" in outcome.message
     else:
         assert isinstance(request, pb.TranslateRequest)
+
+
+async def _stream(servicer, request, take: int | None = None):
+    outcomes = []
+    stream = servicer.translate_stream(request, None)
+    async for outcome in stream:
+        outcomes.append(outcome)
+        if take is not None and len(outcomes) == take:
+            await stream.aclose()  # the client went away
+            break
+    return outcomes
+
+
+def test_a_stream_sends_each_token_with_its_attention_then_the_response(servicer):
+    s, recorded = servicer
+    options = pb.TranslateOptions(attention=pb.ATTENTION_MODE_CROSS)
+    outcomes = asyncio.run(_stream(s, pb.TranslateRequest(model=MODEL, text="streaming", options=options)))
+    assert all(o.code is None for o in outcomes)
+    *tokens, last = [o.response for o in outcomes]
+    final = last.response
+    assert [t.token for t in tokens] == list(final.output_tokens) and final.text
+    cols = final.attention.cols
+    assert [list(t.attention) for t in tokens] == [
+        list(final.attention.weights[r * cols : (r + 1) * cols]) for r in range(final.attention.rows)
+    ]
+    assert recorded[-1][:4] == ("TranslateStream", MODEL, "1", "OK")
+
+
+def test_a_bad_stream_is_one_status(servicer):
+    s, _ = servicer
+    (outcome,) = asyncio.run(_stream(s, pb.TranslateRequest(model=MODEL, text="")))
+    assert outcome.code is ErrorCode.INVALID_ARGUMENT and "text is empty" in outcome.message
+
+
+def test_a_stream_whose_client_goes_away_is_recorded_cancelled_and_leaves_the_engine(servicer):
+    s, recorded = servicer
+    engine = s.engines[MODEL]
+    outcomes = asyncio.run(_stream(s, pb.TranslateRequest(model=MODEL, text="abracadabra"), take=1))
+    assert len(outcomes) == 1 and outcomes[0].response.token
+    assert recorded[-1][3] == "CANCELLED"
+    for _ in range(200):
+        if not engine.busy:
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    assert not engine.busy
