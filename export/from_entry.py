@@ -2,8 +2,11 @@
 
 Named initializers are the state_dict's names (behind the exporter's "model." prefix). The
 exporter leaves the Linear weights of 3-D inputs unnamed (`onnx::MatMul_N`, stored transposed):
-each is named by the bias of the Add that follows its MatMul. The rebuilt model must reproduce the
-old graphs' outputs before anything is written from it (`check_against_graphs`).
+each is named by the bias of the Add that follows its MatMul. Revision 2 decoder steps hold each
+layer's self-attention Q/K/V as one unnamed Gemm weight and bias (query rows scaled by
+1/sqrt(dk)); those Gemms come in layer order, as each layer consumes the one before. The rebuilt
+model must reproduce the old graphs' outputs before anything is written from it
+(`check_against_graphs`).
 """
 
 from __future__ import annotations
@@ -21,13 +24,7 @@ from torch import nn
 
 from attnserve.models.architectures import architecture
 from attnserve.service.core.decoding import SourceBatch
-from attnserve.service.core.manifest import (
-    FORMAT_REVISION,
-    MANIFEST_FILE,
-    DecoderSpec,
-    ManifestError,
-    sha256_of,
-)
+from attnserve.service.core.manifest import MANIFEST_FILE, DecoderSpec, ManifestError, sha256_of
 from attnserve.service.core.vocab import Vocab
 from attnserve.service.core.wiring import WiredStepModel
 
@@ -64,7 +61,7 @@ def read_entry(folder: Path) -> dict:
     return raw
 
 
-def graph_weights(path: Path) -> dict[str, np.ndarray]:
+def graph_weights(path: Path, head_size: int) -> dict[str, np.ndarray]:
     """state_dict name -> array for every initializer of an ONNX graph that is a model weight.
 
     Raises:
@@ -77,8 +74,18 @@ def graph_weights(path: Path) -> dict[str, np.ndarray]:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    fused = 0
     for node in graph.node:
         unnamed = [n for n in node.input if n in values and not n.startswith(PREFIX)]
+        if node.op_type == "Gemm" and len(unnamed) == 2:  # decoder layer `fused`'s self-attention Q/K/V
+            weight, bias = (np.split(values[n], 3) for n in unnamed)  # (3D, D), (3D,)
+            unscale = np.float32(head_size**0.5)
+            for part, w, b in zip("qkv", weight, bias, strict=True):
+                scale = unscale if part == "q" else np.float32(1)
+                weights[f"decoder.{fused}.self_attn.{part}.weight"] = w * scale
+                weights[f"decoder.{fused}.self_attn.{part}.bias"] = b * scale
+            fused += 1
+            continue
         if node.op_type != "MatMul" or not unnamed:
             continue
         biases = [
@@ -101,18 +108,16 @@ def rebuild(folder: Path) -> Rebuilt:
 
     Raises:
         ManifestError: if the entry cannot be read.
-        ValueError: if the entry is of the current format revision already (its graphs hold the
-            decoder's Q/K/V fused), or the graphs' weights do not fill the model's state_dict exactly.
+        ValueError: if the graphs' weights do not fill the model's state_dict exactly.
     """
     folder = Path(folder)
     raw = read_entry(folder)
-    if raw.get("format_revision") == FORMAT_REVISION:
-        raise ValueError(f"{folder} is of format revision {FORMAT_REVISION} already; nothing to re-export")
     arch = architecture(raw["architecture"])
     model = arch.model_cls(arch.config_cls(**raw["model_config"]))
+    head_size = model.config.d_model // model.config.heads
     weights: dict[str, np.ndarray] = {}
     for spec in raw["graphs"].values():
-        for name, value in graph_weights(folder / spec["file"]).items():
+        for name, value in graph_weights(folder / spec["file"], head_size).items():
             if name in weights and not np.array_equal(weights[name], value):
                 raise ValueError(f"{folder}: the graphs disagree on {name}")
             weights[name] = value
@@ -173,8 +178,8 @@ def check_against_graphs(rebuilt: Rebuilt, folder: Path, batches: list[SourceBat
             worst = max(worst, float(np.abs(got[name] - value.numpy()).max()))
         state = old.encode(batch.inputs)
         fed, logits = [np.full(batch.size, bos, dtype=np.int64)], []
-        for _ in range(steps):
-            step_logits, _, state = old.step(fed[-1], state)
+        for t in range(steps):
+            step_logits, _, state = old.step(fed[-1], state, np.full(batch.size, t, dtype=np.int64))
             logits.append(step_logits)
             fed.append(step_logits.argmax(1).astype(np.int64))
         tgt_in = torch.from_numpy(np.stack(fed[:-1], axis=1))  # (B, steps)

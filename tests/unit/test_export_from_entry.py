@@ -52,7 +52,7 @@ def revision_1_entry(tmp_path_factory):
 
 def test_every_parameter_is_found_in_the_graphs_by_name_or_by_its_bias(revision_1_entry):
     model, folder = revision_1_entry
-    found = graph_weights(folder / "encoder.onnx") | graph_weights(folder / "decoder_step.onnx")
+    found = graph_weights(folder / "encoder.onnx", 8) | graph_weights(folder / "decoder_step.onnx", 8)
     state = model.state_dict()
     assert sorted(found) == sorted(state)
     for name, value in state.items():
@@ -92,7 +92,25 @@ def test_revision_1_entries_of_the_rnn_families_still_load():
         assert manifest.raw["format_revision"] == 1
 
 
-def test_an_entry_of_the_current_revision_is_not_rebuilt():
-    with pytest.raises(ValueError, match="revision 2 already"):
-        rebuild(BUNDLED_REPOSITORY / "g2p-transformer" / "1")
-    assert TRANSFORMER.for_config(TransformerConfig(**CONFIG)).wiring["cache"]["new_k_1"] == "past_k_1"
+def test_revision_2_graphs_give_back_the_weights_of_their_fused_query_key_value(revision_1_entry, tmp_path):
+    model, _ = revision_1_entry
+    arch = TRANSFORMER.for_config(model.config)
+    src, mask = torch.randint(1, 11, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        encoded = model.encode(src, mask)
+        past = [torch.randn(2, 2, 3, 8) for _ in range(4)]
+        args = (torch.ones(2, dtype=torch.long), torch.tensor([1, 3]), *past, *encoded[1:5], mask)
+        export_graph(
+            model, "decode_step", args, arch.decoder_inputs, arch.decoder_outputs, tmp_path / "d.onnx"
+        )
+    found = graph_weights(tmp_path / "d.onnx", 8)
+    for i in range(2):
+        for name in ("q.weight", "q.bias", "k.weight", "v.bias"):
+            key = f"decoder.{i}.self_attn.{name}"
+            np.testing.assert_allclose(found[key], model.state_dict()[key].numpy(), rtol=1e-6, err_msg=key)
+
+
+def test_bundled_transformers_rebuild_from_their_revision_2_graphs():
+    rebuilt = rebuild(BUNDLED_REPOSITORY / "g2p-transformer" / "1")
+    assert rebuilt.raw["format_revision"] == 2
+    assert rebuilt.payload["meta"]["dev_metrics"] == rebuilt.raw["metrics"]["dev"]
