@@ -33,7 +33,11 @@ def _dynamic_axes(tensors: list[Tensor]) -> dict[str, dict[int, str]]:
     return {name: {i: a for i, a in enumerate(shape) if a in DYNAMIC_AXES} for name, _, shape in tensors}
 
 
-def _export(module: nn.Module, args: tuple, inputs: list[Tensor], outputs: list[Tensor], path: Path) -> None:
+def export_graph(
+    model: nn.Module, method: str, args: tuple, inputs: list[Tensor], outputs: list[Tensor], path: Path
+) -> None:
+    """Traces model.<method>(*args) into an ONNX file with the given input and output tables."""
+    module = _Method(model, method)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript-path deprecation chatter
         # dynamo=False: 0.2-0.6 s per graph and keeps the GRU's time axis dynamic (FACTS.md).
@@ -69,12 +73,8 @@ def export_graphs(
     enc_args = tuple(torch.from_numpy(example.inputs[n]) for n, _, _ in arch.encoder_inputs)
     dec_args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n, _, _ in arch.decoder_inputs)
     paths = {"encoder": out_dir / "encoder.onnx", "decoder_step": out_dir / "decoder_step.onnx"}
-    _export(_Method(model, "encode"), enc_args, arch.encoder_inputs, arch.encoder_outputs, paths["encoder"])
-    _export(
-        _Method(model, "decode_step"),
-        dec_args,
-        arch.decoder_inputs,
-        arch.decoder_outputs,
-        paths["decoder_step"],
+    export_graph(model, "encode", enc_args, arch.encoder_inputs, arch.encoder_outputs, paths["encoder"])
+    export_graph(
+        model, "decode_step", dec_args, arch.decoder_inputs, arch.decoder_outputs, paths["decoder_step"]
     )
     return paths

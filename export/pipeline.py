@@ -1,4 +1,5 @@
-"""Checkpoint -> model-repository entry: load, export, parity-check, evaluate, write manifest."""
+"""Checkpoint (or an older entry's weights) -> model-repository entry: load, export, parity-check,
+evaluate, write manifest."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from attnserve.export.from_entry import check_against_graphs, read_entry, rebuild
 from attnserve.export.onnx_graphs import OPSET, export_graphs
 from attnserve.export.parity import check_parity
 from attnserve.models.architectures import Architecture, Tensor, architecture
@@ -19,6 +21,7 @@ from attnserve.models.registry import task as task_named
 from attnserve.models.torch_runner import TorchStepModel
 from attnserve.service.core.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
 from attnserve.service.core.onnx_model import OnnxSeq2Seq
+from attnserve.service.core.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,11 @@ class ParityError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """What to export and how strictly to check it."""
+    """What to export and how strictly to check it.
+
+    checkpoint: a training checkpoint, or with from_entry, a model-repository entry whose graphs'
+    weights are re-exported in the current format (no retraining).
+    """
 
     checkpoint: Path
     repository: Path
@@ -39,6 +46,18 @@ class ExportConfig:
     tolerance: float = 1e-4
     parity_examples: int = 200
     eval_limit: int = 0  # 0 = the whole evaluation splits
+    from_entry: bool = False
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A model to export, with its vocabularies, checkpoint-like payload and provenance."""
+
+    model: torch.nn.Module
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    payload: dict
+    provenance: dict
 
 
 def _tensors(items: list[Tensor]) -> list[dict]:
@@ -65,21 +84,57 @@ def _graphs(arch: Architecture, paths: dict[str, Path]) -> dict:
     }
 
 
+def _from_checkpoint(path: Path) -> _Source:
+    model, src_vocab, tgt_vocab, payload = load_checkpoint(path)
+    return _Source(model, src_vocab, tgt_vocab, payload, {"checkpoint_sha256": sha256_of(path)})
+
+
+def _from_entry(folder: Path, task, cfg: ExportConfig) -> _Source:
+    """The entry's model rebuilt from its graphs, once it reproduces them within cfg.tolerance.
+
+    Raises:
+        ParityError: if the rebuilt model does not reproduce the entry's graphs.
+    """
+    rebuilt = rebuild(folder)
+    probes = [task.source_batches("test", n, n, rebuilt.src_vocab)[0] for n in (1, 5, 17)]
+    worst = check_against_graphs(rebuilt, folder, probes, steps=12)
+    log.info("rebuilt from %s: max |rebuilt - its graphs| = %.2e", folder, worst)
+    if worst > cfg.tolerance:
+        raise ParityError(f"the model rebuilt from {folder} differs from its graphs by {worst:.2e}")
+    provenance = {
+        "rebuilt_from": {
+            "format_revision": rebuilt.raw.get("format_revision"),
+            "graphs_sha256": {k: g["sha256"] for k, g in rebuilt.raw["graphs"].items()},
+            "checkpoint_sha256": rebuilt.raw.get("export", {}).get("checkpoint_sha256"),
+            "max_abs_diff": worst,
+        }
+    }
+    return _Source(rebuilt.model, rebuilt.src_vocab, rebuilt.tgt_vocab, rebuilt.payload, provenance)
+
+
 def export_model(cfg: ExportConfig) -> Path:
     """Runs the pipeline and returns the new entry's folder.
 
     Raises:
         FileExistsError: if the entry exists and cfg.force is not set.
+        ManifestError: with from_entry, if the entry cannot be read or its files do not match.
         ValueError: if the task's tokenizer, rebuilt from its data, does not match the checkpoint.
         ParityError: if ONNX Runtime disagrees with PyTorch beyond cfg.tolerance or on any
-            greedy output.
+            greedy output, or a model rebuilt from an entry does not reproduce its graphs.
     """
     entry = cfg.repository / cfg.name / cfg.version
     if entry.exists() and not cfg.force:
         raise FileExistsError(f"{entry} exists; pass --force to replace it")
-    model, src_vocab, tgt_vocab, payload = load_checkpoint(cfg.checkpoint)
-    arch, meta = architecture(payload["architecture"]), payload["meta"]
-    task = task_named(meta["task"], **meta.get("task_args", {}))
+    if cfg.from_entry:
+        raw = read_entry(cfg.checkpoint)
+        task = task_named(raw["task"], **raw.get("task_args", {}))
+        source = _from_entry(cfg.checkpoint, task, cfg)
+    else:
+        source = _from_checkpoint(cfg.checkpoint)
+        meta = source.payload["meta"]
+        task = task_named(meta["task"], **meta.get("task_args", {}))
+    model, src_vocab, tgt_vocab, payload = source.model, source.src_vocab, source.tgt_vocab, source.payload
+    arch, meta = architecture(payload["architecture"]).for_config(model.config), payload["meta"]
     assets = task.assets()
     if assets and task.vocabularies() != (src_vocab, tgt_vocab):
         raise ValueError(
@@ -144,7 +199,7 @@ def export_model(cfg: ExportConfig) -> Path:
     body["export"] = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "checkpoint_sha256": sha256_of(cfg.checkpoint),
+        **source.provenance,
         "parity": asdict(parity),
     }
     _write_manifest(staging, body)

@@ -8,7 +8,7 @@ evaluation and the serving runtime all feed the graphs through the same wiring.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -67,6 +67,11 @@ class Architecture:
     attention_modes: tuple[str, ...] = ("cross",)
     loss: Callable[[nn.Module, dict[str, torch.Tensor], float], torch.Tensor] = text_loss
     make_config: Callable[..., object] = text_config
+    per_config: Callable[[Architecture, object], Architecture] | None = None  # tables that depend on it
+
+    def for_config(self, config) -> Architecture:
+        """The family's tables for a model of this config (the Transformer's depend on its layers)."""
+        return self if self.per_config is None else self.per_config(self, config)
 
     def new_model(self, src_vocab_size: int, tgt_vocab_size: int, **fields) -> nn.Module:
         """A freshly initialised model for the given vocabulary sizes and config fields."""
@@ -146,53 +151,74 @@ LUONG = Architecture(
     },
 )
 
-_CACHE = ["batch", "layers", "heads", "past_len", "head_size"]
-_CROSS = ["batch", "layers", "heads", "src_len", "head_size"]
+_HEADS = ["batch", "heads"]
+
+
+def _transformer_tables(arch: Architecture, config: TransformerConfig) -> Architecture:
+    """Per-layer cache and cross-attention tensors of a Transformer with config.decoder_layers layers."""
+    layers = range(config.decoder_layers)
+
+    def per_layer(fmt: str, time_axis: str | int) -> list[Tensor]:
+        shape = [*_HEADS, time_axis, "head_size"]
+        return [(fmt.format(kv=kv, i=i), "float32", shape) for i in layers for kv in "kv"]
+
+    cross = per_layer("cross_{kv}_{i}", "src_len")
+    past = per_layer("past_{kv}_{i}", "past_len")
+    return replace(
+        arch,
+        encoder_outputs=[
+            ("memory", "float32", ["batch", "src_len", "d_model"]),
+            *cross,
+            *per_layer("init_past_{kv}_{i}", "past_len"),
+            ("encoder_attention", "float32", ["batch", "encoder_layers", "heads", "src_len", "src_len"]),
+        ],
+        decoder_inputs=[
+            ("prev_token", "int64", ["batch"]),
+            ("position", "int64", ["batch"]),
+            *past,
+            *cross,
+            ("src_mask", "bool", ["batch", "src_len"]),
+        ],
+        decoder_outputs=[
+            ("logits", "float32", ["batch", "vocab"]),
+            *per_layer("new_{kv}_{i}", 1),
+            ("attention", "float32", ["batch", "src_len"]),
+            ("cross_attention_heads", "float32", ["batch", "layers", "heads", "src_len"]),
+            ("self_attention_heads", "float32", ["batch", "layers", "heads", "next_len"]),
+        ],
+        wiring={
+            **arch.wiring,
+            "initial_state": {
+                **{name: f"encoder:init_{name}" for name, _, _ in past},
+                **{name: f"encoder:{name}" for name, _, _ in cross},
+                "src_mask": "input:src_mask",
+            },
+            "cache": {f"new_{name[5:]}": name for name, _, _ in past},
+        },
+    )
+
+
 TRANSFORMER = Architecture(
     name="transformer",
     config_cls=TransformerConfig,
     model_cls=TransformerSeq2Seq,
     encoder_inputs=TEXT_INPUTS,
-    encoder_outputs=[
-        ("memory", "float32", ["batch", "src_len", "d_model"]),
-        ("cross_k", "float32", _CROSS),
-        ("cross_v", "float32", _CROSS),
-        ("init_past_k", "float32", _CACHE),
-        ("init_past_v", "float32", _CACHE),
-        ("encoder_attention", "float32", ["batch", "encoder_layers", "heads", "src_len", "src_len"]),
-    ],
-    decoder_inputs=[
-        ("prev_token", "int64", ["batch"]),
-        ("past_k", "float32", _CACHE),
-        ("past_v", "float32", _CACHE),
-        ("cross_k", "float32", _CROSS),
-        ("cross_v", "float32", _CROSS),
-        ("src_mask", "bool", ["batch", "src_len"]),
-    ],
-    decoder_outputs=[
-        ("logits", "float32", ["batch", "vocab"]),
-        ("new_past_k", "float32", ["batch", "layers", "heads", "next_len", "head_size"]),
-        ("new_past_v", "float32", ["batch", "layers", "heads", "next_len", "head_size"]),
-        ("attention", "float32", ["batch", "src_len"]),
-        ("cross_attention_heads", "float32", ["batch", "layers", "heads", "src_len"]),
-        ("self_attention_heads", "float32", ["batch", "layers", "heads", "next_len"]),
-    ],
+    encoder_outputs=[],  # per layer: see _transformer_tables
+    decoder_inputs=[],
+    decoder_outputs=[],
     wiring={
         "token_input": "prev_token",
+        "position_input": "position",
         "logits_output": "logits",
         "attention_output": "attention",
-        "initial_state": {
-            "past_k": "encoder:init_past_k",
-            "past_v": "encoder:init_past_v",
-            "cross_k": "encoder:cross_k",
-            "cross_v": "encoder:cross_v",
-            "src_mask": "input:src_mask",
-        },
-        "recurrent": {"new_past_k": "past_k", "new_past_v": "past_v"},
+        "initial_state": {},
+        "recurrent": {},
+        "cache": {},
         "step_attention": {"cross_heads": "cross_attention_heads", "decoder_self": "self_attention_heads"},
         "encoder_attention": {"encoder_self": "encoder_attention"},
     },
     attention_modes=("cross", "cross_heads", "encoder_self", "decoder_self"),
+    per_config=_transformer_tables,
 )
 
 CAPTIONER = Architecture(

@@ -28,6 +28,7 @@ class TorchStepModel(WiredStepModel):
 
     def __init__(self, model: nn.Module, arch: Architecture):
         self.model = model.eval()
+        arch = arch.for_config(model.config)
         super().__init__(
             DecoderSpec(**arch.wiring),
             _graph(model.encode, arch.encoder_inputs, arch.encoder_outputs),

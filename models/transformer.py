@@ -4,11 +4,13 @@ Pre-LN layers (x + Dropout(Sublayer(LayerNorm(x))), then a final LayerNorm on ea
 train without a long warm-up or careful learning-rate tuning, which post-LN needs. Sinusoidal
 positions are added to sqrt(D)-scaled embeddings; the output layer is tied to the target embedding.
 
-The decoder step takes the self-attention cache (keys and values of the tokens already decoded)
-and the cross-attention keys/values (computed once by `encode`), and returns the cache grown by
-one position. The new token's position is the cache length, read from the tensor shape, so one
-exported graph serves every step, the first one (empty cache) included. Positions index a table of
-`max_positions` rows: a longer source, or a step past it, is an index error (in ONNX too).
+The decoder step (revision 2, see docs in `decode_step`) takes each row's position, one
+self-attention cache per layer of capacity T whose columns at and after the row's position are
+ignored, and the cross-attention keys/values computed once by `encode`; it returns only this step's
+key and value per layer, which the decode loop writes into the cache at the row's position. It
+never copies the cache, so rows of different lengths share one batch and one exported graph serves
+every step. Positions index a table of `max_positions` rows: a longer source, or a step past it, is
+an index error (in ONNX too).
 
 Shapes: B batch, S source length, T target length (or cache length), D model size, H heads,
 dk = D / H head size, L decoder layers, Le encoder layers, V target vocabulary.
@@ -75,6 +77,18 @@ class MultiHeadAttention(nn.Module):
         """x (B, S, D) -> keys and values (B, H, S, dk)."""
         return self.split(self.k(x)), self.split(self.v(x))
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, D) at one position -> query / sqrt(dk), key, value (B, H, 1, dk) from one product.
+
+        The three weight matrices are concatenated (and the query's scaled) at trace time, a
+        constant in the exported graph, so the state_dict keeps its q/k/v names.
+        """
+        scale = self.head_size**-0.5
+        weight = torch.cat([self.q.weight * scale, self.k.weight, self.v.weight])  # (3D, D)
+        bias = torch.cat([self.q.bias * scale, self.k.bias, self.v.bias])  # (3D,)
+        qkv = nn.functional.linear(x, weight, bias).reshape(-1, 3, self.heads, 1, self.head_size)
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
     def attend(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
         """Queries from x (B, T, D) over keys/values (B, H, S, dk); mask broadcastable to (B, H, T, S).
 
@@ -84,6 +98,12 @@ class MultiHeadAttention(nn.Module):
         context, weights = scaled_dot_product_attention(self.split(self.q(x)), keys, values, mask)
         context = context.transpose(1, 2).reshape(x.size(0), x.size(1), -1)  # (B, T, D)
         return self.out(context), weights
+
+    def attend_one(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+        """attend() for one query position per row: x (B, D) -> output (B, D), weights (B, H, 1, S)."""
+        query = self.q(x).reshape(-1, self.heads, 1, self.head_size)  # (B, H, 1, dk)
+        context, weights = scaled_dot_product_attention(query, keys, values, mask)  # (B, H, 1, dk)
+        return self.out(context.reshape(-1, self.heads * self.head_size)), weights
 
 
 class FeedForward(nn.Module):
@@ -134,30 +154,51 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(c.d_model, c.ff_size)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x, past_k, past_v, self_mask, cross_k, cross_v, cross_mask):
-        """One layer over the new positions x (B, T, D).
+    def forward(self, x, causal, cross_k, cross_v, cross_mask):
+        """Teacher-forced pass over all target positions x (B, T, D) at once.
 
         Args:
-            x: (B, T, D) inputs at the new positions.
-            past_k, past_v: (B, H, P, dk) cached self-attention keys/values (P may be 0).
-            self_mask: None or bool broadcastable to (B, H, T, P + T), True where attending is allowed.
+            x: (B, T, D) inputs.
+            causal: (T, T) bool, True where attending is allowed.
             cross_k, cross_v: (B, H, S, dk) projected encoder memory.
             cross_mask: (B, 1, 1, S) bool, True for real source tokens.
 
         Returns:
-            x (B, T, D), keys and values (B, H, P + T, dk), self weights (B, H, T, P + T),
-            cross weights (B, H, T, S).
+            x (B, T, D).
         """
         h = self.norm_self(x)
-        k_new, v_new = self.self_attn.project_kv(h)  # (B, H, T, dk)
-        keys = torch.cat([past_k, k_new], dim=2)  # (B, H, P + T, dk)
-        values = torch.cat([past_v, v_new], dim=2)
-        attn, self_weights = self.self_attn.attend(h, keys, values, self_mask)
+        attn, _ = self.self_attn.attend(h, *self.self_attn.project_kv(h), causal)
         x = x + self.dropout(attn)
-        attn, cross_weights = self.cross_attn.attend(self.norm_cross(x), cross_k, cross_v, cross_mask)
+        attn, _ = self.cross_attn.attend(self.norm_cross(x), cross_k, cross_v, cross_mask)
         x = x + self.dropout(attn)
-        x = x + self.dropout(self.ff(self.norm_ff(x)))
-        return x, keys, values, self_weights, cross_weights
+        return x + self.dropout(self.ff(self.norm_ff(x)))
+
+    def step(self, x, past_k, past_v, cache_mask, cross_k, cross_v, cross_mask):
+        """One position per row, attending over a cache it never copies.
+
+        Args:
+            x: (B, D) inputs at each row's position p.
+            past_k, past_v: (B, H, T, dk) cache; for row r only columns < p[r] are read.
+            cache_mask: (B, 1, 1, T) bool, True at the columns to read.
+            cross_k, cross_v: (B, H, S, dk) projected encoder memory.
+            cross_mask: (B, 1, 1, S) bool, True for real source tokens.
+
+        Returns:
+            x (B, D); this position's key and value (B, H, 1, dk); self weights (B, H, T + 1), over the
+            cache columns (0 where masked) then the position itself; cross weights (B, H, S).
+        """
+        attn = self.self_attn
+        h = self.norm_self(x)
+        q, k_new, v_new = attn.project_qkv(h)  # (B, H, 1, dk), the query scaled by 1 / sqrt(dk)
+        cached = (q @ past_k.transpose(-2, -1)).masked_fill(~cache_mask, float("-inf"))  # (B, H, 1, T)
+        own = (q * k_new).sum(-1, keepdim=True)  # (B, H, 1, 1)
+        weights = torch.softmax(torch.cat([cached, own], dim=-1), dim=-1)  # (B, H, 1, T + 1)
+        context = weights[..., :-1] @ past_v + weights[..., -1:] * v_new  # (B, H, 1, dk)
+        x = x + attn.out(context.reshape(-1, attn.heads * attn.head_size))
+        out, cross_weights = self.cross_attn.attend_one(self.norm_cross(x), cross_k, cross_v, cross_mask)
+        x = x + out
+        x = x + self.ff(self.norm_ff(x))
+        return x, k_new, v_new, weights[:, :, 0], cross_weights[:, :, 0]
 
 
 class TransformerSeq2Seq(nn.Module):
@@ -181,10 +222,27 @@ class TransformerSeq2Seq(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.scale = math.sqrt(c.d_model)
 
-    def _embed(self, embed: nn.Embedding, ids: torch.Tensor, start) -> torch.Tensor:
-        """ids (B, T) at positions start.. start + T - 1 -> (B, T, D) scaled embeddings plus positions."""
-        index = torch.arange(ids.size(1), device=ids.device) + start  # (T,)
-        return self.dropout(embed(ids) * self.scale + self.positions[index])
+    def _embed(self, embed: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) at positions 0..T - 1 -> (B, T, D) scaled embeddings plus positions."""
+        return self.dropout(embed(ids) * self.scale + self.positions[: ids.size(1)])
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        """Final decoder states (N, D) -> logits (N, V)."""
+        # A 2-D linear exports as Gemm on the embedding itself; a 3-D one would store its transpose too.
+        return nn.functional.linear(self.decoder_norm(x), self.tgt_embed.weight, self.out_bias)
+
+    def _encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor):
+        """memory (B, S, D), per decoder layer its cross keys and values (B, H, S, dk), and the
+        encoder self-attention weights (B, Le, H, S, S)."""
+        mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self._embed(self.src_embed, src_ids)  # (B, S, D)
+        encoder_attention = []
+        for layer in self.encoder:
+            x, weights = layer(x, mask)
+            encoder_attention.append(weights)  # (B, H, S, S)
+        memory = self.encoder_norm(x)  # (B, S, D)
+        cross = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
+        return memory, cross, torch.stack(encoder_attention, dim=1)
 
     def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor):
         """Encodes a padded batch and prepares the decoder's caches.
@@ -194,74 +252,63 @@ class TransformerSeq2Seq(nn.Module):
             src_mask: (B, S) bool, True for real tokens (at least one per row).
 
         Returns:
-            memory (B, S, D); cross-attention keys and values (B, L, H, S, dk) per decoder layer;
-            empty self-attention caches past_k, past_v (B, L, H, 0, dk); encoder self-attention
-            weights (B, Le, H, S, S).
+            memory (B, S, D); cross_k_0, cross_v_0, ..., cross_k_{L-1}, cross_v_{L-1} (B, H, S, dk);
+            empty self-attention caches init_past_k_0, init_past_v_0, ... (B, H, 0, dk); encoder
+            self-attention weights (B, Le, H, S, S).
         """
         c = self.config
-        mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
-        x = self._embed(self.src_embed, src_ids, 0)  # (B, S, D)
-        encoder_attention = []
-        for layer in self.encoder:
-            x, weights = layer(x, mask)
-            encoder_attention.append(weights)  # (B, H, S, S)
-        memory = self.encoder_norm(x)  # (B, S, D)
-        cross = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
-        cross_k = torch.stack([k for k, _ in cross], dim=1)  # (B, L, H, S, dk)
-        cross_v = torch.stack([v for _, v in cross], dim=1)
-        head_size = c.d_model // c.heads
-        past_k = memory.new_zeros((memory.size(0), c.decoder_layers, c.heads, 0, head_size))
-        past_v = memory.new_zeros((memory.size(0), c.decoder_layers, c.heads, 0, head_size))
-        return memory, cross_k, cross_v, past_k, past_v, torch.stack(encoder_attention, dim=1)
+        memory, cross, encoder_attention = self._encode(src_ids, src_mask)
+        empty = memory.new_zeros((memory.size(0), c.heads, 0, c.d_model // c.heads))  # (B, H, 0, dk)
+        caches = [empty] * (2 * c.decoder_layers)
+        return memory, *[t for kv in cross for t in kv], *caches, encoder_attention
 
-    def _decode(self, tgt_ids, past_k, past_v, self_mask, cross_k, cross_v, src_mask):
-        """Decoder stack over tgt_ids (B, T) at positions P.. P + T - 1 where P = past_k.size(3).
-
-        Returns:
-            logits (B, T, V), keys and values (B, L, H, P + T, dk), self weights (B, L, H, T, P + T),
-            cross weights (B, L, H, T, S).
-        """
-        cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
-        x = self._embed(self.tgt_embed, tgt_ids, past_k.size(3))  # (B, T, D)
-        keys, values, self_weights, cross_weights = [], [], [], []
-        for i, layer in enumerate(self.decoder):
-            x, k, v, sw, cw = layer(
-                x, past_k[:, i], past_v[:, i], self_mask, cross_k[:, i], cross_v[:, i], cross_mask
-            )
-            keys.append(k)
-            values.append(v)
-            self_weights.append(sw)
-            cross_weights.append(cw)
-        hidden = self.decoder_norm(x).flatten(0, 1)  # (B * T, D)
-        # A 2-D linear exports as Gemm on the embedding itself; a 3-D one would store its transpose too.
-        logits = nn.functional.linear(hidden, self.tgt_embed.weight, self.out_bias).unflatten(0, x.shape[:2])
-        keys, values = torch.stack(keys, dim=1), torch.stack(values, dim=1)
-        return logits, keys, values, torch.stack(self_weights, dim=1), torch.stack(cross_weights, dim=1)
-
-    def decode_step(self, prev_token, past_k, past_v, cross_k, cross_v, src_mask):
-        """One decoder step with the KV cache.
+    def decode_step(self, prev_token: torch.Tensor, position: torch.Tensor, *tensors: torch.Tensor):
+        """One decoder step for rows at different positions, with per-layer caches it never copies.
 
         Args:
-            prev_token: (B,) int64 previous output token (<s> at the first step).
-            past_k, past_v: (B, L, H, T, dk) self-attention cache of the T tokens before (T may be 0).
-            cross_k, cross_v: (B, L, H, S, dk) from `encode`.
-            src_mask: (B, S) bool, True for real source tokens.
+            prev_token: (B,) int64 previous output token (<s> at position 0).
+            position: (B,) int64 index of prev_token in its row's output.
+            tensors: past_k_0, past_v_0, ..., past_k_{L-1}, past_v_{L-1} (B, H, T, dk), caches whose
+                columns >= position[r] are ignored for row r (they must hold finite numbers);
+                cross_k_0, cross_v_0, ... (B, H, S, dk) from `encode`; src_mask (B, S) bool.
 
         Returns:
-            logits (B, V); new_past_k, new_past_v (B, L, H, T + 1, dk); cross_attention (B, S), the
-            last layer's cross-attention averaged over heads; cross_attention_heads (B, L, H, S);
-            self_attention_heads (B, L, H, T + 1).
+            logits (B, V); new_k_0, new_v_0, ..., new_k_{L-1}, new_v_{L-1} (B, H, 1, dk), this step's
+            keys and values, to be written at column position[r]; attention (B, S), the last layer's
+            cross-attention averaged over heads; cross_attention_heads (B, L, H, S);
+            self_attention_heads (B, L, H, T + 1): weights over the cache columns (0 where masked),
+            then over the new position itself.
         """
-        logits, keys, values, self_w, cross_w = self._decode(
-            prev_token.unsqueeze(1), past_k, past_v, None, cross_k, cross_v, src_mask
+        L = self.config.decoder_layers
+        past, cross, src_mask = tensors[: 2 * L], tensors[2 * L : 4 * L], tensors[4 * L]
+        T = past[0].size(2)
+        cache_mask = (torch.arange(T, device=position.device) < position[:, None])[:, None, None, :]
+        cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self.tgt_embed(prev_token) * self.scale + self.positions[position]  # (B, D)
+        new, self_weights, cross_weights = [], [], []
+        for i, layer in enumerate(self.decoder):
+            x, k, v, sw, cw = layer.step(
+                x, past[2 * i], past[2 * i + 1], cache_mask, cross[2 * i], cross[2 * i + 1], cross_mask
+            )
+            new += [k, v]
+            self_weights.append(sw)
+            cross_weights.append(cw)
+        cross_heads = torch.stack(cross_weights, dim=1)  # (B, L, H, S)
+        return (
+            self._output(x),
+            *new,
+            cross_weights[-1].mean(dim=1),
+            cross_heads,
+            torch.stack(self_weights, dim=1),
         )
-        cross_heads = cross_w[:, :, :, 0]  # (B, L, H, S)
-        return logits[:, 0], keys, values, cross_heads[:, -1].mean(dim=1), cross_heads, self_w[:, :, :, 0]
 
     def forward(self, src_ids, src_mask, tgt_in):
         """Teacher-forced logits (B, T, V) for decoder inputs tgt_in (B, T) starting with <s>."""
-        _, cross_k, cross_v, past_k, past_v, _ = self.encode(src_ids, src_mask)
+        _, cross, _ = self._encode(src_ids, src_mask)
+        cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         T = tgt_in.size(1)
         causal = torch.ones(T, T, dtype=torch.bool, device=tgt_in.device).tril()  # (T, T)
-        logits, *_ = self._decode(tgt_in, past_k, past_v, causal, cross_k, cross_v, src_mask)
-        return logits
+        x = self._embed(self.tgt_embed, tgt_in)  # (B, T, D)
+        for layer, (cross_k, cross_v) in zip(self.decoder, cross, strict=True):
+            x = layer(x, causal, cross_k, cross_v, cross_mask)
+        return self._output(x.flatten(0, 1)).unflatten(0, x.shape[:2])

@@ -200,20 +200,32 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from attnserve.export.from_entry import read_entry
     from attnserve.export.pipeline import ExportConfig, export_model
+    from attnserve.service.core.manifest import ManifestError
 
+    if (args.checkpoint is None) == (args.from_entry is None):
+        print("error: export takes a checkpoint or --from-entry DIR", file=sys.stderr)
+        return 2
+    source, name, version, repository = args.checkpoint, args.name, args.version, args.repository
     try:
+        if args.from_entry:
+            source = args.from_entry
+            raw = read_entry(source)
+            name, version = name or raw["name"], version or str(raw["version"])
+            repository = repository or source.resolve().parent.parent
         entry = export_model(
             ExportConfig(
-                args.checkpoint,
-                args.repository,
-                args.name,
-                args.version,
+                source,
+                repository or Path("model_repository"),
+                name or "g2p-bahdanau",
+                version or "1",
                 force=args.force,
                 eval_limit=args.eval_limit,
+                from_entry=bool(args.from_entry),
             )
         )
-    except FileExistsError as e:
+    except (FileExistsError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(entry)
@@ -358,10 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("export", help="export a checkpoint into the model repository")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--name", default="g2p-bahdanau")
-    p.add_argument("--version", default="1")
+    p.add_argument("checkpoint", type=Path, nargs="?")
+    p.add_argument(
+        "--from-entry",
+        type=Path,
+        metavar="DIR",
+        help="instead of a checkpoint: re-export the "
+        "weights of this repository entry in the current format (default: in place, with --force)",
+    )
+    p.add_argument("--repository", type=Path, help="default model_repository (--from-entry: the entry's)")
+    p.add_argument("--name", help="default g2p-bahdanau (--from-entry: the entry's)")
+    p.add_argument("--version", help="default 1 (--from-entry: the entry's)")
     p.add_argument("--force", action="store_true", help="replace an existing entry")
     p.add_argument(
         "--eval-limit", type=int, default=0, help="evaluate on the first N test examples (0 = all)"

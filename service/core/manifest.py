@@ -15,8 +15,12 @@ from typing import Any
 from attnserve.service.core.subwords import MODEL_FILE, TOKENIZERS
 from attnserve.service.core.vocab import Vocab
 
-FORMAT_REVISION = 1
+FORMAT_REVISION = 2
 MANIFEST_FILE = "manifest.json"
+# Revision 2 changed only the Transformer's graphs (per-layer caches the decode loop appends to);
+# revision-1 entries of the other families load unchanged.
+READABLE_REVISIONS = {1: ("bahdanau-gru", "luong-gru", "captioner-lstm"), 2: None}
+REEXPORT_COMMAND = "attnserve export --from-entry"
 
 
 class ManifestError(ValueError):
@@ -117,11 +121,7 @@ class Manifest:
             raw = json.loads((folder / MANIFEST_FILE).read_text("utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ManifestError(f"cannot read {folder / MANIFEST_FILE}: {e}") from e
-        if raw.get("format_revision") != FORMAT_REVISION:
-            raise ManifestError(
-                f"{folder}: manifest format revision {raw.get('format_revision')!r}, "
-                f"this attnserve reads revision {FORMAT_REVISION}"
-            )
+        _check_revision(folder, raw)
         try:
             manifest = cls._parse(folder, raw)
         except (KeyError, TypeError, ValueError) as e:
@@ -182,6 +182,23 @@ class Manifest:
             metrics=raw.get("metrics", {}),
             files=files,
             raw=raw,
+        )
+
+
+def _check_revision(folder: Path, raw: dict[str, Any]) -> None:
+    """Raises ManifestError unless this attnserve reads the entry's format revision for its family."""
+    revision = raw.get("format_revision")
+    if revision not in READABLE_REVISIONS:
+        raise ManifestError(
+            f"{folder}: manifest format revision {revision!r}, this attnserve reads revisions "
+            f"{sorted(READABLE_REVISIONS)} (latest {FORMAT_REVISION})"
+        )
+    families = READABLE_REVISIONS[revision]
+    if families is not None and raw.get("architecture") not in families:
+        raise ManifestError(
+            f"{folder}: a {raw.get('architecture')} entry of manifest format revision {revision} has "
+            f"graphs this attnserve no longer runs (revision {FORMAT_REVISION} changed them); re-export "
+            f"it from its own weights: {REEXPORT_COMMAND} {folder} --force"
         )
 
 

@@ -1,0 +1,188 @@
+"""Rebuilds a PyTorch model from an exported entry's ONNX initializers (no checkpoint needed).
+
+Named initializers are the state_dict's names (behind the exporter's "model." prefix). The
+exporter leaves the Linear weights of 3-D inputs unnamed (`onnx::MatMul_N`, stored transposed):
+each is named by the bias of the Add that follows its MatMul. Revision 2 decoder steps hold each
+layer's self-attention Q/K/V as one unnamed Gemm weight and bias (query rows scaled by
+1/sqrt(dk)); those Gemms come in layer order, as each layer consumes the one before. The rebuilt
+model must reproduce the old graphs' outputs before anything is written from it
+(`check_against_graphs`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from attnserve.models.architectures import architecture
+from attnserve.service.core.decoding import SourceBatch
+from attnserve.service.core.manifest import MANIFEST_FILE, DecoderSpec, ManifestError, sha256_of
+from attnserve.service.core.vocab import Vocab
+from attnserve.service.core.wiring import WiredStepModel
+
+PREFIX = "model."  # the exporter's wrapper module holds the model as `model`
+OUTPUT_BIAS = "out_bias"  # the tied output layer (a transposed copy of tgt_embed in older graphs)
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A model rebuilt from an entry, with what export needs from the entry's manifest."""
+
+    model: nn.Module
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    payload: dict  # as a checkpoint's payload: architecture, config, meta
+    raw: dict  # the entry's manifest
+
+
+def read_entry(folder: Path) -> dict:
+    """The entry's manifest.json, with every graph and file checked against its sha256.
+
+    Raises:
+        ManifestError: if the manifest cannot be read or a file does not match.
+    """
+    try:
+        raw = json.loads((folder / MANIFEST_FILE).read_text("utf-8"))
+        listed = {g["file"]: g["sha256"] for g in raw["graphs"].values()} | raw.get("files", {})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ManifestError(f"cannot read {folder / MANIFEST_FILE}: {e!r}") from e
+    for name, expected in listed.items():
+        actual = sha256_of(folder / name) if (folder / name).is_file() else "missing"
+        if actual != expected:
+            raise ManifestError(f"{folder / name}: sha256 {actual} != manifest {expected}")
+    return raw
+
+
+def graph_weights(path: Path, head_size: int) -> dict[str, np.ndarray]:
+    """state_dict name -> array for every initializer of an ONNX graph that is a model weight.
+
+    Raises:
+        ValueError: for an unnamed MatMul weight that no bias Add names.
+    """
+    graph = onnx.load(str(path)).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weights = {n[len(PREFIX) :]: v for n, v in values.items() if n.startswith(PREFIX)}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    fused = 0
+    for node in graph.node:
+        unnamed = [n for n in node.input if n in values and not n.startswith(PREFIX)]
+        if node.op_type == "Gemm" and len(unnamed) == 2:  # decoder layer `fused`'s self-attention Q/K/V
+            weight, bias = (np.split(values[n], 3) for n in unnamed)  # (3D, D), (3D,)
+            unscale = np.float32(head_size**0.5)
+            for part, w, b in zip("qkv", weight, bias, strict=True):
+                scale = unscale if part == "q" else np.float32(1)
+                weights[f"decoder.{fused}.self_attn.{part}.weight"] = w * scale
+                weights[f"decoder.{fused}.self_attn.{part}.bias"] = b * scale
+            fused += 1
+            continue
+        if node.op_type != "MatMul" or not unnamed:
+            continue
+        biases = [
+            n[len(PREFIX) :]
+            for add in consumers.get(node.output[0], [])
+            if add.op_type == "Add"
+            for n in add.input
+            if n.startswith(PREFIX)
+        ]
+        if len(biases) != 1:
+            raise ValueError(f"{path.name}: no bias names the MatMul weight {unnamed[0]}")
+        tied = biases[0] == OUTPUT_BIAS
+        name = "tgt_embed.transposed" if tied else biases[0].removesuffix("bias") + "weight"
+        weights[name] = values[unnamed[0]].T
+    return weights
+
+
+def rebuild(folder: Path) -> Rebuilt:
+    """The entry's model with its weights, in eval mode.
+
+    Raises:
+        ManifestError: if the entry cannot be read.
+        ValueError: if the graphs' weights do not fill the model's state_dict exactly.
+    """
+    folder = Path(folder)
+    raw = read_entry(folder)
+    arch = architecture(raw["architecture"])
+    model = arch.model_cls(arch.config_cls(**raw["model_config"]))
+    head_size = model.config.d_model // model.config.heads
+    weights: dict[str, np.ndarray] = {}
+    for spec in raw["graphs"].values():
+        for name, value in graph_weights(folder / spec["file"], head_size).items():
+            if name in weights and not np.array_equal(weights[name], value):
+                raise ValueError(f"{folder}: the graphs disagree on {name}")
+            weights[name] = value
+    tied = weights.pop("tgt_embed.transposed", None)
+    if tied is not None and not np.array_equal(tied, weights.get("tgt_embed.weight")):
+        raise ValueError(f"{folder}: the output layer is not the target embedding it is tied to")
+    state = model.state_dict()
+    missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: graph weights missing {missing}, not in the model {unexpected}")
+    model.load_state_dict({n: torch.tensor(v) for n, v in weights.items()})
+    training = raw.get("training", {})
+    meta = {
+        "task": raw["task"],
+        "task_args": raw.get("task_args", {}),
+        "training": {k: v for k, v in training.items() if k != "train_config"},
+        "train_config": training.get("train_config"),
+        "dev_metrics": raw.get("metrics", {}).get("dev", {}),
+    }
+    payload = {"architecture": arch.name, "config": raw["model_config"], "meta": meta}
+    src, tgt = Vocab(tuple(raw["source"]["vocab"])), Vocab(tuple(raw["target"]["vocab"]))
+    return Rebuilt(model.eval(), src, tgt, payload, raw)
+
+
+def _old_graphs(folder: Path, raw: dict):
+    """The entry's own encoder (named inputs -> named outputs) and its graphs behind the decode
+    loop's interface, wired as its manifest says."""
+    sessions = {
+        k: ort.InferenceSession(str(folder / g["file"]), providers=["CPUExecutionProvider"])
+        for k, g in raw["graphs"].items()
+    }
+
+    def named(session: ort.InferenceSession):
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        return lambda feeds: dict(zip(outputs, session.run(None, {k: feeds[k] for k in inputs}), strict=True))
+
+    encoder, decoder = named(sessions["encoder"]), sessions["decoder_step"]
+    spec = DecoderSpec(**raw["decoder"])
+    return encoder, WiredStepModel(
+        spec, encoder, named(decoder), [(i.name, i.shape) for i in decoder.get_inputs()]
+    )
+
+
+@torch.no_grad()
+def check_against_graphs(rebuilt: Rebuilt, folder: Path, batches: list[SourceBatch], steps: int) -> float:
+    """Largest |rebuilt - old graphs| over the encoder's memory and attention and `steps` greedy
+    steps' logits. The old graphs decode greedily; the rebuilt model scores the tokens they fed,
+    teacher-forced (its training-time pass, independent of the new decoder step)."""
+    encoder, old = _old_graphs(Path(folder), rebuilt.raw)
+    bos = rebuilt.tgt_vocab.bos_id
+    worst = 0.0
+    for batch in batches:
+        src = {k: torch.from_numpy(v) for k, v in batch.inputs.items()}
+        got = encoder(batch.inputs)
+        encoded = rebuilt.model.encode(src["src_ids"], src["src_mask"])
+        for name, value in (("memory", encoded[0]), ("encoder_attention", encoded[-1])):
+            worst = max(worst, float(np.abs(got[name] - value.numpy()).max()))
+        state = old.encode(batch.inputs)
+        fed, logits = [np.full(batch.size, bos, dtype=np.int64)], []
+        for t in range(steps):
+            step_logits, _, state = old.step(fed[-1], state, np.full(batch.size, t, dtype=np.int64))
+            logits.append(step_logits)
+            fed.append(step_logits.argmax(1).astype(np.int64))
+        tgt_in = torch.from_numpy(np.stack(fed[:-1], axis=1))  # (B, steps)
+        want = rebuilt.model(src["src_ids"], src["src_mask"], tgt_in).numpy()  # (B, steps, V)
+        worst = max(worst, float(np.abs(np.stack(logits, axis=1) - want).max()))
+    return worst

@@ -1,0 +1,116 @@
+"""Re-export from an entry's weights: every parameter is found in the graphs, revisions are checked."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from attnserve.export.from_entry import graph_weights, rebuild
+from attnserve.export.onnx_graphs import export_graph
+from attnserve.models.architectures import TRANSFORMER
+from attnserve.models.transformer import TransformerConfig, TransformerSeq2Seq
+from attnserve.service.core.manifest import Manifest, ManifestError, sha256_of
+from tests.conftest import BUNDLED_REPOSITORY
+
+CONFIG = dict(src_vocab_size=11, tgt_vocab_size=9, d_model=16, heads=2, encoder_layers=2, decoder_layers=2,
+              ff_size=24, max_positions=16)  # fmt: skip
+TEXT = [("src_ids", "int64", ["batch", "src_len"]), ("src_mask", "bool", ["batch", "src_len"])]
+
+
+@pytest.fixture(scope="module")
+def revision_1_entry(tmp_path_factory):
+    """An entry laid out as revision 1 wrote it: an encoder graph and a decoder graph whose Linear
+    layers act on 3-D inputs (MatMul + Add, unnamed transposed weights). The teacher-forced pass is
+    such a graph; the manifest is revision 1."""
+    torch.manual_seed(4)
+    model = TransformerSeq2Seq(TransformerConfig(**CONFIG)).eval()
+    with torch.no_grad():  # as after training: no two layer norms alike (the exporter shares equal tensors)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("rev1") / "tiny" / "1"
+    folder.mkdir(parents=True)
+    src, mask = torch.randint(1, 11, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    tgt = torch.randint(1, 9, (2, 4))
+    with torch.no_grad():
+        outputs = TRANSFORMER.for_config(model.config).encoder_outputs
+        export_graph(model, "encode", (src, mask), TEXT, outputs, folder / "encoder.onnx")
+        export_graph(model, "forward", (src, mask, tgt), [*TEXT, ("tgt_in", "int64", ["batch", "next_len"])],
+                     [("logits", "float32", [])], folder / "decoder_step.onnx")  # fmt: skip
+    graphs = {g: {"file": f"{g}.onnx", "sha256": sha256_of(folder / f"{g}.onnx"), "inputs": [], "outputs": []}
+              for g in ("encoder", "decoder_step")}  # fmt: skip
+    vocab = ["<pad>", "<s>", "</s>", "<unk>", *"abcdefg"]
+    manifest = {
+        "format_revision": 1, "name": "tiny", "version": "1", "task": "g2p", "architecture": "transformer",
+        "source": {"vocab": vocab, "max_tokens": 8}, "target": {"vocab": vocab[:9], "max_tokens": 8},
+        "graphs": graphs, "decoder": {}, "model_config": CONFIG,
+    }  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return model, folder
+
+
+def test_every_parameter_is_found_in_the_graphs_by_name_or_by_its_bias(revision_1_entry):
+    model, folder = revision_1_entry
+    found = graph_weights(folder / "encoder.onnx", 8) | graph_weights(folder / "decoder_step.onnx", 8)
+    state = model.state_dict()
+    assert sorted(found) == sorted(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(found[name], value.numpy(), err_msg=name)
+
+
+def test_rebuild_restores_the_weights_and_the_task(revision_1_entry):
+    model, folder = revision_1_entry
+    rebuilt = rebuild(folder)
+    for (name, want), got in zip(
+        model.state_dict().items(), rebuilt.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert rebuilt.payload["meta"]["task"] == "g2p" and rebuilt.payload["config"] == CONFIG
+    assert len(rebuilt.tgt_vocab) == 9
+
+
+def test_a_revision_1_transformer_is_refused_with_the_command_that_re_exports_it(revision_1_entry):
+    _, folder = revision_1_entry
+    with pytest.raises(ManifestError, match=r"revision 1.*attnserve export --from-entry .*tiny/1 --force"):
+        Manifest.load(folder)
+
+
+def test_a_tampered_graph_is_not_rebuilt(revision_1_entry, tmp_path):
+    _, folder = revision_1_entry
+    copy = tmp_path / "tiny" / "1"
+    shutil.copytree(folder, copy)
+    with open(copy / "encoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match="sha256"):
+        rebuild(copy)
+
+
+def test_revision_1_entries_of_the_rnn_families_still_load():
+    for name in ("g2p-bahdanau", "dates-luong", "caption-fashion"):
+        manifest = Manifest.load(BUNDLED_REPOSITORY / name / "1")
+        assert manifest.raw["format_revision"] == 1
+
+
+def test_revision_2_graphs_give_back_the_weights_of_their_fused_query_key_value(revision_1_entry, tmp_path):
+    model, _ = revision_1_entry
+    arch = TRANSFORMER.for_config(model.config)
+    src, mask = torch.randint(1, 11, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        encoded = model.encode(src, mask)
+        past = [torch.randn(2, 2, 3, 8) for _ in range(4)]
+        args = (torch.ones(2, dtype=torch.long), torch.tensor([1, 3]), *past, *encoded[1:5], mask)
+        export_graph(
+            model, "decode_step", args, arch.decoder_inputs, arch.decoder_outputs, tmp_path / "d.onnx"
+        )
+    found = graph_weights(tmp_path / "d.onnx", 8)
+    for i in range(2):
+        for name in ("q.weight", "q.bias", "k.weight", "v.bias"):
+            key = f"decoder.{i}.self_attn.{name}"
+            np.testing.assert_allclose(found[key], model.state_dict()[key].numpy(), rtol=1e-6, err_msg=key)
+
+
+def test_bundled_transformers_rebuild_from_their_revision_2_graphs():
+    rebuilt = rebuild(BUNDLED_REPOSITORY / "g2p-transformer" / "1")
+    assert rebuilt.raw["format_revision"] == 2
+    assert rebuilt.payload["meta"]["dev_metrics"] == rebuilt.raw["metrics"]["dev"]
