@@ -15,6 +15,30 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_RUN = Path("runs/model")
 
 
+def _secure_environment(args: argparse.Namespace) -> None:
+    """Puts the TLS and token options into the environment the service's processes inherit, after
+    checking the files (the flags override $ATTNSERVE_TLS_* and $ATTNSERVE_AUTH_TOKENS).
+
+    Raises:
+        ValueError: for an unusable certificate, key, CA or token file.
+    """
+    import os
+
+    from attnserve.service.auth import TOKENS_ENV, TokenStore
+    from attnserve.service.tls import CERT_ENV, CLIENT_CA_ENV, HOST_ENV, KEY_ENV, ServerTls
+
+    given = {CERT_ENV: args.tls_cert, KEY_ENV: args.tls_key, CLIENT_CA_ENV: args.tls_client_ca,
+             TOKENS_ENV: args.auth_tokens}  # fmt: skip
+    os.environ.update({k: str(Path(v).resolve()) for k, v in given.items() if v})
+    tls = ServerTls.from_env()
+    if tls:
+        tls.validate()
+        if args.host:
+            os.environ[HOST_ENV] = args.host
+    if os.environ.get(TOKENS_ENV):
+        TokenStore(Path(os.environ[TOKENS_ENV]))
+
+
 def _serve(args: argparse.Namespace) -> int:
     from attnserve.service.config import DEFAULT_SERVE_CONFIG, LocalOptions
     from attnserve.service.server import DeployError
@@ -28,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_wait_s=args.max_queue_wait_s,
     )  # fmt: skip
     try:
+        _secure_environment(args)
         return serve_until_signalled(options)
     except (DeployError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -36,11 +61,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _call(args: argparse.Namespace, rpc: str, *params):
     """One rpc on the served attnserve; prints the status and returns None if it fails."""
+    import os
+
     import grpc
 
-    from attnserve.service.client import Client
+    from attnserve.service.client import TOKEN_ENV, Client
+    from attnserve.service.tls import ClientTls
 
-    with Client(args.target, timeout_s=args.timeout) as client:
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    token = args.token or os.environ.get(TOKEN_ENV)
+    try:
+        client = Client(args.target, timeout_s=args.timeout, tls=tls, token=token)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    with client:
         try:
             return getattr(client, rpc)(*params)
         except grpc.RpcError as e:
@@ -244,12 +281,35 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from attnserve.service.certs import DEFAULT_NAMES, make_all
+
+    try:
+        paths = make_all(args.out, tuple(args.name or DEFAULT_NAMES), args.days)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _render_k8s(args: argparse.Namespace) -> int:
     from attnserve.service.render_k8s import write_all
 
     for path in write_all(args.root):
         print(path)
     return 0
+
+
+def _add_client_security(p: argparse.ArgumentParser) -> None:
+    """TLS and token options of a client command."""
+    p.add_argument("--tls-ca", type=Path, help="connect over TLS, trusting this PEM CA")
+    p.add_argument("--tls-cert", type=Path, help="mutual TLS: this client's PEM certificate")
+    p.add_argument("--tls-key", type=Path, help="mutual TLS: this client's PEM private key")
+    p.add_argument("--tls-server-name", help="the name to expect in the server's certificate "
+                   "(default: the target's host)")  # fmt: skip
+    p.add_argument("--token", help="bearer token to send (default $ATTNSERVE_TOKEN)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="override batching for every model")
     p.add_argument("--batch-wait-ms", type=float, help="override the batch wait timer for every model")
     p.add_argument("--max-queue-wait-s", type=float, help="override the admitted queue wait for every model")
+    p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this PEM certificate (chain) "
+                   "[$ATTNSERVE_TLS_CERT]")  # fmt: skip
+    p.add_argument("--tls-key", type=Path, help="the certificate's PEM private key [$ATTNSERVE_TLS_KEY]")
+    p.add_argument("--tls-client-ca", type=Path, help="mutual TLS: clients need a certificate this PEM CA "
+                   "signed [$ATTNSERVE_TLS_CLIENT_CA]")  # fmt: skip
+    p.add_argument("--auth-tokens", type=Path, help="every call needs a bearer token from this file "
+                   "(lines 'name:token'; re-read when it changes) [$ATTNSERVE_AUTH_TOKENS]")  # fmt: skip
     p.set_defaults(handler=_serve)
 
     for name, handler, help_ in (
@@ -280,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--target", default=DEFAULT_ADDRESS, help=f"gRPC address (default {DEFAULT_ADDRESS})")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
+        _add_client_security(p)
         p.set_defaults(handler=handler)
         if name == "translate":
             p.add_argument("text")
@@ -358,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
     p.add_argument("--deadline", type=float, default=10.0, help="overload: each call's deadline (10 s)")
     p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("certs", help="write a private CA, a server and a client certificate (TLS, mTLS)")
+    p.add_argument("--out", type=Path, default=Path("certs"), help="folder to write into (certs/)")
+    p.add_argument("--name", action="append", help="a DNS name or IP the server certificate is valid "
+                   "for (repeatable; default localhost, 127.0.0.1, attnserve)")  # fmt: skip
+    p.add_argument("--days", type=int, default=365, help="validity (365)")
+    p.set_defaults(handler=_certs)
 
     p = sub.add_parser("render-k8s", help="regenerate the KubeRay manifests from deploy/serve/*.yaml")
     p.add_argument("--root", type=Path, default=Path("."), help="repository root")

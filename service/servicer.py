@@ -12,10 +12,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from attnserve.service.auth import TokenStore
 from attnserve.service.core.engine import Engine
 from attnserve.service.core.errors import ErrorCode, RequestError
 from attnserve.service.core.translation import PreparedRequest
@@ -53,15 +54,42 @@ def undecodable(request: Undecodable) -> Outcome:
     return Outcome(None, ErrorCode.INVALID_ARGUMENT, message)
 
 
-class Servicer:
-    """Answers Translate, Caption and ListModels for the models whose engines it holds."""
+Metadata = Iterable[tuple[str, str | bytes]]
 
-    def __init__(self, engines: dict[str, Engine], record: RequestRecorder | None = None):
+
+class Servicer:
+    """Answers Translate, Caption and ListModels for the models whose engines it holds.
+
+    With a TokenStore, every one of those calls must carry a known bearer token; a refused call
+    gets UNAUTHENTICATED and `refused(rpc, reason)` is told why (never the token).
+    """
+
+    def __init__(
+        self,
+        engines: dict[str, Engine],
+        record: RequestRecorder | None = None,
+        tokens: TokenStore | None = None,
+        refused: Callable[[str, str], None] | None = None,
+    ):
         self.engines = engines
         self.record = record or (lambda *_: None)
+        self.tokens = tokens
+        self.refused = refused or (lambda *_: None)
         self.serving = True
 
-    async def translate(self, request: pb.TranslateRequest, time_remaining: float | None) -> Outcome:
+    def authenticate(self, rpc: str, metadata: Metadata) -> Outcome | None:
+        """None if the call may proceed; else the UNAUTHENTICATED outcome to send."""
+        if self.tokens is None:
+            return None
+        verdict = self.tokens.check(metadata)
+        if verdict.caller is not None:
+            return None
+        self.refused(rpc, verdict.reason)
+        return Outcome(None, ErrorCode.UNAUTHENTICATED, verdict.message)
+
+    async def translate(
+        self, request: pb.TranslateRequest, time_remaining: float | None, metadata: Metadata = ()
+    ) -> Outcome:
         """Translate: validate the text, decode it in the model's next batch, map the result."""
 
         def prepare(engine: Engine) -> PreparedRequest:
@@ -71,9 +99,13 @@ class Servicer:
                 o.length_penalty, request.locale,
             )  # fmt: skip
 
-        return await self._decode("Translate", request, time_remaining, prepare, translation_to_pb)
+        return self.authenticate("Translate", metadata) or await self._decode(
+            "Translate", request, time_remaining, prepare, translation_to_pb
+        )
 
-    async def caption(self, request: pb.CaptionRequest, time_remaining: float | None) -> Outcome:
+    async def caption(
+        self, request: pb.CaptionRequest, time_remaining: float | None, metadata: Metadata = ()
+    ) -> Outcome:
         """Caption: check and decode the image, decode it in the model's next batch, map the result."""
 
         def prepare(engine: Engine) -> PreparedRequest:
@@ -83,10 +115,15 @@ class Servicer:
                 o.length_penalty,
             )  # fmt: skip
 
-        return await self._decode("Caption", request, time_remaining, prepare, caption_to_pb)
+        return self.authenticate("Caption", metadata) or await self._decode(
+            "Caption", request, time_remaining, prepare, caption_to_pb
+        )
 
-    async def list_models(self, request: pb.ListModelsRequest) -> Outcome:
+    async def list_models(self, request: pb.ListModelsRequest, metadata: Metadata = ()) -> Outcome:
         """ListModels: every model this replica serves, with its figures and providers."""
+        refused = self.authenticate("ListModels", metadata)
+        if refused:
+            return refused
         if isinstance(request, Undecodable):
             return undecodable(request)
 
