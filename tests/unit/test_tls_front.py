@@ -49,6 +49,11 @@ def test_the_tls_port_listens_where_asked(tmp_path):
     assert any(b.startswith("bind 10.1.2.3:50051 ssl") for b in binds)
 
 
+def test_the_bench_twin_is_plaintext_on_loopback_beside_the_tls_port(tmp_path):
+    binds = _binds(rewrite(_ray_config(tmp_path), PEM, None, None, plaintext_twin=50999))
+    assert "bind 127.0.0.1:50999 proto h2" in binds and any(b.startswith("bind *:50051 ssl") for b in binds)
+
+
 def test_a_config_without_a_grpc_frontend_is_refused():
     with pytest.raises(ValueError, match="grpc_frontend"):
         rewrite("frontend http_frontend\n    bind *:8000\n", PEM, None, None)
