@@ -136,11 +136,6 @@ class TokenStore:
                 return
             log.info("token file %s reloaded: %d callers", self.path, len(self._tokens))
 
-    def callers(self) -> int:
-        """How many tokens are valid now."""
-        self._refresh()
-        return len(self._tokens)
-
     def check(self, metadata: Iterable[tuple[str, str | bytes]]) -> Verdict:
         """Authenticates one call by its metadata; compares the token's digest with every known
         one in constant time."""
