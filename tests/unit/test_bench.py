@@ -83,7 +83,8 @@ def test_open_loop_sends_on_schedule_without_waiting_for_answers():
     result = asyncio.run(open_loop(call, arrivals, lambda: sent_at.append(time.perf_counter())))
     assert len(result.outcomes) == len(arrivals)
     assert result.achieved_rate == pytest.approx(result.intended_rate, rel=0.15)
-    assert result.max_in_flight == max(peak) > 30
+    # Calls created while the loop is behind count as in flight before they start running.
+    assert max(peak) > 30 and 0 <= result.max_in_flight - max(peak) <= 3
     assert sent_at and sent_at[0] <= max(o.sent + o.seconds for o in result.outcomes)
 
 
