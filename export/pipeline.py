@@ -17,7 +17,7 @@ from attnserve.export.onnx_graphs import OPSET, export_graphs
 from attnserve.export.parity import check_parity
 from attnserve.models.architectures import Architecture, Tensor, architecture
 from attnserve.models.checkpoint import load_checkpoint
-from attnserve.models.registry import task as task_named
+from attnserve.models.tasks import task as task_named
 from attnserve.models.torch_runner import TorchStepModel
 from attnserve.service.core.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
 from attnserve.service.core.onnx_model import OnnxSeq2Seq

@@ -177,7 +177,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.models.train import TrainConfig, train
 
     if args.recipe:
@@ -212,7 +212,7 @@ def _train_recipe(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.models.train import TrainConfig, train
 
     recipes = yaml.safe_load(resources.files("attnserve.models").joinpath("recipes.yaml").read_text("utf-8"))
@@ -278,7 +278,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.service.core.manifest import Manifest
     from attnserve.service.core.onnx_model import OnnxSeq2Seq
 
