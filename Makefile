@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batching train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batching bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, and the Fashion-MNIST images the captioner is trained and scored on.
 SYSTEM_TOOLS := prometheus promtool docker-compose
@@ -64,6 +64,9 @@ bench-overload: $(DEV_STAMP)  ## 3x capacity open loop on en-fr-transformer (Ray
 bench-batching: $(DEV_STAMP)  ## step-level vs request-level batching, Poisson load; bench/results/batching.json
 	$(BIN)/attnserve bench --batching
 
+bench-engine: $(DEV_STAMP)  ## engine tokens/s vs CTranslate2 on en-fr-transformer (fp32, int8); bench/results/engine_speed.json
+	flock /tmp/attnserve-bench.lock $(BIN)/python -m attnserve.bench.engine_speed
+
 MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
 
 train: $(DEV_STAMP)  ## train a bundled model as its recipe says: make train MODEL=dates-luong
@@ -71,6 +74,9 @@ train: $(DEV_STAMP)  ## train a bundled model as its recipe says: make train MOD
 
 export: $(DEV_STAMP)  ## export runs/$(MODEL) into the model repository (replaces the bundled entry)
 	$(BIN)/attnserve export runs/$(MODEL)/checkpoint.pt --name $(MODEL) --force
+
+quantize: $(DEV_STAMP)  ## add an int8 variant (quality measured) to a bundled model: make quantize MODEL=g2p-bahdanau
+	$(BIN)/attnserve quantize model_repository/$(MODEL)/1
 
 eval: $(DEV_STAMP)  ## re-evaluate a bundled model through the serving runtime
 	$(BIN)/attnserve eval model_repository/$(MODEL)/1
