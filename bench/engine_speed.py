@@ -3,7 +3,8 @@
 This engine is the project's decode loop (`greedy_decode`) over `OnnxSeq2Seq`, at fp32 and with
 the entry's int8 variant; CTranslate2 runs a model converted from the same entry's ONNX
 initializers (bench/ctranslate2_model.py), fp32 with `CT2_PACKED_GEMM=0` on 2 threads (its packed
-GEMM stalls on thread wake-ups on small hosts) and int8 on 1 thread (its fastest here). Greedy,
+GEMM stalls on thread wake-ups on small hosts; OpenMP threads wait passively) and int8 on 1
+thread (its fastest here). Greedy,
 the same batches of real held-out sentences in the same order, the same length limits
 (CTranslate2: beam_size 1, min_decoding_length 0, max_decoding_length = the manifest's
 max_tokens). Each engine and batch size runs in a fresh process, one after another, so thread
@@ -82,6 +83,9 @@ def _run_ort(entry: str, precision: str, threads: int, ids: list, size: int, max
 def _run_ct2(model_dir: str, compute: str, threads: int, tokens: list, size: int, max_tokens: int, vocab):
     """As _run_ort for CTranslate2; outputs mapped to target ids."""
     os.environ["CT2_PACKED_GEMM"] = "0"  # read when the library loads, in this fresh process
+    # GNU OpenMP's spin-waiting collapses on shared cores (2 threads, B=8, host load ~6: 75 tokens/s
+    # spinning, 540 passive); passive waiting is CTranslate2's better case here. Override by env.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import ctranslate2
 
     translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute, intra_threads=threads)
