@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batching bench-tls certs train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batching bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, and the Fashion-MNIST images the captioner is trained and scored on.
 SYSTEM_TOOLS := prometheus promtool docker-compose
@@ -72,6 +72,9 @@ certs: $(SERVE_STAMP)  ## certs/: a private CA, server and client certificates, 
 	umask 077 && $(BIN)/python -c 'import secrets; print("admin:" + secrets.token_urlsafe(32))' > certs/tokens
 	chmod 0640 certs/*.key certs/tokens  # owner and group only: chgrp 10001 for the images
 
+bench-engine: $(DEV_STAMP)  ## engine tokens/s vs CTranslate2 on en-fr-transformer (fp32, int8); bench/results/engine_speed.json
+	$(BIN)/python -m attnserve.bench.engine_speed
+
 MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
 
 train: $(DEV_STAMP)  ## train a bundled model as its recipe says: make train MODEL=dates-luong
@@ -79,6 +82,9 @@ train: $(DEV_STAMP)  ## train a bundled model as its recipe says: make train MOD
 
 export: $(DEV_STAMP)  ## export runs/$(MODEL) into the model repository (replaces the bundled entry)
 	$(BIN)/attnserve export runs/$(MODEL)/checkpoint.pt --name $(MODEL) --force
+
+quantize: $(DEV_STAMP)  ## add an int8 variant (quality measured) to a bundled model: make quantize MODEL=g2p-bahdanau
+	$(BIN)/attnserve quantize model_repository/$(MODEL)/1
 
 eval: $(DEV_STAMP)  ## re-evaluate a bundled model through the serving runtime
 	$(BIN)/attnserve eval model_repository/$(MODEL)/1

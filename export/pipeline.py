@@ -15,6 +15,7 @@ import torch
 from attnserve.export.from_entry import check_against_graphs, read_entry, rebuild
 from attnserve.export.onnx_graphs import OPSET, export_graphs
 from attnserve.export.parity import check_parity
+from attnserve.export.quantize import add_int8_variant
 from attnserve.models.architectures import Architecture, Tensor, architecture
 from attnserve.models.checkpoint import load_checkpoint
 from attnserve.models.tasks import task as task_named
@@ -47,6 +48,7 @@ class ExportConfig:
     parity_examples: int = 200
     eval_limit: int = 0  # 0 = the whole evaluation splits
     from_entry: bool = False
+    int8: bool = True  # add the dynamically quantised variant, its quality measured
 
 
 @dataclass(frozen=True)
@@ -207,4 +209,6 @@ def export_model(cfg: ExportConfig) -> Path:
         shutil.rmtree(entry)
     staging.rename(entry)
     log.info("wrote %s: %s", entry, metrics)
+    if cfg.int8:
+        add_int8_variant(entry, cfg.eval_limit, progress=True)
     return entry

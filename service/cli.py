@@ -268,12 +268,22 @@ def _export(args: argparse.Namespace) -> int:
                 force=args.force,
                 eval_limit=args.eval_limit,
                 from_entry=bool(args.from_entry),
+                int8=not args.no_int8,
             )
         )
     except (FileExistsError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(entry)
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from attnserve.export.quantize import add_int8_variant
+
+    variant = add_int8_variant(args.entry, args.eval_limit, progress=True)
+    verdict = "qualifies for precision auto" if variant["qualifies"] else "does not qualify for auto"
+    print(f"{args.entry}: int8 {variant['metrics']}, quality loss {variant['quality_loss']} ({verdict})")
     return 0
 
 
@@ -466,7 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-limit", type=int, default=0, help="evaluate on the first N test examples (0 = all)"
     )
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 variant (see attnserve quantize)")
     p.set_defaults(handler=_export)
+
+    p = sub.add_parser(
+        "quantize", help="add a dynamically quantised int8 variant to an entry, quality measured"
+    )
+    p.add_argument("entry", type=Path, help="e.g. model_repository/g2p-bahdanau/1")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N examples (0 = all)")
+    p.set_defaults(handler=_quantize)
 
     p = sub.add_parser("eval", help="evaluate a repository entry through the serving runtime")
     p.add_argument("entry", type=Path, help="e.g. model_repository/g2p-bahdanau/1")

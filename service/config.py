@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +35,7 @@ class RuntimeArgs(_Frozen):
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     require_first: bool = False
     intra_op_threads: int = Field(0, ge=0)
+    precision: Literal["fp32", "int8", "auto"] = "fp32"
 
 
 class EngineSettings(_Frozen):

@@ -71,6 +71,18 @@ class DecoderSpec:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """The same model at another precision (e.g. dynamically quantised int8 weights): its graphs
+    (same inputs and outputs), its figures on the task's test splits, and whether its quality
+    loss against float32 stays within the limit export applied (`qualifies`, used by "auto")."""
+
+    encoder: GraphSpec
+    decoder_step: GraphSpec
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    qualifies: bool = False
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     """The input of an image model: size and channels it takes, and its attention grid."""
 
@@ -106,6 +118,7 @@ class Manifest:
     image: ImageSpec | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # file beside the graphs -> sha256
+    variants: dict[str, Variant] = field(default_factory=dict)  # precision ("int8") -> its graphs
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -127,7 +140,9 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{folder / MANIFEST_FILE}: malformed ({e!r})") from e
         if verify_checksums:
-            listed = {g.file: g.sha256 for g in (manifest.encoder, manifest.decoder_step)} | manifest.files
+            graphs = [manifest.encoder, manifest.decoder_step]
+            graphs += [g for v in manifest.variants.values() for g in (v.encoder, v.decoder_step)]
+            listed = {g.file: g.sha256 for g in graphs} | manifest.files
             for name, expected in listed.items():
                 actual = sha256_of(folder / name) if (folder / name).is_file() else "missing"
                 if actual != expected:
@@ -143,6 +158,17 @@ class Manifest:
 
         def graph(g: dict[str, Any]) -> GraphSpec:
             return GraphSpec(g["file"], g["sha256"], specs(g["inputs"]), specs(g["outputs"]))
+
+        encoder, decoder_step = graph(raw["graphs"]["encoder"]), graph(raw["graphs"]["decoder_step"])
+
+        def variant(v: dict[str, Any]) -> Variant:
+            enc, dec = v["graphs"]["encoder"], v["graphs"]["decoder_step"]
+            return Variant(
+                GraphSpec(enc["file"], enc["sha256"], encoder.inputs, encoder.outputs),
+                GraphSpec(dec["file"], dec["sha256"], decoder_step.inputs, decoder_step.outputs),
+                v.get("metrics", {}),
+                bool(v.get("qualifies", False)),
+            )
 
         src, tgt = raw["source"], raw["target"]
         tokenizer = src.get("tokenizer", "characters")
@@ -172,8 +198,8 @@ class Manifest:
             target_separator=tgt.get("separator", " "),
             max_source_tokens=int(src["max_tokens"]),
             max_output_tokens=int(tgt["max_tokens"]),
-            encoder=graph(raw["graphs"]["encoder"]),
-            decoder_step=graph(raw["graphs"]["decoder_step"]),
+            encoder=encoder,
+            decoder_step=decoder_step,
             decoder=DecoderSpec(**raw["decoder"]),
             attention_modes=tuple(raw.get("attention_modes", ())),
             description=raw.get("description", ""),
@@ -181,6 +207,7 @@ class Manifest:
             image=image,
             metrics=raw.get("metrics", {}),
             files=files,
+            variants={name: variant(v) for name, v in raw.get("variants", {}).items()},
             raw=raw,
         )
 
