@@ -8,20 +8,22 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: serve test test-unit test-integration lint format bench bench-overload train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
-# file, and the Fashion-MNIST images the captioner is trained and scored on.
+# file, the Fashion-MNIST images the captioner is trained and scored on, and Noto CJK fonts so that
+# attention pictures draw Korean, Japanese, Cyrillic and accented labels.
 SYSTEM_TOOLS := prometheus promtool docker-compose
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+NOTO_CJK := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 
 $(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(SERVE_STAMP): pyproject.toml setup.py protos/attnserve/v1/*.proto | $(BIN)/pip
-	$(BIN)/pip install --quiet -e '.[cpu]'
+	$(BIN)/pip install --quiet -e '.[cpu,plot]'
 	touch $@
 
 $(DEV_STAMP): pyproject.toml setup.py protos/attnserve/v1/*.proto | $(BIN)/pip
-	$(BIN)/pip install --quiet -e '.[cpu,train,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,train,dev,plot]'
 	touch $@ $(SERVE_STAMP)
 
 serve: $(SERVE_STAMP)  ## start the service on the bundled models (Ctrl-C stops it)
@@ -29,11 +31,11 @@ serve: $(SERVE_STAMP)  ## start the service on the bundled models (Ctrl-C stops 
 
 system-deps:  ## install the Debian packages the tests need, if missing (apt, as root)
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || echo $$t; done; \
-	  [ -f $(FASHION_MNIST) ] || echo dataset-fashion-mnist); \
+	  [ -f $(FASHION_MNIST) ] || echo dataset-fashion-mnist; [ -f $(NOTO_CJK) ] || echo fonts-noto-cjk); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing: $$missing; run 'sudo make system-deps'" >&2; exit 1; fi; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-	    prometheus docker-compose dataset-fashion-mnist >/dev/null; \
+	    prometheus docker-compose dataset-fashion-mnist fonts-noto-cjk >/dev/null; \
 	fi
 
 test: $(DEV_STAMP) system-deps  ## lint + the whole test suite (what CI runs)
