@@ -50,6 +50,7 @@ class BatchConfig:
     rows_per_batch: int = 256
     serve_config: Path = DEFAULT_SERVE_CONFIG
     num_cpus: int | None = None  # a local Ray's CPUs (default: all)
+    plot_first: int = 0  # attention pictures of the first N rows, in OUTPUT/plots/
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class BatchResult:
     seconds: float
     actors: int
     parts: tuple[Path, ...]
+    pictures: tuple[Path, ...] = ()
 
 
 def find_model(repository: Path, name: str) -> Manifest:
@@ -116,7 +118,7 @@ def decoded(cfg: BatchConfig, manifest: Manifest, actors: int) -> ray.data.Datas
         fn_constructor_kwargs={"config": decoder_config(cfg, manifest)},
         batch_size=cfg.rows_per_batch,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cfg.cpus_per_actor,
     )
 
@@ -151,16 +153,22 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         dataset.write_parquet(out)
     else:
         dataset.write_json(out)  # JSON lines
-    rows, errors = count_rows(cfg.output)
     parts = tuple(sorted(p for p in cfg.output.iterdir() if p.is_file()))
-    return BatchResult(rows, errors, startup, time.monotonic() - started, actors, parts)
+    rows, errors = count_rows(parts, cfg.format)
+    seconds = time.monotonic() - started
+    pictures = ()
+    if cfg.plot_first:
+        from attnserve.service.batch.pictures import plot_first
+
+        pictures = tuple(plot_first(manifest, cfg.input, cfg.plot_first, cfg.output / "plots"))
+    return BatchResult(rows, errors, startup, seconds, actors, parts, pictures)
 
 
-def count_rows(output: Path) -> tuple[int, int]:
-    """Rows in a job's output folder, and how many of them are errors."""
+def count_rows(parts: tuple[Path, ...], fmt: str) -> tuple[int, int]:
+    """Rows in a job's part files, and how many of them are errors."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
-    parquet = any(p.suffix == ".parquet" for p in output.iterdir())
-    table = pds.dataset(str(output), format="parquet" if parquet else "json").to_table(columns=["error"])
-    return table.num_rows, table.num_rows - pc.sum(pc.is_null(table.column("error"))).as_py()
+    files = [str(p) for p in parts]
+    table = pds.dataset(files, format="parquet" if fmt == "parquet" else "json").to_table(columns=["error"])
+    return table.num_rows, pc.sum(pc.is_valid(table.column("error"))).as_py() or 0
