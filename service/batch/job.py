@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 
 from attnserve.service.batch.decoder import Decoder, DecoderConfig, offline
-from attnserve.service.batch.reader import InputError, input_format, read_inputs
+from attnserve.service.batch.reader import IO_TASK, InputError, input_format, read_inputs
 from attnserve.service.config import DEFAULT_SERVE_CONFIG, AppArgs, LocalOptions, load_serve_config
 from attnserve.service.core.manifest import Manifest, discover
 from attnserve.service.core.onnx_model import RuntimeConfig
@@ -124,12 +124,10 @@ def decoded(cfg: BatchConfig, manifest: Manifest, actors: int) -> ray.data.Datas
 
 
 def pool_size(cfg: BatchConfig) -> int:
-    """Decode actors: as configured, else one per `cpus_per_actor` of the cluster's CPUs, keeping
-    part of a CPU free for reading and writing (at least one actor)."""
+    """Decode actors: as configured, else one per `cpus_per_actor` of the cluster's CPUs."""
     if cfg.actors:
         return cfg.actors
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return max(int((cpus - 0.5) // cfg.cpus_per_actor), 1)
+    return max(int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_actor), 1)
 
 
 def run_batch(cfg: BatchConfig) -> BatchResult:
@@ -150,9 +148,9 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     dataset = decoded(cfg, manifest, actors)
     out = str(cfg.output.resolve())
     if cfg.format == "parquet":
-        dataset.write_parquet(out)
+        dataset.write_parquet(out, ray_remote_args=IO_TASK)
     else:
-        dataset.write_json(out)  # JSON lines
+        dataset.write_json(out, ray_remote_args=IO_TASK)  # JSON lines
     parts = tuple(sorted(p for p in cfg.output.iterdir() if p.is_file()))
     rows, errors = count_rows(parts, cfg.format)
     seconds = time.monotonic() - started

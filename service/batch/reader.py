@@ -20,6 +20,9 @@ from attnserve.service.batch.rows import INPUT_SCHEMA, input_row, jsonl_rows, li
 
 BLOCK_ROWS = 1024  # input rows per block a read task yields
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+# Reading (and writing) reserves no CPU: the decode actors reserve the CPUs, and a read task that
+# waited for a CPU they hold would never run. Ray Data's backpressure still bounds what is read ahead.
+IO_TASK = {"num_cpus": 0}
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet"}
 
 
@@ -97,11 +100,15 @@ def read_inputs(path: Path, kind: str, images: bool) -> ray.data.Dataset:
         if not any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in path.rglob("*")):
             raise InputError(f"no PNG or JPEG images under {path}")
         extensions = [e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())]
-        files = ray.data.read_binary_files(str(path), include_paths=True, file_extensions=extensions)
-        return files.map_batches(_image_rows, fn_kwargs={"root": str(path)}, batch_format="pyarrow")
+        files = ray.data.read_binary_files(
+            str(path), include_paths=True, file_extensions=extensions, **IO_TASK
+        )
+        return files.map_batches(
+            _image_rows, fn_kwargs={"root": str(path)}, batch_format="pyarrow", **IO_TASK
+        )
     if kind == "parquet" and "text" not in pq.read_schema(path).names:
         raise InputError(f"{path.name} has no `text` column")
-    return ray.data.read_datasource(RowsDatasource(str(path), kind, images))
+    return ray.data.read_datasource(RowsDatasource(str(path), kind, images), **IO_TASK)
 
 
 def _image_rows(files: pa.Table, root: str) -> pa.Table:
