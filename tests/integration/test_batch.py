@@ -33,8 +33,13 @@ SCENES = ROOT / "examples" / "byom" / "fashion-scenes" / "images"
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray (2 CPUs) for the module's jobs."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -88,20 +93,27 @@ def _assert_online_answers(manifest: Manifest, source: Path, rows: list[dict], a
         a = got["attention"]
         if images:
             assert (a["steps"], a["grid_height"], a["grid_width"]) == (
-                online.attention.steps, online.attention.grid_height, online.attention.grid_width)  # fmt: skip
+                online.attention.steps,
+                online.attention.grid_height,
+                online.attention.grid_width,
+            )
             assert a["labels"] == list(online.attention.labels)
         else:
             assert (a["rows"], a["cols"]) == (online.attention.rows, online.attention.cols)
-            assert (a["row_labels"], a["col_labels"]) == (list(online.attention.row_labels),
-                                                          list(online.attention.col_labels))  # fmt: skip
+            assert (a["row_labels"], a["col_labels"]) == (
+                list(online.attention.row_labels),
+                list(online.attention.col_labels),
+            )
         np.testing.assert_allclose(a["weights"], online.attention.weights, atol=2e-5)
 
 
 def test_dates_jsonl_with_locales_and_bad_rows(tmp_path):
     from attnserve.models import dates_data
 
-    lines = [json.dumps({"id": f"d{i}", "text": e.text, "locale": e.locale})
-             for i, e in enumerate(dates_data.sample("test", 40, seed=3))]  # fmt: skip
+    lines = [
+        json.dumps({"id": f"d{i}", "text": e.text, "locale": e.locale})
+        for i, e in enumerate(dates_data.sample("test", 40, seed=3))
+    ]
     lines[5:5] = [
         "{not json",
         json.dumps(["a", "list"]),
@@ -167,8 +179,10 @@ def test_jsonl_image_rows_relative_to_the_file(tmp_path):
     source.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
     out = _run(tmp_path, "caption-fashion", source)
     errors = {r["id"]: r["error"]["message"] for r in out if r["error"]}
-    assert errors == {"missing": "cannot read image 'images/nope.png' (No such file or directory)",
-                      "no-path": 'the row has no "image" path'}  # fmt: skip
+    assert errors == {
+        "missing": "cannot read image 'images/nope.png' (No such file or directory)",
+        "no-path": 'the row has no "image" path',
+    }
     _assert_online_answers(_manifest("caption-fashion"), source, out, attention=False)
 
 
@@ -182,8 +196,14 @@ def test_refuses_what_it_cannot_read_before_decoding(tmp_path):
             )
         )
     with pytest.raises(InputError, match="folder of images"):
-        run_batch(BatchConfig(model="caption-fashion", input=words.rename(tmp_path / "words.tsv"), output=tmp_path / "o",
-                              repository=BUNDLED_REPOSITORY))  # fmt: skip
+        run_batch(
+            BatchConfig(
+                model="caption-fashion",
+                input=words.rename(tmp_path / "words.tsv"),
+                output=tmp_path / "o",
+                repository=BUNDLED_REPOSITORY,
+            )
+        )
     with pytest.raises(InputError, match="no model 'nope'"):
         run_batch(
             BatchConfig(model="nope", input=words, output=tmp_path / "o", repository=BUNDLED_REPOSITORY)
@@ -195,8 +215,22 @@ def test_cli_writes_parts_and_pictures_of_the_first_rows(tmp_path):
     source = tmp_path / "words.jsonl"
     source.write_text("".join(json.dumps({"text": w}) + "\n" for w in ["attention", "pictures", "bad!"]))
     exe = str(Path(sys.executable).with_name("attnserve"))
-    cmd = [exe, "batch", "--model", "g2p-bahdanau", "--input", str(source), "--output", str(tmp_path / "out"),
-           "--repository", str(BUNDLED_REPOSITORY), "--plot-first", "2", "--address", ray.get_runtime_context().gcs_address]  # fmt: skip
+    cmd = [
+        exe,
+        "batch",
+        "--model",
+        "g2p-bahdanau",
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "out"),
+        "--repository",
+        str(BUNDLED_REPOSITORY),
+        "--plot-first",
+        "2",
+        "--address",
+        ray.get_runtime_context().gcs_address,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 rows (1 errors)" in done.stdout

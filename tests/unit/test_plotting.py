@@ -37,8 +37,10 @@ def test_translation_heat_map_is_labelled_by_tokens_and_sized_by_them(tmp_path):
     assert _tick_texts(heat_map.get_xticklabels()) == list(result.source_tokens)
     assert _tick_texts(heat_map.get_yticklabels()) == list(result.output_tokens)
     np.testing.assert_allclose(heat_map.images[0].get_array(), result.attention, rtol=1e-6)
-    short = plotting.save(plotting.attention_figure(result.attention[:2, :3], ["a", "b"], ["x", "y", "z"]),
-                          tmp_path / "short.png")  # fmt: skip
+    short = plotting.save(
+        plotting.attention_figure(result.attention[:2, :3], ["a", "b"], ["x", "y", "z"]),
+        tmp_path / "short.png",
+    )
     path = plotting.save(fig, tmp_path / "word.png")
     width, height = Image.open(path).size
     assert Image.open(short).size < (width, height)  # more tokens, a bigger picture
