@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench bench-overload train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batch train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, the Fashion-MNIST images the captioner is trained and scored on, and Noto CJK fonts so that
 # attention pictures draw Korean, Japanese, Cyrillic and accented labels.
@@ -62,6 +62,9 @@ bench: $(DEV_STAMP)  ## every model at c=1/8/32: Ray path, plain gRPC, in-proces
 
 bench-overload: $(DEV_STAMP)  ## 3x capacity open loop on en-fr-transformer (Ray path); bench/results/overload.json
 	$(BIN)/attnserve bench --overload
+
+bench-batch: $(DEV_STAMP)  ## attnserve batch (Ray Data) vs the in-process engine, every model, 1 and N actors; ~12 min
+	$(BIN)/python -m attnserve.bench.batch
 
 MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
 

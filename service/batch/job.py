@@ -105,8 +105,9 @@ def start_ray(address: str | None, num_cpus: int | None) -> float:
     return time.monotonic() - started
 
 
-def decoded(cfg: BatchConfig, manifest: Manifest, actors: int) -> ray.data.Dataset:
-    """The job's dataset up to the decode stage (nothing runs until it is consumed).
+def decoded(cfg: BatchConfig, manifest: Manifest, actors: int, decoder: type = Decoder) -> ray.data.Dataset:
+    """The job's dataset up to the decode stage (nothing runs until it is consumed); `decoder` is
+    the actor class (the bench times batches with a subclass).
 
     Raises:
         InputError: if the input cannot be the model's input.
@@ -114,7 +115,7 @@ def decoded(cfg: BatchConfig, manifest: Manifest, actors: int) -> ray.data.Datas
     images = manifest.image is not None
     inputs = read_inputs(cfg.input, input_format(cfg.input, images), images)
     return inputs.map_batches(
-        Decoder,
+        decoder,
         fn_constructor_kwargs={"config": decoder_config(cfg, manifest)},
         batch_size=cfg.rows_per_batch,
         batch_format="pyarrow",
