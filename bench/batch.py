@@ -6,10 +6,11 @@ For each model the same real held-out inputs (bench/inputs.py, repeated to size)
 cross attention (a) by an Engine called in this process with every CPU as ONNX Runtime threads,
 and (b) by the batch job's pipeline (read -> validate -> decode actors) on a local Ray, with 1 actor
 x all CPUs and with one actor per CPU. Rows per model are sized from a short engine probe so each
-run takes about `--seconds`. The job's rows/s is its steady state: rows after the first batch
-reached the driver over the time since; Ray's start-up and the pipeline's (actors loading the
-model, first batch) are reported apart. Writing part files is left out (the driver consumes the
-decoded batches). Peak memory is the summed RSS of this process and every process of its local Ray.
+run takes about `--seconds`. The job's rows/s is its steady state: the rows after an actor decoded
+its first batch, over the time from then until the driver had the last row; Ray's start-up and the
+pipeline's (actors loading the model, first batch) are reported apart. Writing part files is left
+out (the driver consumes the decoded batches). Peak memory is the summed RSS of this process and
+every process of its local Ray (the object store's shared pages count once per process mapping them).
 """
 
 from __future__ import annotations
@@ -153,8 +154,9 @@ def batch_rows_s(
 ) -> tuple[float, float, float, float, float]:
     """(steady rows/s, end-to-end rows/s, pipeline start-up s, peak GiB, other cores) of one job.
 
-    Steady state: the rows decoded after the first batch finished in any actor, over the time from
-    then to the last batch (the actors' own clocks: batches wait in the object store for the driver).
+    Start-up ends when an actor has decoded its first batch (the actors' clocks: the driver may get
+    batches later, from the object store); steady state is every later row over the time from
+    then until the driver has the last one, so a consumer slower than the actors counts.
     """
     dataset = decoded(cfg, manifest, actors, TimedDecoder)
     monitor, started = TreeMonitor(), time.time()
@@ -163,11 +165,9 @@ def batch_rows_s(
         done.append((batch.column("decoded_at")[0].as_py(), batch.num_rows))
     ended = time.time()
     peak, other = monitor.stop()
-    done.sort()
-    first = done[0][0]
+    first, first_rows = min(done)
     rows = sum(n for _, n in done)
-    steady = sum(n for t, n in done if t > first) / max(done[-1][0] - first, 1e-9)
-    return steady, rows / (ended - started), first - started, peak, other
+    return (rows - first_rows) / (ended - first), rows / (ended - started), first - started, peak, other
 
 
 def measure(manifest: Manifest, seconds: float, cpus: int, cfg: BatchConfig, work: Path) -> list[Row]:
@@ -249,10 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_rows(rows)
     print(
-        "\nengine r/s: an in-process Engine with all CPUs as ORT threads, rows of the job's batch size; "
-        "batch r/s: the job's steady state after its first batch; ratio = batch / engine; e2e: the job "
-        "from submit to last row (pipeline start-up included); startup s: actors loading the model and the "
-        "first batch; peak GiB: this process + its local Ray; other: cores busy elsewhere on the machine"
+        "\nengine r/s: an in-process Engine with all CPUs as ORT threads, rows of the job's batch size;\n"
+        "batch r/s: the rows after an actor's first batch over the time until the driver had the last;\n"
+        "ratio = batch / engine; e2e: the job from submit to last row (pipeline start-up included);\n"
+        "startup s: actors loading the model and the first batch; peak GiB: this process + its local Ray;\n"
+        "other: cores busy elsewhere on the machine meanwhile"
     )
     wall = time.perf_counter() - started
     table = [asdict(r) | {"ratio": r.ratio} for r in rows]

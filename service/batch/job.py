@@ -25,6 +25,7 @@ from attnserve.service.core.onnx_model import RuntimeConfig
 
 log = logging.getLogger(__name__)
 OUTPUT_FORMATS = ("jsonl", "parquet")
+ROWS_PER_PART = 10_000  # output rows a part file gathers at least (the last one may have fewer)
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,12 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     actors = pool_size(cfg)
     dataset = decoded(cfg, manifest, actors)
     out = str(cfg.output.resolve())
+    write = {"min_rows_per_file": ROWS_PER_PART, "concurrency": IO_TASK["concurrency"],
+             "ray_remote_args": {"num_cpus": IO_TASK["num_cpus"]}}  # fmt: skip
     if cfg.format == "parquet":
-        dataset.write_parquet(out, ray_remote_args=IO_TASK)
+        dataset.write_parquet(out, **write)
     else:
-        dataset.write_json(out, ray_remote_args=IO_TASK)  # JSON lines
+        dataset.write_json(out, **write)  # JSON lines
     parts = tuple(sorted(p for p in cfg.output.iterdir() if p.is_file()))
     rows, errors = count_rows(parts, cfg.format)
     seconds = time.monotonic() - started

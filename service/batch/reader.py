@@ -21,8 +21,9 @@ from attnserve.service.batch.rows import INPUT_SCHEMA, input_row, jsonl_rows, li
 BLOCK_ROWS = 1024  # input rows per block a read task yields
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 # Reading (and writing) reserves no CPU: the decode actors reserve the CPUs, and a read task that
-# waited for a CPU they hold would never run. Ray Data's backpressure still bounds what is read ahead.
-IO_TASK = {"num_cpus": 0}
+# waited for a CPU they hold would never run. Without a CPU to bound them, at most two such tasks
+# run at once (each is a worker process); Ray Data's backpressure bounds what is read ahead.
+IO_TASK = {"num_cpus": 0, "concurrency": 2}
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet"}
 
 

@@ -99,3 +99,16 @@ def test_korean_japanese_cyrillic_and_accents_have_glyphs(tmp_path):
     assert _draw(LABELS, plotting.FONTS, tmp_path) == []
     # the check can fail: without the CJK fallback Korean and Japanese glyphs are missing
     assert _draw(LABELS, ["DejaVu Sans"], tmp_path)
+
+
+def test_plotting_is_an_extra_that_serving_images_leave_out():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("matplotlib") for d in project["optional-dependencies"]["plot"])
+    assert not any(d.startswith("matplotlib") for d in project["dependencies"])
+    for dockerfile in (ROOT / "deploy" / "docker").glob("Dockerfile*"):
+        installs = [line for line in dockerfile.read_text().splitlines() if "pip install" in line]
+        assert installs and not any("plot" in line for line in installs), dockerfile.name
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-e '.[cpu,plot]'" in makefile  # make serve draws pictures
