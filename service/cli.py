@@ -103,9 +103,9 @@ def _batch(args: argparse.Namespace) -> int:
     cfg = BatchConfig(
         model=args.model, input=args.input, output=args.output, repository=args.repository,
         attention=args.attention, format=args.format, address=args.address, actors=args.actors,
-        cpus_per_actor=args.cpus_per_actor, rows_per_batch=args.rows_per_batch,
-        serve_config=args.serve_config or DEFAULT_SERVE_CONFIG, num_cpus=args.num_cpus,
-        plot_first=args.plot_first,
+        cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+        rows_per_batch=args.rows_per_batch, serve_config=args.serve_config or DEFAULT_SERVE_CONFIG,
+        num_cpus=args.num_cpus, plot_first=args.plot_first,
     )  # fmt: skip
     try:
         result = run_batch(cfg)
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--actors", type=int, default=0, help="decode actors (default: one per --cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs and ONNX Runtime threads per actor")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPUs per actor (with a GPU serve config); sizes the pool by GPUs")  # fmt: skip
     p.add_argument("--rows-per-batch", type=int, default=256, help="rows an actor takes at a time")
     p.add_argument("--serve-config", type=Path, help="engine settings (deploy/serve/attnserve.yaml)")
     p.add_argument("--plot-first", type=int, default=0, metavar="N",

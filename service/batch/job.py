@@ -32,7 +32,10 @@ ROWS_PER_PART = 10_000  # output rows a part file gathers at least (the last one
 class BatchConfig:
     """One batch job.
 
-    actors: decode actors; 0 for one per `cpus_per_actor` CPUs of the cluster.
+    actors: decode actors; 0 for one per `cpus_per_actor` CPUs (or `gpus_per_actor` GPUs) of the
+        cluster.
+    gpus_per_actor: GPUs each actor reserves (0: CPU only); give a serve config whose runtime asks
+        for CUDAExecutionProvider (deploy/serve/attnserve-gpu.yaml).
     rows_per_batch: rows an actor takes from Ray Data at a time (the engine batches them further,
         by the model's max_batch_size in the serve config).
     serve_config: where the engine and runtime settings come from (as `attnserve serve`).
@@ -48,6 +51,7 @@ class BatchConfig:
     address: str | None = None
     actors: int = 0
     cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
     rows_per_batch: int = 256
     serve_config: Path = DEFAULT_SERVE_CONFIG
     num_cpus: int | None = None  # a local Ray's CPUs (default: all)
@@ -122,14 +126,19 @@ def decoded(cfg: BatchConfig, manifest: Manifest, actors: int, decoder: type = D
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None,
     )
 
 
 def pool_size(cfg: BatchConfig) -> int:
-    """Decode actors: as configured, else one per `cpus_per_actor` of the cluster's CPUs."""
+    """Decode actors: as configured, else one per `gpus_per_actor` of the cluster's GPUs when
+    actors use GPUs, else one per `cpus_per_actor` of its CPUs."""
     if cfg.actors:
         return cfg.actors
-    return max(int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_actor), 1)
+    resources = ray.cluster_resources()
+    if cfg.gpus_per_actor:
+        return max(int(resources.get("GPU", 0) // cfg.gpus_per_actor), 1)
+    return max(int(resources.get("CPU", 1) // cfg.cpus_per_actor), 1)
 
 
 def run_batch(cfg: BatchConfig) -> BatchResult:
