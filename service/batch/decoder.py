@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from attnserve.service.batch.rows import output_row, output_schema
+from attnserve.service.batch.rows import output_table
 from attnserve.service.core.engine import Engine, EngineConfig
 from attnserve.service.core.errors import RequestError, invalid
 from attnserve.service.core.manifest import Manifest
@@ -75,14 +75,9 @@ class Decoder:
         self.engine = Engine(Translator(manifest, config.runtime), config.engine)
         self.mode = AttentionMode.CROSS if config.attention else AttentionMode.NONE
         self.attention = config.attention
-        self.schema = output_schema(manifest, config.attention)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The output rows of a batch of input rows."""
         rows = batch.to_pylist()
-        manifest = self.engine.translator.manifest
-        results = decode_rows(self.engine, rows, self.mode)
-        out = [
-            output_row(r["id"], res, manifest, self.attention) for r, res in zip(rows, results, strict=True)
-        ]
-        return pa.Table.from_pylist(out, schema=self.schema)
+        results = list(decode_rows(self.engine, rows, self.mode))
+        return output_table([r["id"] for r in rows], results, self.engine.translator.manifest, self.attention)

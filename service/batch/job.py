@@ -163,7 +163,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     if cfg.format == "parquet":
         dataset.write_parquet(out, **write)
     else:
-        dataset.write_json(out, **write)  # JSON lines
+        dataset.write_json(out, force_ascii=False, **write)  # JSON lines, UTF-8
     parts = tuple(sorted(p for p in cfg.output.iterdir() if p.is_file()))
     rows, errors = count_rows(parts, cfg.format)
     seconds = time.monotonic() - started

@@ -109,7 +109,8 @@ def read_inputs(path: Path, kind: str, images: bool) -> ray.data.Dataset:
         )
     if kind == "parquet" and "text" not in pq.read_schema(path).names:
         raise InputError(f"{path.name} has no `text` column")
-    return ray.data.read_datasource(RowsDatasource(str(path), kind, images), **IO_TASK)
+    # one file is one read task (its rows are numbered in order): no concurrency to bound
+    return ray.data.read_datasource(RowsDatasource(str(path), kind, images), num_cpus=0)
 
 
 def _image_rows(files: pa.Table, root: str) -> pa.Table:

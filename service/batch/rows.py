@@ -13,9 +13,9 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
-from attnserve.service.core.errors import RequestError
 from attnserve.service.core.manifest import Manifest
 from attnserve.service.core.translation import Translation
 
@@ -48,27 +48,58 @@ def output_schema(manifest: Manifest, attention: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def output_row(row_id: str, result: Translation | RequestError, manifest: Manifest, attention: bool) -> dict:
-    """One output row: the text and tokens, or the row's error; attention as the gRPC response has it."""
-    if isinstance(result, RequestError):
-        row = {"id": row_id, "output": None, "output_tokens": None,
-               "error": {"code": result.code.value, "message": result.message}}  # fmt: skip
-        return row | ({"attention": None} if attention else {})
-    row = {"id": row_id, "output": result.text, "output_tokens": list(result.output_tokens), "error": None}
-    if not attention:
-        return row
-    a = result.attention
-    if a is None:
-        row["attention"] = None
-    elif manifest.image is not None:
-        spec = manifest.image
-        row["attention"] = {"steps": len(a), "grid_height": spec.grid_height, "grid_width": spec.grid_width,
-                            "weights": a.ravel().tolist(), "labels": list(result.output_tokens)}  # fmt: skip
+def output_table(ids: list[str], results: list, manifest: Manifest, attention: bool) -> pa.Table:
+    """The output rows of a batch: the text and tokens, or each row's error; attention as the gRPC
+    response has it, built column-wise from the numpy matrices (no Python float per weight)."""
+    ok = [isinstance(r, Translation) for r in results]
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "output": pa.array(
+            [r.text if good else None for r, good in zip(results, ok, strict=True)], pa.string()
+        ),
+        "output_tokens": pa.array(
+            [list(r.output_tokens) if good else None for r, good in zip(results, ok, strict=True)],
+            pa.list_(pa.string()),
+        ),
+        "error": pa.array(
+            [
+                None if good else {"code": r.code.value, "message": r.message}
+                for r, good in zip(results, ok, strict=True)
+            ],
+            ERROR,
+        ),
+    }
+    if attention:
+        matrices = [r.attention if good else None for r, good in zip(results, ok, strict=True)]
+        columns["attention"] = _attention_column(results, matrices, manifest)
+    return pa.table(columns, schema=output_schema(manifest, attention))
+
+
+def _attention_column(results: list, matrices: list, manifest: Manifest) -> pa.StructArray:
+    """AttentionMatrix (text) or AttentionMaps (caption) structs; null where a row has none."""
+    present = [a is not None for a in matrices]
+    flat = [a.ravel() if a is not None else np.empty(0, np.float32) for a in matrices]
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in flat])]).astype(np.int32)
+    weights = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat).astype(np.float32)))
+
+    def ints(values) -> pa.Array:
+        return pa.array(values, pa.int32())
+
+    def labels(pick) -> pa.Array:
+        return pa.array([list(pick(r)) if p else [] for r, p in zip(results, present, strict=True)],
+                        pa.list_(pa.string()))  # fmt: skip
+
+    shapes = [a.shape if a is not None else (0, 0) for a in matrices]
+    if manifest.image is not None:
+        spec, n = manifest.image, len(matrices)
+        arrays = [ints([s[0] for s in shapes]), ints([spec.grid_height] * n), ints([spec.grid_width] * n),
+                  weights, labels(lambda r: r.output_tokens)]  # fmt: skip
+        struct = IMAGE_ATTENTION
     else:
-        row["attention"] = {"rows": a.shape[0], "cols": a.shape[1], "weights": a.ravel().tolist(),
-                            "row_labels": list(result.output_tokens),
-                            "col_labels": list(result.source_tokens)}  # fmt: skip
-    return row
+        arrays = [ints([s[0] for s in shapes]), ints([s[1] for s in shapes]), weights,
+                  labels(lambda r: r.output_tokens), labels(lambda r: r.source_tokens)]  # fmt: skip
+        struct = TEXT_ATTENTION
+    return pa.StructArray.from_arrays(arrays, fields=list(struct), mask=pa.array([not p for p in present]))
 
 
 def lines(stream, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
