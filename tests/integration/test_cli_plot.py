@@ -1,4 +1,6 @@
-"""`attnserve translate/caption --plot` against the running service: the pictures are written."""
+"""`attnserve translate/caption --plot` against the running service: the pictures are written.
+
+The file sorts before test_grpc_service.py, whose last test stops the session's service."""
 
 from __future__ import annotations
 
