@@ -48,6 +48,18 @@ def _call(args: argparse.Namespace, rpc: str, *params):
             return None
 
 
+def _plotting_missing(asked: bool) -> bool:
+    """True (and says so) if pictures were asked for but the plot extra is not installed."""
+    if not asked:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: attention pictures need the plot extra: pip install 'attnserve[plot]'", file=sys.stderr)
+        return True
+    return False
+
+
 def _plot(response, path: Path | None, image: bytes | None = None) -> None:
     """Draws a response's attention into a PNG file, if one was asked for."""
     if path is None:
@@ -60,6 +72,8 @@ def _plot(response, path: Path | None, image: bytes | None = None) -> None:
 def _translate(args: argparse.Namespace) -> int:
     from attnserve.service.client import format_attention
 
+    if _plotting_missing(bool(args.plot)):
+        return 2
     response = _call(args, "translate", args.model, args.text, args.attention or bool(args.plot),
                      args.max_output_tokens, args.beam, args.length_penalty, args.locale)  # fmt: skip
     if response is None:
@@ -78,6 +92,8 @@ def _translate(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     from attnserve.service.client import format_attention_maps
 
+    if _plotting_missing(bool(args.plot)):
+        return 2
     image = args.image.read_bytes()
     response = _call(args, "caption", args.model, image, args.attention or bool(args.plot),
                      args.max_output_tokens, args.beam, args.length_penalty)  # fmt: skip
@@ -100,6 +116,8 @@ def _batch(args: argparse.Namespace) -> int:
     from attnserve.service.batch.reader import InputError
     from attnserve.service.config import DEFAULT_SERVE_CONFIG
 
+    if _plotting_missing(args.plot_first > 0):
+        return 2
     cfg = BatchConfig(
         model=args.model, input=args.input, output=args.output, repository=args.repository,
         attention=args.attention, format=args.format, address=args.address, actors=args.actors,

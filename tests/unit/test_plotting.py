@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -112,3 +113,20 @@ def test_plotting_is_an_extra_that_serving_images_leave_out():
         assert installs and not any("plot" in line for line in installs), dockerfile.name
     makefile = (ROOT / "Makefile").read_text()
     assert "-e '.[cpu,plot]'" in makefile  # make serve draws pictures
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["translate", "--model", "g2p-bahdanau", "word", "--plot", "word.png"],
+        ["batch", "--model", "g2p-bahdanau", "--input", "in.jsonl", "--output", "out", "--plot-first", "1"],
+    ],
+    ids=["translate", "batch"],
+)
+def test_cli_says_when_the_plot_extra_is_missing(monkeypatch, capsys, argv):
+    """Without matplotlib (the serving images) the CLI refuses before calling anything."""
+    from attnserve.service.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(argv) == 2
+    assert "pip install 'attnserve[plot]'" in capsys.readouterr().err
