@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +122,7 @@ def engine_rows_s(
 ) -> tuple[float, float]:
     """Rows/s (validation included) and peak GiB of an in-process Engine with the job's settings."""
     dc = decoder_config(cfg, manifest)
-    runtime = dc.runtime.__class__(**(asdict(dc.runtime) | {"intra_op_threads": threads}))
+    runtime = replace(dc.runtime, intra_op_threads=threads)
     engine = Engine(Translator(manifest, runtime), dc.engine)
     rows = [input_row(str(i), s.text, s.locale, s.image or None) for i, s in enumerate(samples)]
     list(decode_rows(engine, rows[:32], AttentionMode.CROSS))  # warm-up
