@@ -6,22 +6,24 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batching bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-step-batching bench-batch bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
-# file, and the Fashion-MNIST images the captioner is trained and scored on.
+# file, the Fashion-MNIST images the captioner is trained and scored on, and Noto CJK fonts so that
+# attention pictures draw Korean, Japanese, Cyrillic and accented labels.
 SYSTEM_TOOLS := prometheus promtool docker-compose
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+NOTO_CJK := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 
 $(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(SERVE_STAMP): pyproject.toml setup.py protos/attnserve/v1/*.proto | $(BIN)/pip
-	$(BIN)/pip install --quiet -e '.[cpu]'
+	$(BIN)/pip install --quiet -e '.[cpu,plot]'
 	touch $@
 
 $(DEV_STAMP): pyproject.toml setup.py protos/attnserve/v1/*.proto | $(BIN)/pip
-	$(BIN)/pip install --quiet -e '.[cpu,train,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,train,dev,plot]'
 	touch $@ $(SERVE_STAMP)
 
 serve: $(SERVE_STAMP)  ## start the service on the bundled models (Ctrl-C stops it)
@@ -29,11 +31,11 @@ serve: $(SERVE_STAMP)  ## start the service on the bundled models (Ctrl-C stops 
 
 system-deps:  ## install the Debian packages the tests need, if missing (apt, as root)
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || echo $$t; done; \
-	  [ -f $(FASHION_MNIST) ] || echo dataset-fashion-mnist); \
+	  [ -f $(FASHION_MNIST) ] || echo dataset-fashion-mnist; [ -f $(NOTO_CJK) ] || echo fonts-noto-cjk); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing: $$missing; run 'sudo make system-deps'" >&2; exit 1; fi; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-	    prometheus docker-compose dataset-fashion-mnist >/dev/null; \
+	    prometheus docker-compose dataset-fashion-mnist fonts-noto-cjk >/dev/null; \
 	fi
 
 test: $(DEV_STAMP) system-deps  ## lint + the whole test suite (what CI runs)
@@ -61,8 +63,8 @@ bench: $(DEV_STAMP)  ## every model at c=1/8/32: Ray path, plain gRPC, in-proces
 bench-overload: $(DEV_STAMP)  ## 3x capacity open loop on en-fr-transformer (Ray path); bench/results/overload.json
 	$(BIN)/attnserve bench --overload
 
-bench-batching: $(DEV_STAMP)  ## step-level vs request-level batching, Poisson load; bench/results/batching.json
-	$(BIN)/attnserve bench --batching
+bench-step-batching: $(DEV_STAMP)  ## step-level vs request-level batching, Poisson load; bench/results/batching.json
+	$(BIN)/attnserve bench --step-batching
 
 bench-tls: $(DEV_STAMP)  ## TLS against plaintext on one Ray service, g2p-bahdanau; bench/results/tls.json
 	$(BIN)/attnserve bench --tls
@@ -74,6 +76,9 @@ certs: $(SERVE_STAMP)  ## certs/: a private CA, server and client certificates, 
 
 bench-engine: $(DEV_STAMP)  ## engine tokens/s vs CTranslate2 on en-fr-transformer (fp32, int8); bench/results/engine_speed.json
 	$(BIN)/python -m attnserve.bench.engine_speed
+
+bench-batch: $(DEV_STAMP)  ## attnserve batch (Ray Data) vs the in-process engine, every model, 1 and N actors; ~12 min
+	$(BIN)/python -m attnserve.bench.batch
 
 MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
 

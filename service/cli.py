@@ -1,4 +1,4 @@
-"""The `attnserve` command: serve, translate, models, train, export, eval, bench.
+"""The `attnserve` command: serve, translate, caption, batch, models, train, export, eval, bench.
 
 Training and export import torch lazily, so the serving commands work without it.
 """
@@ -117,16 +117,40 @@ def _translate_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plotting_missing(asked: bool) -> bool:
+    """True (and says so) if pictures were asked for but the plot extra is not installed."""
+    if not asked:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: attention pictures need the plot extra: pip install 'attnserve[plot]'", file=sys.stderr)
+        return True
+    return False
+
+
+def _plot(response, path: Path | None, image: bytes | None = None) -> None:
+    """Draws a response's attention into a PNG file, if one was asked for."""
+    if path is None:
+        return
+    from attnserve.service.plotting import response_figure, save
+
+    print(f"attention picture: {save(response_figure(response, image), path)}")
+
+
 def _translate(args: argparse.Namespace) -> int:
     from attnserve.service.client import format_attention
 
     if args.stream:
         return _translate_stream(args)
-    response = _call(args, "translate", args.model, args.text, args.attention, args.max_output_tokens,
-                     args.beam, args.length_penalty, args.locale)  # fmt: skip
+    if _plotting_missing(bool(args.plot)):
+        return 2
+    response = _call(args, "translate", args.model, args.text, args.attention or bool(args.plot),
+                     args.max_output_tokens, args.beam, args.length_penalty, args.locale)  # fmt: skip
     if response is None:
         return 1
     print(response.text)
+    _plot(response, args.plot)
     if args.attention:
         print(
             f"\nattention ({response.model} v{response.model_version}): rows = output tokens, "
@@ -139,11 +163,15 @@ def _translate(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     from attnserve.service.client import format_attention_maps
 
-    response = _call(args, "caption", args.model, args.image.read_bytes(), args.attention,
+    if _plotting_missing(bool(args.plot)):
+        return 2
+    image = args.image.read_bytes()
+    response = _call(args, "caption", args.model, image, args.attention or bool(args.plot),
                      args.max_output_tokens, args.beam, args.length_penalty)  # fmt: skip
     if response is None:
         return 1
     print(response.text)
+    _plot(response, args.plot, image)
     if args.attention:
         a = response.attention
         print(
@@ -151,6 +179,34 @@ def _caption(args: argparse.Namespace) -> int:
             f"map per word (image resized to {response.input_height}x{response.input_width})"
         )
         print(format_attention_maps(a))
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from attnserve.service.batch.job import BatchConfig, run_batch
+    from attnserve.service.batch.reader import InputError
+    from attnserve.service.config import DEFAULT_SERVE_CONFIG
+
+    if _plotting_missing(args.plot_first > 0):
+        return 2
+    cfg = BatchConfig(
+        model=args.model, input=args.input, output=args.output, repository=args.repository,
+        attention=args.attention, format=args.format, address=args.address, actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+        rows_per_batch=args.rows_per_batch, serve_config=args.serve_config or DEFAULT_SERVE_CONFIG,
+        num_cpus=args.num_cpus, plot_first=args.plot_first,
+    )  # fmt: skip
+    try:
+        result = run_batch(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{result.rows} rows ({result.errors} errors) in {result.seconds:.1f} s with {result.actors} actors "
+        f"(Ray start-up {result.startup_s:.1f} s); {len(result.parts)} part files in {args.output}"
+    )
+    for path in result.pictures:
+        print(f"attention picture: {path}")
     return 0
 
 
@@ -309,7 +365,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.batching:
+    if args.step_batching:
         from attnserve.bench.batching import BatchingConfig, run_batching
 
         models = tuple(args.model or BatchingConfig.models)
@@ -432,6 +488,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-output-tokens", type=int, default=0)
             p.add_argument("--beam", type=int, default=0, help="beam size (0/1 = greedy, up to 16)")
             p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for beam ranking")
+            p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the attention (plot extra)")
+
+    p = sub.add_parser("batch", help="run a model over a file or folder of inputs on Ray Data")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", type=Path, required=True, help="JSONL, TSV or Parquet file; a folder of images")
+    p.add_argument("--output", type=Path, required=True, help="folder for the part files (new or empty)")
+    p.add_argument("--attention", action="store_true", help="write each row's cross attention")
+    p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--actors", type=int, default=0, help="decode actors (default: one per --cpus-per-actor)")
+    p.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs and ONNX Runtime threads per actor")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPUs per actor (with a GPU serve config); sizes the pool by GPUs")  # fmt: skip
+    p.add_argument("--rows-per-batch", type=int, default=256, help="rows an actor takes at a time")
+    p.add_argument("--serve-config", type=Path, help="engine settings (deploy/serve/attnserve.yaml)")
+    p.add_argument("--plot-first", type=int, default=0, metavar="N",
+                   help="attention pictures of the first N rows in OUTPUT/plots (plot extra)")  # fmt: skip
+    p.set_defaults(handler=_batch)
 
     p = sub.add_parser("train", help="train a model family on a task (needs the train extra)")
     p.add_argument(
@@ -507,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json or overload.json)")
     p.add_argument("--overload", action="store_true", help="open-loop arrivals at a multiple of capacity "
                    "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
-    p.add_argument("--batching", action="store_true", help="step-level vs request-level batching in-process, "
-                   "Poisson load (default models en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
+    p.add_argument("--step-batching", action="store_true", help="step-level vs request-level batching "
+                   "in-process, Poisson load (default en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
     p.add_argument("--tls", action="store_true", help="TLS against plaintext on one Ray service, side by "
                    "side (default model g2p-bahdanau); bench/results/tls.json")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
