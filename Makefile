@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batching bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-batching bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, and the Fashion-MNIST images the captioner is trained and scored on.
 SYSTEM_TOOLS := prometheus promtool docker-compose
@@ -64,8 +64,16 @@ bench-overload: $(DEV_STAMP)  ## 3x capacity open loop on en-fr-transformer (Ray
 bench-batching: $(DEV_STAMP)  ## step-level vs request-level batching, Poisson load; bench/results/batching.json
 	$(BIN)/attnserve bench --batching
 
+bench-tls: $(DEV_STAMP)  ## TLS against plaintext on one Ray service, g2p-bahdanau; bench/results/tls.json
+	$(BIN)/attnserve bench --tls
+
+certs: $(SERVE_STAMP)  ## certs/: a private CA, server and client certificates, and a token file (TLS profile)
+	$(BIN)/attnserve certs --out certs
+	umask 077 && $(BIN)/python -c 'import secrets; print("admin:" + secrets.token_urlsafe(32))' > certs/tokens
+	chmod 0640 certs/*.key certs/tokens  # owner and group only: chgrp 10001 for the images
+
 bench-engine: $(DEV_STAMP)  ## engine tokens/s vs CTranslate2 on en-fr-transformer (fp32, int8); bench/results/engine_speed.json
-	flock /tmp/attnserve-bench.lock $(BIN)/python -m attnserve.bench.engine_speed
+	$(BIN)/python -m attnserve.bench.engine_speed
 
 MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
 

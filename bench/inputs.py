@@ -117,7 +117,7 @@ def _dates(manifest: Manifest, count: int) -> list[Sample]:
 
 def _parallel_text(manifest: Manifest, count: int) -> list[Sample]:
     """The held-out test sources of the model's TSV (the split its task recorded)."""
-    from attnserve.models.parallel_text import read_pairs, split_pairs
+    from attnserve.models.tasks.parallel_text import read_pairs, split_pairs
 
     args = manifest.raw.get("task_args", {})
     path = Path(args["path"])  # relative to where it was trained: the repository's parent, usually

@@ -4,7 +4,8 @@
 
 It serves the models with the engine settings of the serve config file (per-model batching and
 admission, ONNX Runtime settings), so it differs from the Ray path only in what carries the
-calls. SIGTERM or SIGINT stops it.
+calls. $ATTNSERVE_TLS_* and $ATTNSERVE_AUTH_TOKENS secure it as they secure `attnserve serve`.
+SIGTERM or SIGINT stops it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import signal
 import sys
 from pathlib import Path
 
+from attnserve.service.auth import token_store_from_env
 from attnserve.service.config import DEFAULT_SERVE_CONFIG, AppArgs, LocalOptions, load_serve_config
 from attnserve.service.core.engine import Engine, start_engines
 from attnserve.service.core.manifest import discover
 from attnserve.service.core.onnx_model import RuntimeConfig
 from attnserve.service.plain_server import serve_plain
+from attnserve.service.tls import ServerTls
 
 
 def app_args(serve_config: Path, repository: Path) -> AppArgs:
@@ -61,8 +64,9 @@ async def _serve(engines: dict[str, Engine], address: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"plain server on {address}: {', '.join(sorted(engines))}", flush=True)
-    await serve_plain(engines, address, stop)
+    tls, tokens = ServerTls.from_env(), token_store_from_env()  # as `attnserve serve` takes them
+    print(f"plain server on {address}{' (TLS)' if tls else ''}: {', '.join(sorted(engines))}", flush=True)
+    await serve_plain(engines, address, stop, tls, tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

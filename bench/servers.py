@@ -170,8 +170,10 @@ def plain_service(repository: Path, serve_config: Path, models: list[str] | None
 
 
 @contextlib.contextmanager
-def ray_service(repository: Path, serve_config: Path) -> Iterator[Target]:
+def ray_service(repository: Path, serve_config: Path, ready_address: str | None = None) -> Iterator[Target]:
     """Starts the real service (local Ray, every model) on free ports; stops it and what it left.
+
+    ready_address: where to see it answer in plaintext, if not its gRPC port (which may be TLS).
 
     Raises:
         DeployError, RuntimeError: if it does not start (the tail of Serve's logs is printed).
@@ -191,7 +193,7 @@ def ray_service(repository: Path, serve_config: Path) -> Iterator[Target]:
         raise
     haproxy_dir = None if had_haproxy_dir else os.environ.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
     try:
-        wait_until_serving(endpoints.grpc)
+        wait_until_serving(ready_address or endpoints.grpc)
         yield Target("ray", endpoints.grpc, lambda: _ray_processes(haproxy_dir))
     finally:
         server.stop(endpoints)

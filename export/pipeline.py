@@ -18,7 +18,7 @@ from attnserve.export.parity import check_parity
 from attnserve.export.quantize import add_int8_variant
 from attnserve.models.architectures import Architecture, Tensor, architecture
 from attnserve.models.checkpoint import load_checkpoint
-from attnserve.models.registry import task as task_named
+from attnserve.models.tasks import task as task_named
 from attnserve.models.torch_runner import TorchStepModel
 from attnserve.service.core.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
 from attnserve.service.core.onnx_model import OnnxSeq2Seq

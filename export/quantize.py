@@ -15,7 +15,7 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from attnserve.models.registry import task as task_named
+from attnserve.models.tasks import task as task_named
 from attnserve.service.core.manifest import MANIFEST_FILE, Manifest, sha256_of
 from attnserve.service.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
 

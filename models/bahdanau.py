@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from attnserve.models.attention import AdditiveScore
+from attnserve.models.graph_contract import TEXT_INPUTS, Architecture
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,40 @@ class BahdanauSeq2Seq(nn.Module):
             step_logits, state, _ = self.decode_step(tgt_in[:, t], state, memory, keys, src_mask)
             logits.append(step_logits)
         return torch.stack(logits, dim=1)
+
+
+ARCHITECTURE = Architecture(
+    name="bahdanau-gru",
+    config_cls=BahdanauConfig,
+    model_cls=BahdanauSeq2Seq,
+    encoder_inputs=TEXT_INPUTS,
+    encoder_outputs=[
+        ("memory", "float32", ["batch", "src_len", "memory_size"]),
+        ("keys", "float32", ["batch", "src_len", "attention_size"]),
+        ("init_state", "float32", ["batch", "decoder_size"]),
+    ],
+    decoder_inputs=[
+        ("prev_token", "int64", ["batch"]),
+        ("state", "float32", ["batch", "decoder_size"]),
+        ("memory", "float32", ["batch", "src_len", "memory_size"]),
+        ("keys", "float32", ["batch", "src_len", "attention_size"]),
+        ("src_mask", "bool", ["batch", "src_len"]),
+    ],
+    decoder_outputs=[
+        ("logits", "float32", ["batch", "vocab"]),
+        ("new_state", "float32", ["batch", "decoder_size"]),
+        ("attention", "float32", ["batch", "src_len"]),
+    ],
+    wiring={
+        "token_input": "prev_token",
+        "logits_output": "logits",
+        "attention_output": "attention",
+        "initial_state": {
+            "state": "encoder:init_state",
+            "memory": "encoder:memory",
+            "keys": "encoder:keys",
+            "src_mask": "input:src_mask",
+        },
+        "recurrent": {"new_state": "state"},
+    },
+)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from attnserve.models.attention import AdditiveScore
+from attnserve.models.graph_contract import Architecture, cross_entropy
 
 
 @dataclass(frozen=True)
@@ -160,3 +161,56 @@ class Captioner(nn.Module):
         """
         total = (attention * tgt_mask.unsqueeze(2).to(attention.dtype)).sum(1)  # (B, N)
         return self.config.alpha_c * ((1.0 - total) ** 2).sum(1).mean()
+
+
+def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: float) -> torch.Tensor:
+    """Teacher-forced cross-entropy plus the doubly stochastic attention penalty."""
+    logits, attention = model(batch["images"], batch["tgt_in"])  # (B, T, V), (B, T, N)
+    penalty = model.doubly_stochastic_penalty(attention, batch["tgt_out"] != 0)
+    return cross_entropy(logits, batch["tgt_out"], smoothing) + penalty
+
+
+def image_config(config_cls: type, src_vocab_size: int, tgt_vocab_size: int, **fields):
+    """An image model's config: the caption vocabulary size and the given fields."""
+    return config_cls(tgt_vocab_size, **fields)
+
+
+ARCHITECTURE = Architecture(
+    name="captioner-lstm",
+    config_cls=CaptionerConfig,
+    model_cls=Captioner,
+    encoder_inputs=[("images", "float32", ["batch", "channels", "height", "width"])],
+    encoder_outputs=[
+        ("memory", "float32", ["batch", "cells", "memory_size"]),
+        ("keys", "float32", ["batch", "cells", "attention_size"]),
+        ("init_h", "float32", ["batch", "decoder_size"]),
+        ("init_c", "float32", ["batch", "decoder_size"]),
+    ],
+    decoder_inputs=[
+        ("prev_token", "int64", ["batch"]),
+        ("h", "float32", ["batch", "decoder_size"]),
+        ("c", "float32", ["batch", "decoder_size"]),
+        ("memory", "float32", ["batch", "cells", "memory_size"]),
+        ("keys", "float32", ["batch", "cells", "attention_size"]),
+    ],
+    decoder_outputs=[
+        ("logits", "float32", ["batch", "vocab"]),
+        ("new_h", "float32", ["batch", "decoder_size"]),
+        ("new_c", "float32", ["batch", "decoder_size"]),
+        ("attention", "float32", ["batch", "cells"]),
+    ],
+    wiring={
+        "token_input": "prev_token",
+        "logits_output": "logits",
+        "attention_output": "attention",
+        "initial_state": {
+            "h": "encoder:init_h",
+            "c": "encoder:init_c",
+            "memory": "encoder:memory",
+            "keys": "encoder:keys",
+        },
+        "recurrent": {"new_h": "h", "new_c": "c"},
+    },
+    loss=caption_loss,
+    make_config=image_config,
+)

@@ -16,6 +16,7 @@ from torch import nn
 
 from attnserve.models.attention import SCORE_FUNCTIONS, make_score
 from attnserve.models.bahdanau import reverse_within_length
+from attnserve.models.graph_contract import TEXT_INPUTS, Architecture
 
 
 @dataclass(frozen=True)
@@ -80,3 +81,41 @@ class LuongSeq2Seq(nn.Module):
             step_logits, state, feed, _ = self.decode_step(tgt_in[:, t], state, feed, memory, src_mask)
             logits.append(step_logits)
         return torch.stack(logits, dim=1)
+
+
+ARCHITECTURE = Architecture(
+    name="luong-gru",
+    config_cls=LuongConfig,
+    model_cls=LuongSeq2Seq,
+    encoder_inputs=TEXT_INPUTS,
+    encoder_outputs=[
+        ("memory", "float32", ["batch", "src_len", "hidden_size"]),
+        ("init_state", "float32", ["batch", "hidden_size"]),
+        ("init_feed", "float32", ["batch", "hidden_size"]),
+    ],
+    decoder_inputs=[
+        ("prev_token", "int64", ["batch"]),
+        ("state", "float32", ["batch", "hidden_size"]),
+        ("feed", "float32", ["batch", "hidden_size"]),
+        ("memory", "float32", ["batch", "src_len", "hidden_size"]),
+        ("src_mask", "bool", ["batch", "src_len"]),
+    ],
+    decoder_outputs=[
+        ("logits", "float32", ["batch", "vocab"]),
+        ("new_state", "float32", ["batch", "hidden_size"]),
+        ("new_feed", "float32", ["batch", "hidden_size"]),
+        ("attention", "float32", ["batch", "src_len"]),
+    ],
+    wiring={
+        "token_input": "prev_token",
+        "logits_output": "logits",
+        "attention_output": "attention",
+        "initial_state": {
+            "state": "encoder:init_state",
+            "feed": "encoder:init_feed",
+            "memory": "encoder:memory",
+            "src_mask": "input:src_mask",
+        },
+        "recurrent": {"new_state": "state", "new_feed": "feed"},
+    },
+)

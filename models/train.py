@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from attnserve.models.architectures import architecture
 from attnserve.models.checkpoint import load_checkpoint, save_checkpoint
-from attnserve.models.tasks import TextTask
+from attnserve.models.tasks.base import TextTask
 from attnserve.models.torch_runner import TorchStepModel
 
 log = logging.getLogger(__name__)

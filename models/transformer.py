@@ -19,12 +19,13 @@ dk = D / H head size, L decoder layers, Le encoder layers, V target vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from attnserve.models.attention import scaled_dot_product_attention
+from attnserve.models.graph_contract import TEXT_INPUTS, Architecture, Tensor
 
 
 @dataclass(frozen=True)
@@ -312,3 +313,74 @@ class TransformerSeq2Seq(nn.Module):
         for layer, (cross_k, cross_v) in zip(self.decoder, cross, strict=True):
             x = layer(x, causal, cross_k, cross_v, cross_mask)
         return self._output(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+_HEADS = ["batch", "heads"]
+
+
+def _tables(arch: Architecture, config: TransformerConfig) -> Architecture:
+    """Per-layer cache and cross-attention tensors of a Transformer with config.decoder_layers layers."""
+    layers = range(config.decoder_layers)
+
+    def per_layer(fmt: str, time_axis: str | int) -> list[Tensor]:
+        shape = [*_HEADS, time_axis, "head_size"]
+        return [(fmt.format(kv=kv, i=i), "float32", shape) for i in layers for kv in "kv"]
+
+    cross = per_layer("cross_{kv}_{i}", "src_len")
+    past = per_layer("past_{kv}_{i}", "past_len")
+    return replace(
+        arch,
+        encoder_outputs=[
+            ("memory", "float32", ["batch", "src_len", "d_model"]),
+            *cross,
+            *per_layer("init_past_{kv}_{i}", "past_len"),
+            ("encoder_attention", "float32", ["batch", "encoder_layers", "heads", "src_len", "src_len"]),
+        ],
+        decoder_inputs=[
+            ("prev_token", "int64", ["batch"]),
+            ("position", "int64", ["batch"]),
+            *past,
+            *cross,
+            ("src_mask", "bool", ["batch", "src_len"]),
+        ],
+        decoder_outputs=[
+            ("logits", "float32", ["batch", "vocab"]),
+            *per_layer("new_{kv}_{i}", 1),
+            ("attention", "float32", ["batch", "src_len"]),
+            ("cross_attention_heads", "float32", ["batch", "layers", "heads", "src_len"]),
+            ("self_attention_heads", "float32", ["batch", "layers", "heads", "next_len"]),
+        ],
+        wiring={
+            **arch.wiring,
+            "initial_state": {
+                **{name: f"encoder:init_{name}" for name, _, _ in past},
+                **{name: f"encoder:{name}" for name, _, _ in cross},
+                "src_mask": "input:src_mask",
+            },
+            "cache": {f"new_{name[5:]}": name for name, _, _ in past},
+        },
+    )
+
+
+ARCHITECTURE = Architecture(
+    name="transformer",
+    config_cls=TransformerConfig,
+    model_cls=TransformerSeq2Seq,
+    encoder_inputs=TEXT_INPUTS,
+    encoder_outputs=[],  # per layer: see _tables
+    decoder_inputs=[],
+    decoder_outputs=[],
+    wiring={
+        "token_input": "prev_token",
+        "position_input": "position",
+        "logits_output": "logits",
+        "attention_output": "attention",
+        "initial_state": {},
+        "recurrent": {},
+        "cache": {},
+        "step_attention": {"cross_heads": "cross_attention_heads", "decoder_self": "self_attention_heads"},
+        "encoder_attention": {"encoder_self": "encoder_attention"},
+    },
+    attention_modes=("cross", "cross_heads", "encoder_self", "decoder_self"),
+    per_config=_tables,
+)

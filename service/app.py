@@ -22,6 +22,7 @@ from ray.serve import Application
 from ray.serve.grpc_util import RayServegRPCContext
 
 from attnserve.service import metrics
+from attnserve.service.auth import token_store_from_env
 from attnserve.service.config import AppArgs, ServingConfig
 from attnserve.service.core.engine import start_engines
 from attnserve.service.core.manifest import Manifest, ManifestError, discover
@@ -71,6 +72,11 @@ def _record(rpc: str, model: str, version: str, code: str, seconds: float) -> No
         metrics.request_errors().inc(tags=tags)
 
 
+def _refused(rpc: str, reason: str) -> None:
+    """Calls refused for want of a valid token, by reason (missing, malformed, unknown)."""
+    metrics.auth_failures().inc(tags={"rpc": rpc, "reason": reason})
+
+
 @serve.deployment(name=DEPLOYMENT)
 class Attnserve:
     """attnserve.v1.Translator and grpc.health.v1.Health for the models of one group."""
@@ -86,7 +92,9 @@ class Attnserve:
             lambda name: config.for_model(name).engine_config(),
             lambda m: RayObserver({"model": m.name, "version": m.version}),
         )
-        self.servicer = Servicer(engines, _record)
+        # $ATTNSERVE_AUTH_TOKENS reaches the replica through Ray's environment (attnserve serve,
+        # the images): every Translator call then needs a token; health checks do not.
+        self.servicer = Servicer(engines, _record, token_store_from_env(), _refused)
         self.draining = False
         threading.Thread(target=self._report_gauges, name="gauges", daemon=True).start()
         log.info("serving %s", ", ".join(sorted(engines)))
@@ -110,17 +118,20 @@ class Attnserve:
 
     async def Translate(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
         """Translate one text with the named model."""
-        outcome = await self.servicer.translate(request, _time_remaining(grpc_context))
+        metadata = grpc_context.invocation_metadata()
+        outcome = await self.servicer.translate(request, _time_remaining(metadata), metadata)
         return _reply(outcome, grpc_context, pb.TranslateResponse)
 
     async def Caption(self, request: pb.CaptionRequest, grpc_context: RayServegRPCContext):
         """Caption one image with the named model."""
-        outcome = await self.servicer.caption(request, _time_remaining(grpc_context))
+        metadata = grpc_context.invocation_metadata()
+        outcome = await self.servicer.caption(request, _time_remaining(metadata), metadata)
         return _reply(outcome, grpc_context, pb.CaptionResponse)
 
     async def TranslateStream(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
         """Translate one text, a message per output token as it is decoded."""
-        async for outcome in self.servicer.translate_stream(request, _time_remaining(grpc_context)):
+        metadata = grpc_context.invocation_metadata()
+        async for outcome in self.servicer.translate_stream(request, _time_remaining(metadata), metadata):
             if outcome.code is not None:
                 _set_status(outcome, grpc_context)
                 return
@@ -128,7 +139,8 @@ class Attnserve:
 
     async def CaptionStream(self, request: pb.CaptionRequest, grpc_context: RayServegRPCContext):
         """Caption one image, a message per output word as it is decoded."""
-        async for outcome in self.servicer.caption_stream(request, _time_remaining(grpc_context)):
+        metadata = grpc_context.invocation_metadata()
+        async for outcome in self.servicer.caption_stream(request, _time_remaining(metadata), metadata):
             if outcome.code is not None:
                 _set_status(outcome, grpc_context)
                 return
@@ -136,7 +148,8 @@ class Attnserve:
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext):
         """The models this application serves."""
-        return _reply(await self.servicer.list_models(request), grpc_context, pb.ListModelsResponse)
+        outcome = await self.servicer.list_models(request, grpc_context.invocation_metadata())
+        return _reply(outcome, grpc_context, pb.ListModelsResponse)
 
     def _status(self, service: str) -> int | None:
         """Health of "" (the whole server), the Translator service, or one model; None if unknown."""
@@ -193,9 +206,9 @@ class Attnserve:
             engine.close(timeout_s=0)
 
 
-def _time_remaining(grpc_context: RayServegRPCContext) -> float | None:
+def _time_remaining(metadata) -> float | None:
     """Seconds the caller will wait, from the SDK's timeout metadata; None if not sent."""
-    for key, value in grpc_context.invocation_metadata():
+    for key, value in metadata:
         if key == TIMEOUT_METADATA:
             try:
                 return max(float(value) / 1000, 0.0)

@@ -15,6 +15,30 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_RUN = Path("runs/model")
 
 
+def _secure_environment(args: argparse.Namespace) -> None:
+    """Puts the TLS and token options into the environment the service's processes inherit, after
+    checking the files (the flags override $ATTNSERVE_TLS_* and $ATTNSERVE_AUTH_TOKENS).
+
+    Raises:
+        ValueError: for an unusable certificate, key, CA or token file.
+    """
+    import os
+
+    from attnserve.service.auth import TOKENS_ENV, TokenStore
+    from attnserve.service.tls import CERT_ENV, CLIENT_CA_ENV, HOST_ENV, KEY_ENV, ServerTls
+
+    given = {CERT_ENV: args.tls_cert, KEY_ENV: args.tls_key, CLIENT_CA_ENV: args.tls_client_ca,
+             TOKENS_ENV: args.auth_tokens}  # fmt: skip
+    os.environ.update({k: str(Path(v).resolve()) for k, v in given.items() if v})
+    tls = ServerTls.from_env()
+    if tls:
+        tls.validate()
+        if args.host:
+            os.environ[HOST_ENV] = args.host
+    if os.environ.get(TOKENS_ENV):
+        TokenStore(Path(os.environ[TOKENS_ENV]))
+
+
 def _serve(args: argparse.Namespace) -> int:
     from attnserve.service.config import DEFAULT_SERVE_CONFIG, LocalOptions
     from attnserve.service.server import DeployError
@@ -28,19 +52,39 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_wait_s=args.max_queue_wait_s,
     )  # fmt: skip
     try:
+        _secure_environment(args)
         return serve_until_signalled(options)
     except (DeployError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
+def _client(args: argparse.Namespace):
+    """A Client for the CLI's target, TLS and token options; prints why and returns None if it cannot."""
+    import os
+
+    from attnserve.service.client import TOKEN_ENV, Client
+    from attnserve.service.tls import ClientTls
+
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    token = args.token or os.environ.get(TOKEN_ENV)
+    try:
+        return Client(args.target, timeout_s=args.timeout, tls=tls, token=token)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def _call(args: argparse.Namespace, rpc: str, *params):
     """One rpc on the served attnserve; prints the status and returns None if it fails."""
     import grpc
 
-    from attnserve.service.client import Client
-
-    with Client(args.target, timeout_s=args.timeout) as client:
+    client = _client(args)
+    if client is None:
+        return None
+    with client:
         try:
             return getattr(client, rpc)(*params)
         except grpc.RpcError as e:
@@ -52,9 +96,10 @@ def _translate_stream(args: argparse.Namespace) -> int:
     """Prints each token as it is decoded, then the text."""
     import grpc
 
-    from attnserve.service.client import Client
-
-    with Client(args.target, timeout_s=args.timeout) as client:
+    client = _client(args)
+    if client is None:
+        return 1
+    with client:
         stream = client.translate_stream(args.model, args.text, args.attention, args.max_output_tokens,
                                          args.beam, args.length_penalty, args.locale)  # fmt: skip
         try:
@@ -132,7 +177,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.models.train import TrainConfig, train
 
     if args.recipe:
@@ -167,7 +212,7 @@ def _train_recipe(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.models.train import TrainConfig, train
 
     recipes = yaml.safe_load(resources.files("attnserve.models").joinpath("recipes.yaml").read_text("utf-8"))
@@ -243,7 +288,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.service.core.manifest import Manifest
     from attnserve.service.core.onnx_model import OnnxSeq2Seq
 
@@ -289,14 +334,32 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from attnserve.bench.run import KINDS, BenchConfig, run_bench
 
-    run_bench(
+    run, out = run_bench, args.out or BenchConfig.out
+    if args.tls:
+        from attnserve.bench.tls import run_tls_bench as run
+
+        out = args.out or Path("bench/results/tls.json")
+    run(
         BenchConfig(
             models=tuple(args.model or ()), kinds=tuple(args.kind or KINDS), repository=args.repository,
             serve_config=args.serve_config or BenchConfig.serve_config, target=args.target,
             concurrency=tuple(args.concurrency), requests=args.requests, max_seconds=args.max_seconds,
-            out=args.out or BenchConfig.out,
+            out=out,
         )
     )  # fmt: skip
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from attnserve.service.certs import DEFAULT_NAMES, make_all
+
+    try:
+        paths = make_all(args.out, tuple(args.name or DEFAULT_NAMES), args.days)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
     return 0
 
 
@@ -306,6 +369,16 @@ def _render_k8s(args: argparse.Namespace) -> int:
     for path in write_all(args.root):
         print(path)
     return 0
+
+
+def _add_client_security(p: argparse.ArgumentParser) -> None:
+    """TLS and token options of a client command."""
+    p.add_argument("--tls-ca", type=Path, help="connect over TLS, trusting this PEM CA")
+    p.add_argument("--tls-cert", type=Path, help="mutual TLS: this client's PEM certificate")
+    p.add_argument("--tls-key", type=Path, help="mutual TLS: this client's PEM private key")
+    p.add_argument("--tls-server-name", help="the name to expect in the server's certificate "
+                   "(default: the target's host)")  # fmt: skip
+    p.add_argument("--token", help="bearer token to send (default $ATTNSERVE_TOKEN)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="override batching for every model")
     p.add_argument("--batch-wait-ms", type=float, help="override the batch wait timer for every model")
     p.add_argument("--max-queue-wait-s", type=float, help="override the admitted queue wait for every model")
+    p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this PEM certificate (chain) "
+                   "[$ATTNSERVE_TLS_CERT]")  # fmt: skip
+    p.add_argument("--tls-key", type=Path, help="the certificate's PEM private key [$ATTNSERVE_TLS_KEY]")
+    p.add_argument("--tls-client-ca", type=Path, help="mutual TLS: clients need a certificate this PEM CA "
+                   "signed [$ATTNSERVE_TLS_CLIENT_CA]")  # fmt: skip
+    p.add_argument("--auth-tokens", type=Path, help="every call needs a bearer token from this file "
+                   "(lines 'name:token'; re-read when it changes) [$ATTNSERVE_AUTH_TOKENS]")  # fmt: skip
     p.set_defaults(handler=_serve)
 
     for name, handler, help_ in (
@@ -336,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--target", default=DEFAULT_ADDRESS, help=f"gRPC address (default {DEFAULT_ADDRESS})")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
+        _add_client_security(p)
         p.set_defaults(handler=handler)
         if name == "translate":
             p.add_argument("text")
@@ -428,10 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
     p.add_argument("--batching", action="store_true", help="step-level vs request-level batching in-process, "
                    "Poisson load (default models en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
+    p.add_argument("--tls", action="store_true", help="TLS against plaintext on one Ray service, side by "
+                   "side (default model g2p-bahdanau); bench/results/tls.json")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
     p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
     p.add_argument("--deadline", type=float, default=10.0, help="overload: each call's deadline (10 s)")
     p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("certs", help="write a private CA, a server and a client certificate (TLS, mTLS)")
+    p.add_argument("--out", type=Path, default=Path("certs"), help="folder to write into (certs/)")
+    p.add_argument("--name", action="append", help="a DNS name or IP the server certificate is valid "
+                   "for (repeatable; default localhost, 127.0.0.1, attnserve)")  # fmt: skip
+    p.add_argument("--days", type=int, default=365, help="validity (365)")
+    p.set_defaults(handler=_certs)
 
     p = sub.add_parser("render-k8s", help="regenerate the KubeRay manifests from deploy/serve/*.yaml")
     p.add_argument("--root", type=Path, default=Path("."), help="repository root")

@@ -6,7 +6,8 @@ load costs a caller no failed call; inference calls are idempotent. Each call ca
 twice: as gRPC's deadline and as `attnserve-timeout-ms` metadata, which the server reads to
 refuse work it cannot finish in time (Ray Serve does not hand gRPC's deadline to the replica).
 A model served by another application (a model group) is reached with `application` metadata,
-which the client finds itself from ListModels.
+which the client finds itself from ListModels. With `tls` the channel is TLS (mutual TLS with a
+client certificate); with a token every call carries `authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attnserve.service.grpc_services import TIMEOUT_METADATA
+from attnserve.service.tls import ClientTls
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 
+TOKEN_ENV = "ATTNSERVE_TOKEN"  # the CLI's default --token
 RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -50,15 +53,33 @@ def channel_options() -> list[tuple[str, object]]:
 class Client:
     """Wraps a channel to a running attnserve."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 30.0):
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout_s: float = 30.0,
+        tls: ClientTls | None = None,
+        token: str | None = None,
+    ):
+        """Opens a channel (TLS when `tls` is given); `token` is sent with every call.
+
+        Raises:
+            ValueError, OSError: for unusable TLS files.
+        """
+        options = channel_options()
+        if tls is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self.channel = grpc.secure_channel(address, tls.credentials(), options=options)
         self.stub = pb_grpc.TranslatorStub(self.channel)
         self.timeout_s = timeout_s
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self._applications: dict[str, str] | None = None  # model -> application, for groups
 
     def _metadata(self, model: str = "") -> tuple[tuple[str, str], ...]:
-        """The deadline metadata, and the model's application when it is in another group."""
-        pairs = [(TIMEOUT_METADATA, str(int(self.timeout_s * 1000)))]
+        """The deadline and token metadata, and the model's application when it is in another group."""
+        pairs = [(TIMEOUT_METADATA, str(int(self.timeout_s * 1000))), *self._auth]
         app = (self._applications or {}).get(model)
         if app:
             pairs.append(("application", app))
@@ -90,7 +111,9 @@ class Client:
         for app in apps.application_names:
             try:
                 listed = self.stub.ListModels(
-                    pb.ListModelsRequest(), timeout=self.timeout_s, metadata=(("application", app),)
+                    pb.ListModelsRequest(),
+                    timeout=self.timeout_s,
+                    metadata=(("application", app), *self._auth),
                 )
             except grpc.RpcError:
                 continue

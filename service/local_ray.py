@@ -7,12 +7,17 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
+
+from attnserve.service import private_binds
+from attnserve.service.tls import ServerTls
 
 log = logging.getLogger("attnserve")
 # Ray Serve settings of the serving path (FACTS.md: "The serving path, measured"): HAProxy
@@ -76,12 +81,26 @@ def set_local_environment() -> None:
         os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(run / "admin.sock"))
         os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(run))
         os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(run / "server-state"))
+    if ServerTls.from_env():
+        _secure_environment()
     for low, high in LOCAL_PORTS:
         if low not in os.environ:
             base = _free_ports(PORT_BLOCK if high else 1)
             os.environ[low] = str(base)
             if high:
                 os.environ[high] = str(base + PORT_BLOCK - 1)
+
+
+def _secure_environment() -> None:
+    """With TLS: Ray's HAProxy runs through `attnserve-haproxy` (TLS on the gRPC port, its other
+    listeners on loopback), and Serve's plaintext gRPC servers bind loopback (private_binds)."""
+    wrapper = Path(sys.executable).with_name("attnserve-haproxy")
+    found = str(wrapper) if wrapper.exists() else shutil.which("attnserve-haproxy")
+    if not found:
+        raise RuntimeError("attnserve-haproxy is not installed beside attnserve (pip install attnserve)")
+    os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", found)
+    for key, value in private_binds.local_environment().items():
+        os.environ.setdefault(key, value)
 
 
 def haproxy_processes(haproxy_dir: str | None) -> list[psutil.Process]:

@@ -119,3 +119,13 @@ def drops() -> Counter:
         description="Queued requests dropped without decoding: deadline (passed or unmeetable), cancelled.",
         tag_keys=(*MODEL_TAGS, "reason"),
     )
+
+
+@cache
+def auth_failures() -> Counter:
+    """Calls refused for want of a valid token, by reason (never the token)."""
+    return Counter(
+        "attnserve_auth_failures_total",
+        description="Calls answered UNAUTHENTICATED, by rpc and reason: missing, malformed, unknown.",
+        tag_keys=("rpc", "reason"),
+    )

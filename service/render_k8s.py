@@ -1,9 +1,10 @@
 """Renders the KubeRay RayService manifests from the template and the serve config files.
 
 The serve config stays the one source: the manifests embed it as `serveConfigV2`, with the
-container's model repository path and the HTTP proxy on all interfaces. The rendered files are
-committed so deploying needs no attnserve install (see deploy/kubernetes/kustomization.yaml),
-and a test keeps them current.
+container's model repository path, the HTTP proxy on all interfaces, and Ray's reflection service
+off (the pods require tokens, and Ray answers reflection outside attnserve's token check). The
+rendered files are committed so deploying needs no attnserve install (see
+deploy/kubernetes/kustomization.yaml), and a test keeps them current.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def render(profile: str, root: Path = Path(".")) -> str:
     config_path = PROFILES[profile]
     config = yaml.safe_load((root / config_path).read_text("utf-8"))
     config.setdefault("http_options", {})["host"] = "0.0.0.0"
+    config.setdefault("grpc_options", {})["enable_reflection"] = False
     for app in config["applications"]:
         app.setdefault("args", {})["model_repository"] = IMAGE_MODEL_REPOSITORY
     ServeDeploySchema.model_validate(config)

@@ -17,8 +17,10 @@ from ray.serve.config import gRPCOptions
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from attnserve.service.app import DEPLOYMENT
+from attnserve.service.auth import TOKENS_ENV
 from attnserve.service.config import AppArgs, LocalOptions, load_serve_config
 from attnserve.service.local_ray import answer_proxy_errors_as_unavailable, set_local_environment
+from attnserve.service.tls import HOST_ENV, ServerTls
 
 log = logging.getLogger("attnserve")
 DEPLOY_TIMEOUT_S = 300
@@ -55,6 +57,7 @@ def start(options: LocalOptions) -> Endpoints:
     if local:
         set_local_environment()
         init_args |= {"num_cpus": options.num_cpus, "_metrics_export_port": options.metrics_port}
+        config = _secured(config)
     # "local": a new Ray even when `ray start` ran on this machine (without it, ray.init joins
     # the cluster in /tmp/ray/ray_current_cluster, or hangs when that cluster is gone).
     ray.init(address="local" if local else address, **init_args)
@@ -78,6 +81,23 @@ def start(options: LocalOptions) -> Endpoints:
         applications=tuple(a.name for a in config.applications),
         local=local,
     )
+
+
+def _secured(config: ServeDeploySchema) -> ServeDeploySchema:
+    """The config as a secured local service runs it.
+
+    With TLS, the gRPC port keeps the config's host (over TLS, `attnserve-haproxy`) while Serve's
+    HTTP listeners move to loopback. With tokens, Ray's own reflection service is turned off: Ray
+    answers it outside any attnserve code, so it could not ask for a token.
+    """
+    if ServerTls.from_env():
+        os.environ.setdefault(HOST_ENV, config.http_options.host)
+        http = config.http_options.model_copy(update={"host": "127.0.0.1"})
+        config = config.model_copy(update={"http_options": http})
+    if os.environ.get(TOKENS_ENV):
+        grpc = config.grpc_options.model_copy(update={"enable_reflection": False})
+        config = config.model_copy(update={"grpc_options": grpc})
+    return config
 
 
 def _check_local_gpus(config: ServeDeploySchema) -> None:

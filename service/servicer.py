@@ -12,10 +12,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from attnserve.service.auth import TokenStore
 from attnserve.service.core.engine import Engine
 from attnserve.service.core.errors import ErrorCode, RequestError
 from attnserve.service.core.translation import PreparedRequest
@@ -53,47 +54,78 @@ def undecodable(request: Undecodable) -> Outcome:
     return Outcome(None, ErrorCode.INVALID_ARGUMENT, message)
 
 
-class Servicer:
-    """Answers Translate, Caption and ListModels for the models whose engines it holds."""
+Metadata = Iterable[tuple[str, str | bytes]]
 
-    def __init__(self, engines: dict[str, Engine], record: RequestRecorder | None = None):
+
+class Servicer:
+    """Answers Translate, Caption and ListModels for the models whose engines it holds.
+
+    With a TokenStore, every one of those calls must carry a known bearer token; a refused call
+    gets UNAUTHENTICATED and `refused(rpc, reason)` is told why (never the token).
+    """
+
+    def __init__(
+        self,
+        engines: dict[str, Engine],
+        record: RequestRecorder | None = None,
+        tokens: TokenStore | None = None,
+        refused: Callable[[str, str], None] | None = None,
+    ):
         self.engines = engines
         self.record = record or (lambda *_: None)
+        self.tokens = tokens
+        self.refused = refused or (lambda *_: None)
         self.serving = True
 
-    async def translate(self, request: pb.TranslateRequest, time_remaining: float | None) -> Outcome:
+    def authenticate(self, rpc: str, metadata: Metadata) -> Outcome | None:
+        """None if the call may proceed; else the UNAUTHENTICATED outcome to send."""
+        if self.tokens is None:
+            return None
+        verdict = self.tokens.check(metadata)
+        if verdict.caller is not None:
+            return None
+        self.refused(rpc, verdict.reason)
+        return Outcome(None, ErrorCode.UNAUTHENTICATED, verdict.message)
+
+    async def translate(
+        self, request: pb.TranslateRequest, time_remaining: float | None, metadata: Metadata = ()
+    ) -> Outcome:
         """Translate: validate the text, decode it in the model's running batch, map the result."""
-        return await self._decode(
+        return self.authenticate("Translate", metadata) or await self._decode(
             "Translate", request, time_remaining, _text_request(request), translation_to_pb
         )
 
-    async def caption(self, request: pb.CaptionRequest, time_remaining: float | None) -> Outcome:
+    async def caption(
+        self, request: pb.CaptionRequest, time_remaining: float | None, metadata: Metadata = ()
+    ) -> Outcome:
         """Caption: check and decode the image, decode it in the model's running batch, map the result."""
-        return await self._decode("Caption", request, time_remaining, _image_request(request), caption_to_pb)
+        return self.authenticate("Caption", metadata) or await self._decode(
+            "Caption", request, time_remaining, _image_request(request), caption_to_pb
+        )
 
     def translate_stream(
-        self, request: pb.TranslateRequest, time_remaining: float | None
+        self, request: pb.TranslateRequest, time_remaining: float | None, metadata: Metadata = ()
     ) -> AsyncIterator[Outcome]:
         """TranslateStream: a chunk per output token, then one with the whole response."""
         return self._stream(
-            "TranslateStream",
-            request,
-            time_remaining,
-            _text_request(request),
-            translation_to_pb,
+            "TranslateStream", request, time_remaining, metadata, _text_request(request), translation_to_pb,
             pb.TranslateChunk,
-        )
+        )  # fmt: skip
 
     def caption_stream(
-        self, request: pb.CaptionRequest, time_remaining: float | None
+        self, request: pb.CaptionRequest, time_remaining: float | None, metadata: Metadata = ()
     ) -> AsyncIterator[Outcome]:
         """CaptionStream: a chunk per output word, then one with the whole response."""
         return self._stream(
-            "CaptionStream", request, time_remaining, _image_request(request), caption_to_pb, pb.CaptionChunk
-        )
+            "CaptionStream", request, time_remaining, metadata, _image_request(request), caption_to_pb,
+            pb.CaptionChunk,
+        )  # fmt: skip
 
-    async def list_models(self, request: pb.ListModelsRequest) -> Outcome:
+    async def list_models(self, request: pb.ListModelsRequest, metadata: Metadata = ()) -> Outcome:
         """ListModels: every model this replica serves, with its figures and providers."""
+        refused = self.authenticate("ListModels", metadata)
+        if refused:
+            return refused
         if isinstance(request, Undecodable):
             return undecodable(request)
 
@@ -142,13 +174,14 @@ class Servicer:
         return await self._answer(rpc, *self._tags(request.model), work)
 
     async def _stream(
-        self, rpc: str, request, time_remaining: float | None, prepare, to_pb, chunk
+        self, rpc: str, request, time_remaining: float | None, metadata: Metadata, prepare, to_pb, chunk
     ) -> AsyncIterator[Outcome]:
         """Like `_decode`, but yields a `chunk` per token as the engine thread chooses it, then a
         chunk with the whole response; a failure is the last outcome. If the client goes away,
         the request leaves the running batch at the next step."""
-        if isinstance(request, Undecodable):
-            yield undecodable(request)
+        refused = self.authenticate(rpc, metadata)
+        if refused or isinstance(request, Undecodable):
+            yield refused or undecodable(request)
             return
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()

@@ -23,7 +23,7 @@ def bundled_manifest():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A small Bahdanau model trained for one short epoch on real CMUdict words."""
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-train")
@@ -44,7 +44,7 @@ def tiny_entry(tiny_checkpoint, tmp_path_factory) -> Path:
 def tiny_transformer_entry(tmp_path_factory) -> Path:
     """A small Transformer trained for one short epoch on real CMUdict words and exported."""
     from attnserve.export.pipeline import ExportConfig, export_model
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-transformer")
@@ -63,7 +63,7 @@ def tiny_subword_entry(tmp_path_factory) -> Path:
     """A small Transformer on the shipped EN->FR names with a 500-piece SentencePiece tokenizer,
     trained for one epoch and exported with its tokenizer."""
     from attnserve.export.pipeline import ExportConfig, export_model
-    from attnserve.models.registry import task
+    from attnserve.models.tasks import task
     from attnserve.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-subwords")

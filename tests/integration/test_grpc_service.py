@@ -124,6 +124,36 @@ def test_a_bad_request_does_not_fail_the_good_ones_in_its_batch(client):
             assert not any(marker in details for marker in LEAK_MARKERS), details
 
 
+def test_translate_stream_sends_tokens_then_the_response(client):
+    chunks = list(client.translate_stream(MODEL, "streaming", attention=True))
+    *tokens, last = chunks
+    response = last.response
+    assert [c.token for c in tokens] == list(response.output_tokens) and response.text
+    weights = attention_array(response.attention)
+    for row, chunk in zip(weights, tokens, strict=True):
+        np.testing.assert_allclose(chunk.attention, row, atol=1e-6)
+    assert response.output_tokens == client.translate(MODEL, "streaming").output_tokens
+
+
+def test_a_cancelled_stream_ends_and_the_service_answers_on(client):
+    stream = client.translate_stream(MODEL, "supercalifragilistic")
+    first = next(stream)
+    assert first.token
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream)
+    assert info.value.code() is grpc.StatusCode.CANCELLED
+    assert client.translate(MODEL, "after").text
+
+
+def test_a_bad_stream_gets_a_status_and_a_plain_message(client):
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.translate_stream(MODEL, "no way!"))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot read" in info.value.details()
+    assert not any(marker in info.value.details() for marker in LEAK_MARKERS)
+
+
 def test_unknown_attention_mode_is_invalid_argument(client):
     request = pb.TranslateRequest(model=MODEL, text="cat", options=pb.TranslateOptions(attention=42))
     with pytest.raises(grpc.RpcError) as info:
@@ -155,6 +185,14 @@ def test_cli_translate_prints_phonemes_and_attention(service):
     assert len(lines) - header - 1 == len(lines[0].split())  # one row per phoneme
     bad = subprocess.run([*cli, "--model", MODEL, "no way"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+    streamed = subprocess.run(
+        [*cli, "--model", MODEL, "attention", "--stream"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    assert streamed[0].split() == lines[0].split() and streamed[-1] == lines[0]
 
 
 def _scrape(url: str) -> dict[str, list]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from attnserve.models.registry import task
+from attnserve.models.tasks import task
 from attnserve.service.core.manifest import discover
 from attnserve.service.core.onnx_model import OnnxSeq2Seq
 from tests.conftest import BUNDLED_REPOSITORY

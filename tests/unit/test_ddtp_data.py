@@ -5,7 +5,7 @@ from __future__ import annotations
 import lzma
 
 from attnserve.models.ddtp_data import parse_translations, unique_pairs
-from attnserve.models.parallel_text import read_pairs
+from attnserve.models.tasks.parallel_text import read_pairs
 from tests.conftest import ROOT
 
 SNAPSHOT = ROOT / "models" / "data" / "ddtp-en-fr.tsv.xz"

@@ -2,9 +2,13 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnserve.models.g2p_data import load_split
 from attnserve.service.core.decoding import (
+    DecodeJob,
+    RunningBatch,
     SourceBatch,
     decode,
     greedy_decode,
@@ -131,3 +135,52 @@ def test_beam_respects_per_row_limits(model, bundled_manifest, sources):
 def test_length_normalisation():
     assert length_normalised(-6.0, 1, 0.0) == -6.0
     assert length_normalised(-6.0, 7, 1.0) == pytest.approx(-3.0)  # ((5 + 7) / 6) ** 1 = 2
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    from attnserve.service.core.manifest import Manifest
+    from tests.conftest import BUNDLED_REPOSITORY
+
+    manifest = Manifest.load(BUNDLED_REPOSITORY / "g2p-transformer" / "1")
+    return OnnxSeq2Seq(manifest), manifest
+
+
+JOINS = st.lists(
+    st.tuples(st.integers(0, 12), st.integers(0, 4), st.sampled_from([1, 1, 3])), min_size=1, max_size=8
+)  # (source index, steps to run before it joins, beam size) per request
+
+
+def _joined_equals_alone(model, vocab, sources, joins, extras=()):
+    """Requests joining a running batch at the given steps decode as they do alone."""
+    batch = RunningBatch(model, vocab.bos_id, vocab.eos_id, 32)
+    got, jobs = {}, []
+    for i, (pick, wait, beam) in enumerate(joins):
+        for _ in range(wait):
+            got.update({job.tag: hyp for job, hyp in batch.step()})
+        job = DecodeJob(32, beam, extras=extras, tag=i)
+        jobs.append((job, sources[pick % len(sources)]))
+        batch.add([job], SourceBatch.from_ids([jobs[-1][1]]))
+    while batch.rows:
+        got.update({job.tag: hyp for job, hyp in batch.step()})
+    for job, src in jobs:
+        (alone,) = decode(model, SourceBatch.from_ids([src]), vocab.bos_id, vocab.eos_id, [32], job.beam_size,
+                          extras=extras)  # fmt: skip
+        assert got[job.tag].token_ids == alone.token_ids
+        np.testing.assert_allclose(got[job.tag].attention, alone.attention, atol=1e-5)
+        for name in extras:
+            np.testing.assert_allclose(got[job.tag].extras[name], alone.extras[name], atol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(joins=JOINS)
+def test_requests_joining_at_any_step_decode_as_alone(model, bundled_manifest, sources, joins):
+    _joined_equals_alone(model, bundled_manifest.target_vocab, sources, joins)
+
+
+@settings(max_examples=10, deadline=None)
+@given(joins=JOINS, extra=st.sampled_from(["cross_heads", "decoder_self", "encoder_self"]))
+def test_transformer_rows_at_different_positions_decode_as_alone(transformer, joins, extra):
+    model, manifest = transformer
+    sources = [manifest.source_vocab.encode(list(e.word)) for e in load_split("test")[:40:3]]
+    _joined_equals_alone(model, manifest.target_vocab, sources, joins, (extra,))

@@ -99,6 +99,28 @@ def test_compose_stops_and_checks_the_service_as_it_drains():
     assert command_timeout < _seconds(check["timeout"]) <= _seconds(check["interval"])
 
 
+def test_compose_tls_profile_secures_the_same_service():
+    exe = _tool("docker-compose", "apt-get install -y --no-install-recommends docker-compose")
+    result = _run([exe, "-f", "docker-compose.yml", "-f", "deploy/docker/docker-compose.tls.yml", "config"])
+    _assert_ok(result)
+    config = yaml.safe_load(result.stdout)
+    assert set(config["services"]) == set(_compose_config()["services"])
+    service = config["services"]["attnserve"]
+    (mount,) = service["volumes"]  # docker-compose 1.29 writes SOURCE:TARGET:ro
+    source, target, mode = mount.split(":")
+    assert source == str(ROOT / "certs") and mode == "ro"
+    for variable in (
+        "ATTNSERVE_TLS_CERT",
+        "ATTNSERVE_TLS_KEY",
+        "ATTNSERVE_TLS_CLIENT_CA",
+        "ATTNSERVE_AUTH_TOKENS",
+    ):
+        assert service["environment"][variable].startswith(target + "/"), variable
+    check = service["healthcheck"]["test"]
+    assert check[1:5] == HEALTH_COMMAND and {"--tls-ca", "--tls-cert", "--tls-key"} <= set(check)
+    assert sorted(service["ports"]) == sorted(_compose_config()["services"]["attnserve"]["ports"])
+
+
 def test_compose_bind_mounts_and_build_files_exist():
     config = _compose_config()
     named = set(config.get("volumes") or {})
@@ -432,8 +454,10 @@ def _check_serving_lifecycle(rayservice: dict) -> None:
         if name == "head":
             assert "readinessProbe" not in container, "a head probe needing the application deadlocks"
             continue
-        probe = container["readinessProbe"]
-        assert probe["grpc"]["port"] == GRPC_PORT and probe["grpc"].get("service", "") == "", name
+        probe = container["readinessProbe"]  # grpc.health.v1 over TLS ("" service): the kubelet's has no TLS
+        command = probe["exec"]["command"]
+        assert command[:4] == HEALTH_COMMAND and "--service" not in command and "--tls-ca" in command, name
+        assert float(command[command.index("--timeout") + 1]) < probe["timeoutSeconds"], name
         assert probe["timeoutSeconds"] < probe["periodSeconds"], name
 
 
@@ -498,6 +522,15 @@ def test_grpc_service_validates_and_selects_ray_pods():
         assert selector.items() <= labels.items()
 
 
+def test_network_policy_validates_and_admits_only_grpc_and_metrics_from_outside():
+    policy = yaml.safe_load((K8S / "networkpolicy.yaml").read_text())
+    _k8s_validate(policy)
+    for labels in _pod_labels(_template_without_serve_config()):
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (anyone,) = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert sorted(p["port"] for p in anyone["ports"]) == [8080, GRPC_PORT]
+
+
 def test_podmonitor_validates_and_selects_ray_pods():
     monitor = yaml.safe_load((K8S / "podmonitor.yaml").read_text())
     _crd_validate(monitor, "podmonitor-monitoring.coreos.com-v1.json")
@@ -549,7 +582,7 @@ def test_kubectl_kustomize_builds(tmp_path):
     )
     _assert_ok(result)
     docs = {d["kind"]: d for d in yaml.safe_load_all(result.stdout)}
-    assert set(docs) == {"RayService", "Service", "PodMonitor", "ConfigMap"}
+    assert set(docs) == {"RayService", "Service", "NetworkPolicy", "PodMonitor", "ConfigMap"}
     assert json.loads(docs["ConfigMap"]["data"]["attnserve-serving.json"]) == _dashboard()
     for doc in (docs["Service"], docs["ConfigMap"]):
         _k8s_validate(doc)

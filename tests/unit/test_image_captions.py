@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from attnserve.models.image_captions import ImageCaptionTask
+from attnserve.models.tasks.image_captions import ImageCaptionTask
 from tests.conftest import BYOM_IMAGES
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnserve.models.parallel_text import ParallelTextTask, read_pairs, split_pairs, train_subwords
+from attnserve.models.tasks.parallel_text import ParallelTextTask, read_pairs, split_pairs, train_subwords
 from attnserve.service.core.subwords import Subwords
 from attnserve.service.core.vocab import SPECIALS
 from tests.conftest import BYOM_TEXT, ROOT

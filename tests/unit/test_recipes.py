@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from attnserve.models.architectures import architecture
-from attnserve.models.registry import TASKS, task
+from attnserve.models.tasks import TASKS, task
 from attnserve.models.train import TrainConfig
 from attnserve.service.core.manifest import discover
 from tests.conftest import BUNDLED_REPOSITORY

@@ -21,7 +21,7 @@ def test_serve_config_v2_is_the_profile_with_image_paths(profile):
     assert manifest["kind"] == "RayService"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     source = yaml.safe_load((ROOT / PROFILES[profile]).read_text())
-    assert embedded["grpc_options"] == source["grpc_options"]
+    assert embedded["grpc_options"] == {**source["grpc_options"], "enable_reflection": False}  # tokens on
     assert embedded["applications"][0]["deployments"] == source["applications"][0]["deployments"]
     config = ServeDeploySchema.model_validate(embedded)
     assert AppArgs.model_validate(config.applications[0].args).model_repository == IMAGE_MODEL_REPOSITORY
@@ -47,7 +47,26 @@ def test_grpc_ports_and_probes_follow_the_serve_config(profile):
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         (container,) = group["template"]["spec"]["containers"]
         assert {"name": "grpc", "containerPort": port} in container["ports"]
-        if "readinessProbe" in container:
-            assert container["readinessProbe"]["grpc"]["port"] == port
+        if "readinessProbe" in container:  # grpc.health.v1 over TLS: the kubelet's gRPC probe has no TLS
+            command = container["readinessProbe"]["exec"]["command"]
+            assert command[:4] == ["attnserve", "health", "--target", f"127.0.0.1:{port}"]
+            assert "--tls-ca" in command
             probed += 1
     assert probed == len(cluster["workerGroupSpecs"])
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_ray_container_reads_tls_and_tokens_from_the_secrets(profile):
+    cluster = yaml.safe_load(render(profile, ROOT))["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("/attnserve-haproxy")
+        secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert secrets == {"tls": "attnserve-tls", "tokens": "attnserve-tokens"}
+        for variable, volume in (("ATTNSERVE_TLS_CERT", "tls"), ("ATTNSERVE_TLS_KEY", "tls"),
+                                 ("ATTNSERVE_AUTH_TOKENS", "tokens")):  # fmt: skip
+            assert env[variable].startswith(mounts[volume] + "/"), variable
+        assert not any("subPath" in m for m in container["volumeMounts"])  # subPath mounts never update

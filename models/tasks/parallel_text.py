@@ -10,7 +10,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from attnserve.models import g2p_data
-from attnserve.models.tasks import TextExample, TextTask
+from attnserve.models.tasks.base import TextExample, TextTask
 from attnserve.service.core.subwords import MODEL_FILE, Subwords, tokenize
 from attnserve.service.core.vocab import Vocab
 

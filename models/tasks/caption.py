@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from attnserve.models import scenes_data
 from attnserve.models.caption_scoring import attention_localisation, exact_match
-from attnserve.models.tasks import Batch, TextTask, target_arrays
+from attnserve.models.tasks.base import Batch, TextTask, target_arrays
 from attnserve.service.core.decoding import SourceBatch, StepModel, decode
 from attnserve.service.core.vocab import SPECIALS, Vocab
 

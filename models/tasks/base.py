@@ -1,23 +1,20 @@
-"""Text-to-text tasks: where examples come from, how sources are tokenised, how output is scored.
+"""The task base: where examples come from, how sources are tokenised, how output is scored.
 
 A task knows nothing of the model family; training, export and evaluation take one of these.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 from dataclasses import dataclass
-from functools import cache
 from typing import ClassVar
 
 import numpy as np
 
-from attnserve.models import dates_data, g2p_data
 from attnserve.models.evaluate import predict
 from attnserve.models.scoring import error_rates
 from attnserve.service.core.decoding import SourceBatch, StepModel, pad_batch
-from attnserve.service.core.vocab import UNKNOWN_LOCALE, Vocab
+from attnserve.service.core.vocab import Vocab
 
 Batch = dict[str, np.ndarray]
 
@@ -135,79 +132,6 @@ class TextTask:
         return [_text_batch([pairs[i] for i in g], tgt_vocab) for g in groups]
 
 
-class G2PTask(TextTask):
-    """English word -> ARPAbet phonemes (CMUdict, stress removed)."""
-
-    name = "g2p"
-    description = "English word -> ARPAbet phonemes (stress removed), CMU Pronouncing Dictionary"
-    max_source_tokens = 32
-    max_output_tokens = 32
-    primary, minimise = "wer", True
-    source_spec: ClassVar[dict] = {"tokenizer": "characters", "lowercase": True}
-
-    def examples(self, split: str) -> list[TextExample]:
-        return [TextExample(tuple(e.word), e.pronunciations) for e in g2p_data.load_split(split)]
-
-    def vocabularies(self) -> tuple[Vocab, Vocab]:
-        """Letters of every word (the alphabet is closed), phonemes of the training words."""
-        words = [e.source for split in ("train", "dev", "test") for e in self.examples(split)]
-        return Vocab.build(words), super().vocabularies()[1]
-
-
-class DatesTask(TextTask):
-    """A date written as in a CLDR locale -> ISO 8601, with a locale token before the characters.
-
-    Training examples are drawn afresh every epoch; dev and test are fixed samples of held-out
-    dates, and `test_unseen_locales` uses only locales never trained on.
-    """
-
-    name = "dates"
-    description = "Date as written in a CLDR locale (babel) -> ISO 8601 YYYY-MM-DD"
-    max_source_tokens = 64
-    max_output_tokens = 10
-    primary, minimise = "exact_match", False
-    target_separator = ""
-    eval_splits = ("test", "test_unseen_locales")
-    source_spec: ClassVar[dict] = {"tokenizer": "characters", "lowercase": False, "locale_token": True}
-    sizes: ClassVar[dict[str, int]] = {
-        "train": 100_000,
-        "dev": 2_000,
-        "test": 5_000,
-        "test_unseen_locales": 2_000,
-    }
-
-    def __init__(self, train_examples: int = 0, language_balance: float = 0.0):
-        self.train_size = train_examples or self.sizes["train"]
-        self.language_balance = language_balance
-
-    @property
-    def arguments(self) -> dict:
-        return {"language_balance": self.language_balance} if self.language_balance else {}
-
-    def _convert(self, items: list[dates_data.DateExample]) -> list[TextExample]:
-        known = frozenset(dates_data.locales()[0])
-        return [TextExample(tuple(e.source_tokens(known)), (tuple(e.iso),)) for e in items]
-
-    def examples(self, split: str) -> list[TextExample]:
-        if split == "test_unseen_locales":
-            return self._convert(dates_data.sample("test", self.sizes[split], seed=0, held_out_locales=True))
-        count = self.train_size if split == "train" else self.sizes[split]
-        return self._convert(dates_data.sample(split, count, seed=0))
-
-    def train_examples(self, epoch: int) -> list[TextExample]:
-        return self._convert(
-            dates_data.sample("train", self.train_size, seed=epoch, language_balance=self.language_balance)
-        )
-
-    def vocabularies(self) -> tuple[Vocab, Vocab]:
-        """Every character any trained locale writes for a month or weekday, and the locale tokens."""
-        return _date_vocabularies()
-
-    def score(self, predictions: list[list[str]], examples: list[TextExample]) -> dict[str, float]:
-        rates = super().score(predictions, examples)
-        return {"exact_match": 1 - rates["wer"], "cer": rates["per"], "examples": rates["words"]}
-
-
 def target_arrays(targets: list[list[int]], tgt_vocab: Vocab) -> Batch:
     """Teacher-forcing arrays: tgt_in (B, T) starts with <s>, tgt_out (B, T) ends with </s>."""
     tgt_in, _ = pad_batch([[tgt_vocab.bos_id, *t] for t in targets])
@@ -219,13 +143,3 @@ def _text_batch(pairs: list[tuple[list[int], list[int]]], tgt_vocab: Vocab) -> B
     """Padded arrays for one batch of (source ids, target ids) pairs."""
     src_ids, src_mask = pad_batch([s for s, _ in pairs])  # (B, S)
     return {"src_ids": src_ids, "src_mask": src_mask, **target_arrays([t for _, t in pairs], tgt_vocab)}
-
-
-@cache
-def _date_vocabularies() -> tuple[Vocab, Vocab]:
-    trained, _ = dates_data.locales()
-    days = [dt.date(2024, month, day) for month in range(1, 13) for day in (1, 15, 28)]  # every weekday too
-    chars = {c for loc in trained for style in dates_data.FORMATS for d in days
-             for c in dates_data.format_date(d, style, locale=loc)}  # fmt: skip
-    tags = {f"<locale:{loc}>" for loc in trained} | {UNKNOWN_LOCALE}
-    return Vocab.build([chars | tags | set("0123456789")]), Vocab.build(["0123456789-"])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attnserve.models.caption_task import caption_images, image_source_section
-from attnserve.models.parallel_text import portable, read_pairs, split_pairs
-from attnserve.models.tasks import Batch, TextExample, TextTask, target_arrays
+from attnserve.models.tasks.base import Batch, TextExample, TextTask, target_arrays
+from attnserve.models.tasks.caption import caption_images, image_source_section
+from attnserve.models.tasks.parallel_text import portable, read_pairs, split_pairs
 from attnserve.service.core.decoding import SourceBatch, StepModel
 from attnserve.service.core.errors import RequestError
 from attnserve.service.core.images import decode_image
