@@ -21,46 +21,35 @@ from attnserve.service.core.manifest import Manifest
 from attnserve.service.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
 
 
-class _Timed:
-    """A session whose run() adds its wall time to `seconds`."""
+def _timed(function, totals: dict[str, float], key: str):
+    """function, adding its wall time to totals[key] on every call."""
 
-    def __init__(self, session):
-        self.session, self.seconds = session, 0.0
-
-    def __getattr__(self, name):
-        return getattr(self.session, name)
-
-    def run(self, *args, **kwargs):
+    def run(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return self.session.run(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - start
+            totals[key] += time.perf_counter() - start
+
+    return run
 
 
 def _wall_split(manifest: Manifest, precision: str, threads: int, ids: list, size: int) -> dict:
-    """Seconds in encoder runs, decoder runs and the rest (the decode loop) over every sentence."""
+    """Shares of wall time in the encoder, the decoder step and the rest (the decode loop)."""
     model = OnnxSeq2Seq(manifest, RuntimeConfig(intra_op_threads=threads, precision=precision))
-    encoder, decoder = _Timed(model.encoder), _Timed(model.decoder)
-    model.encoder, model.decoder = encoder, decoder
-    model._encoder = _named_run(encoder)
-    model.run_decoder = _named_run(decoder)
+    totals = {"encoder": 0.0, "decoder_step": 0.0}
+    model.encode = _timed(model.encode, totals, "encoder")  # the decode loop's only two calls
+    model.run_decoder = _timed(model.run_decoder, totals, "decoder_step")
     bos, eos, limit = manifest.target_vocab.bos_id, manifest.target_vocab.eos_id, manifest.max_output_tokens
-    greedy_decode(model, SourceBatch.from_ids(ids[:size]), bos, eos, [limit] * size)
-    encoder.seconds = decoder.seconds = 0.0
+    greedy_decode(model, SourceBatch.from_ids(ids[:size]), bos, eos, [limit] * size)  # warm-up
+    totals.update(encoder=0.0, decoder_step=0.0)
     start, tokens = time.perf_counter(), 0
     for batch in _batches(ids, size):
         hyps = greedy_decode(model, SourceBatch.from_ids(batch), bos, eos, [limit] * len(batch))
         tokens += sum(len(h.token_ids) for h in hyps)
     wall = time.perf_counter() - start
-    shares = {"encoder": encoder.seconds / wall, "decoder_step": decoder.seconds / wall}
+    shares = {k: v / wall for k, v in totals.items()}
     return {"tokens_per_s": tokens / wall, **shares, "loop": 1 - sum(shares.values())}
-
-
-def _named_run(session):
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    return lambda feeds: dict(zip(outputs, session.run(None, {k: feeds[k] for k in inputs}), strict=True))
 
 
 def _op_shares(manifest: Manifest, precision: str, threads: int, ids: list, size: int, prefix: str) -> dict:
@@ -71,8 +60,10 @@ def _op_shares(manifest: Manifest, precision: str, threads: int, ids: list, size
     bos, eos, limit = manifest.target_vocab.bos_id, manifest.target_vocab.eos_id, manifest.max_output_tokens
     for batch in _batches(ids, size)[:4]:
         greedy_decode(model, SourceBatch.from_ids(batch), bos, eos, [limit] * len(batch))
-    model.encoder.end_profiling()
-    events = json.loads(Path(model.decoder.end_profiling()).read_text())
+    Path(model.encoder.end_profiling()).unlink()
+    profile = Path(model.decoder.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
     kernels = Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
