@@ -19,6 +19,20 @@ from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES, BYOM_TEXT, ROOT
 
 STARTUP_TIMEOUT_S = 240
 BYOM_MODEL, BYOM_IMAGE_MODEL = "names-en-fr", "fashion-scenes"
+SERVE_CONFIG = ROOT / "deploy/serve/attnserve.yaml"
+
+
+def served_translator(manifest):
+    """The model as the service runs it (the serve config's runtime: precision included), in-process."""
+    import yaml
+
+    from attnserve.service.config import AppArgs
+    from attnserve.service.core.onnx_model import RuntimeConfig
+    from attnserve.service.core.translation import Translator
+
+    (app,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+    runtime = AppArgs.model_validate(app["args"]).runtime
+    return Translator(manifest, RuntimeConfig(**runtime.model_dump()))
 
 
 def free_port() -> int:
@@ -106,9 +120,7 @@ def start_service(serve_config: Path, *options: str) -> RunningService:
 @pytest.fixture(scope="session")
 def service(served_repository) -> RunningService:
     """`attnserve serve` on the served repository, on free local ports, with a 20 ms batch timer."""
-    running = start_service(
-        ROOT / "deploy/serve/attnserve.yaml", "--repository", str(served_repository), "--batch-wait-ms", "20"
-    )
+    running = start_service(SERVE_CONFIG, "--repository", str(served_repository), "--batch-wait-ms", "20")
     proc = running.process
     yield running
     if proc.poll() is None:  # a test failed before the shutdown test ran

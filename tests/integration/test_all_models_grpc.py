@@ -13,18 +13,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from attnserve.models import dates_data, scenes_data
 from attnserve.service.client import Client, attention_maps
-from attnserve.service.config import AppArgs
 from attnserve.service.core.manifest import discover
-from attnserve.service.core.onnx_model import RuntimeConfig
-from attnserve.service.core.translation import AttentionMode, Translator
+from attnserve.service.core.translation import AttentionMode
 from attnserve.v1 import translator_pb2 as pb
-from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES, ROOT
-from tests.integration.conftest import BYOM_IMAGE_MODEL, BYOM_MODEL
+from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES
+from tests.integration.conftest import BYOM_IMAGE_MODEL, BYOM_MODEL, served_translator
 
 pytestmark = pytest.mark.integration
 MANIFESTS = {m.name: m for m in discover(BUNDLED_REPOSITORY)}
@@ -66,7 +63,7 @@ def test_list_models_describes_every_served_model(client, served_repository):
 
 def test_dates_in_many_locales_match_the_runtime_and_mostly_the_truth(client):
     manifest = MANIFESTS[DATES]
-    local = Translator(manifest)
+    local = served_translator(manifest)
     examples = dates_data.sample("test", 24, seed=7)
     right = 0
     for e in examples:
@@ -85,7 +82,7 @@ def test_a_locale_the_model_never_saw_is_read_as_unknown(client):
 
 def test_caption_matches_the_runtime_and_returns_one_map_per_word(client):
     manifest = MANIFESTS[CAPTION]
-    local = Translator(manifest)
+    local = served_translator(manifest)
     scenes = scenes_data.generate("test", 6, seed=11)
     for scene in scenes:
         got = client.caption(CAPTION, _png(scene), attention=True)
@@ -180,15 +177,9 @@ def test_images_and_captions_brought_by_a_user_are_served_by_caption(client, ser
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "call Caption" in error.details()
 
 
-def _served_runtime() -> RuntimeConfig:
-    """The runtime settings of the service under test (deploy/serve/attnserve.yaml)."""
-    raw = yaml.safe_load((ROOT / "deploy/serve/attnserve.yaml").read_text("utf-8"))
-    return RuntimeConfig(**AppArgs.model_validate(raw["applications"][0]["args"]).runtime.model_dump())
-
-
 def test_english_to_french_reads_subwords_and_answers_as_the_runtime_does(client):
     manifest = MANIFESTS[EN_FR]
-    local = Translator(manifest, _served_runtime())  # int8 where the serve profile says auto
+    local = served_translator(manifest)
     texts = ["development files for the GNU C library", "Python 3 bindings for libfoo 🙂"]
     for text in texts:
         got = client.translate(EN_FR, text, attention=True)
