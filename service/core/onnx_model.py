@@ -37,6 +37,7 @@ class RuntimeConfig:
     intra_op_threads: int = 0
     allow_spinning: bool = False
     precision: str = "fp32"
+    profile_prefix: str = ""  # set: ONNX Runtime writes each session's op profile (JSON) there
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -116,6 +117,9 @@ def session_options(config: RuntimeConfig) -> ort.SessionOptions:
     options.intra_op_num_threads = config.intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
+    if config.profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = config.profile_prefix
     return options
 
 
