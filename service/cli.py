@@ -583,8 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json or overload.json)")
     p.add_argument("--overload", action="store_true", help="open-loop arrivals at a multiple of capacity "
                    "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
-    p.add_argument("--step-batching", action="store_true", help="step vs request-level batching "
-                   "in-process under Poisson load (default en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
+    p.add_argument("--step-batching", action="store_true",
+                   help="step-level against request-level batching in-process under Poisson load "
+                   "(en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
     p.add_argument("--tls", action="store_true", help="TLS against plaintext on one Ray service, side by "
                    "side (default model g2p-bahdanau); bench/results/tls.json")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
