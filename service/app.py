@@ -130,21 +130,13 @@ class Attnserve:
 
     async def TranslateStream(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
         """Translate one text, a message per output token as it is decoded."""
-        metadata = grpc_context.invocation_metadata()
-        async for outcome in self.servicer.translate_stream(request, _time_remaining(metadata), metadata):
-            if outcome.code is not None:
-                _set_status(outcome, grpc_context)
-                return
-            yield outcome.response
+        async for chunk in _streamed(self.servicer.translate_stream, request, grpc_context):
+            yield chunk
 
     async def CaptionStream(self, request: pb.CaptionRequest, grpc_context: RayServegRPCContext):
         """Caption one image, a message per output word as it is decoded."""
-        metadata = grpc_context.invocation_metadata()
-        async for outcome in self.servicer.caption_stream(request, _time_remaining(metadata), metadata):
-            if outcome.code is not None:
-                _set_status(outcome, grpc_context)
-                return
-            yield outcome.response
+        async for chunk in _streamed(self.servicer.caption_stream, request, grpc_context):
+            yield chunk
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext):
         """The models this application serves."""
@@ -227,6 +219,16 @@ def _reply(outcome: Outcome, grpc_context: RayServegRPCContext, empty):
         return outcome.response
     _set_status(outcome, grpc_context)
     return empty()
+
+
+async def _streamed(rpc, request, grpc_context: RayServegRPCContext):
+    """The messages of a streamed rpc; a failure ends the stream with its status."""
+    metadata = grpc_context.invocation_metadata()
+    async for outcome in rpc(request, _time_remaining(metadata), metadata):
+        if outcome.code is not None:
+            _set_status(outcome, grpc_context)
+            return
+        yield outcome.response
 
 
 def _set_status(outcome: Outcome, grpc_context: RayServegRPCContext) -> None:

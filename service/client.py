@@ -135,8 +135,7 @@ class Client:
         Raises:
             grpc.RpcError: with the server's status code and message.
         """
-        options = _options(attention, max_output_tokens, beam_size, length_penalty)
-        request = pb.TranslateRequest(model=model, text=text, options=options, locale=locale)
+        request = _text_request(model, text, attention, max_output_tokens, beam_size, length_penalty, locale)
         return self._call(self.stub.Translate, request, model)
 
     def translate_stream(
@@ -156,8 +155,7 @@ class Client:
         Raises:
             grpc.RpcError: while iterating, with the server's status code and message.
         """
-        options = _options(attention, max_output_tokens, beam_size, length_penalty)
-        request = pb.TranslateRequest(model=model, text=text, options=options, locale=locale)
+        request = _text_request(model, text, attention, max_output_tokens, beam_size, length_penalty, locale)
         return self.stub.TranslateStream(request, timeout=self.timeout_s, metadata=self._metadata(model))
 
     def caption(
@@ -199,6 +197,12 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _text_request(model, text, attention, max_output_tokens, beam_size, length_penalty, locale):
+    """A TranslateRequest from the SDK's arguments."""
+    options = _options(attention, max_output_tokens, beam_size, length_penalty)
+    return pb.TranslateRequest(model=model, text=text, options=options, locale=locale)
 
 
 def _options(attention: bool, max_output_tokens: int, beam_size: int, length_penalty: float):
