@@ -178,19 +178,16 @@ class RunningBatch:
         """
         state = self.model.encode(source.inputs)
         done = []
-        for job in jobs:
-            encoder_names = [n for n in job.extras if n.startswith("encoder")]
-            missing = [n for n in job.extras if n.startswith("encoder") and EXTRA_PREFIX + n not in state]
-            if missing:
-                raise ValueError(f"the model returns no {missing} attention")
-            job.encoder_extras = {n: None for n in encoder_names}
-        repeats = np.array([j.beam_size if j.max_steps > 0 else 0 for j in jobs])
         for i, job in enumerate(jobs):
             job.columns = source.columns(i)
-            for name in job.encoder_extras:
-                job.encoder_extras[name] = state[EXTRA_PREFIX + name][i][..., job.columns, job.columns]
+            names = [n for n in job.extras if n.startswith("encoder")]
+            missing = [n for n in names if EXTRA_PREFIX + n not in state]
+            if missing:
+                raise ValueError(f"the model returns no {missing} attention")
+            job.encoder_extras = {n: state[EXTRA_PREFIX + n][i][..., job.columns, job.columns] for n in names}
             if job.max_steps <= 0:
                 done.append(job)
+        repeats = np.array([j.beam_size if j.max_steps > 0 else 0 for j in jobs])
         new = int(repeats.sum())
         if not new:
             return done
@@ -219,7 +216,6 @@ class RunningBatch:
         slot["ended"][first : first + new] = False
         slot["source_len"][first : first + new] = lengths[rows]
         slot["limit"][first : first + new] = [jobs[r].max_steps for r in rows]
-        slot["greedy"][first : first + new] = [jobs[r].beam_size == 1 for r in rows]
         scores = np.zeros(new)
         for start in np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]):
             scores[start + 1 : start + repeats[rows[start]]] = -np.inf  # one live beam at first
@@ -250,7 +246,6 @@ class RunningBatch:
                 "limit": np.zeros(capacity, np.int64),
                 "done": np.zeros(capacity, bool),
                 "ended": np.zeros(capacity, bool),  # the row emitted </s>
-                "greedy": np.zeros(capacity, bool),
                 "score": np.zeros(capacity, np.float64),
                 "source_len": np.zeros(capacity, np.int64),
                 "tokens": np.zeros((capacity, self.max_steps), np.int64),
