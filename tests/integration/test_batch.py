@@ -44,15 +44,36 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def fp32_serve_config(tmp_path_factory) -> Path:
+    """The CPU serve config at fp32: a dynamically quantised (int8) model scales activations per
+    batch, so its answers depend on which rows share a batch; fp32 answers do not."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy/serve/attnserve.yaml").read_text())
+    for app in config["applications"]:
+        app["args"]["runtime"]["precision"] = "fp32"
+    path = tmp_path_factory.mktemp("serve") / "attnserve-fp32.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def _manifest(name: str) -> Manifest:
     return Manifest.load(BUNDLED_REPOSITORY / name / "1")
 
 
-def _run(tmp_path: Path, model: str, source: Path, **options) -> list[dict]:
+def _run(tmp_path: Path, model: str, source: Path, serve_config: Path, **options) -> list[dict]:
     """Runs a job; returns its output rows."""
     out = tmp_path / "out"
     result = run_batch(
-        BatchConfig(model=model, input=source, output=out, repository=BUNDLED_REPOSITORY, **options)
+        BatchConfig(
+            model=model,
+            input=source,
+            output=out,
+            repository=BUNDLED_REPOSITORY,
+            serve_config=serve_config,
+            **options,
+        )
     )
     fmt = options.get("format", "jsonl")
     if fmt == "parquet":
@@ -107,7 +128,7 @@ def _assert_online_answers(manifest: Manifest, source: Path, rows: list[dict], a
         np.testing.assert_allclose(a["weights"], online.attention.weights, atol=2e-5)
 
 
-def test_dates_jsonl_with_locales_and_bad_rows(tmp_path):
+def test_dates_jsonl_with_locales_and_bad_rows(tmp_path, fp32_serve_config):
     from attnserve.models import dates_data
 
     lines = [
@@ -126,7 +147,7 @@ def test_dates_jsonl_with_locales_and_bad_rows(tmp_path):
     ]
     source = tmp_path / "dates.jsonl"
     source.write_text("\n".join(lines) + "\n", "utf-8")
-    rows = _run(tmp_path, "dates-luong", source, attention=True)
+    rows = _run(tmp_path, "dates-luong", source, fp32_serve_config, attention=True)
     by_id = {r["id"]: r for r in rows}
     assert by_id["5"]["error"]["message"].startswith("row 5 is not JSON")
     assert by_id["6"]["error"]["message"] == "row 6 is not a JSON object"
@@ -136,34 +157,36 @@ def test_dates_jsonl_with_locales_and_bad_rows(tmp_path):
     _assert_online_answers(_manifest("dates-luong"), source, rows, attention=True)
 
 
-def test_tsv_in_parquet_out_with_per_word_attention(tmp_path):
+def test_tsv_in_parquet_out_with_per_word_attention(tmp_path, fp32_serve_config):
     from attnserve.models.g2p_data import load_split
 
     words = [e.word for e in load_split("test")[:60:2]] + ["naïve", "", "a" * 40]
     source = tmp_path / "words.tsv"
     source.write_text("".join(f"{w}\tignored column\n" for w in words), "utf-8")
-    rows = _run(tmp_path, "g2p-transformer", source, attention=True, format="parquet")
+    rows = _run(tmp_path, "g2p-transformer", source, fp32_serve_config, attention=True, format="parquet")
     assert sum(r["error"] is not None for r in rows) == 3
     _assert_online_answers(_manifest("g2p-transformer"), source, rows, attention=True)
 
 
-def test_parquet_in_without_attention(tmp_path):
+def test_parquet_in_without_attention(tmp_path, fp32_serve_config):
     source = tmp_path / "words.parquet"
     table = pa.table({"id": ["a", "b", None, "d"], "text": ["attention", None, "serving", "rays"]})
     pq.write_table(table, source, row_group_size=2)
-    rows = _run(tmp_path, "g2p-bahdanau", source)
+    rows = _run(tmp_path, "g2p-bahdanau", source, fp32_serve_config)
     assert [r["id"] for r in sorted(rows, key=lambda r: r["id"])] == ["2", "a", "b", "d"]
     _assert_online_answers(_manifest("g2p-bahdanau"), source, rows, attention=False)
 
 
-def test_folder_of_images_with_a_corrupt_one_and_two_actors(tmp_path):
+def test_folder_of_images_with_a_corrupt_one_and_two_actors(tmp_path, fp32_serve_config):
     folder = tmp_path / "scenes"
     (folder / "more").mkdir(parents=True)
     for i, scene in enumerate(sorted(SCENES.glob("*.png"))[:12]):
         shutil.copy(scene, folder / ("more" if i % 3 == 0 else ".") / scene.name)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (folder / "notes.txt").write_text("not an image")
-    rows = _run(tmp_path, "caption-fashion", folder, attention=True, format="parquet", actors=2)
+    rows = _run(
+        tmp_path, "caption-fashion", folder, fp32_serve_config, attention=True, format="parquet", actors=2
+    )
     assert len(rows) == 13
     assert "more/scene-000.png" in {r["id"] for r in rows}
     (broken,) = [r for r in rows if r["error"]]
@@ -171,13 +194,13 @@ def test_folder_of_images_with_a_corrupt_one_and_two_actors(tmp_path):
     _assert_online_answers(_manifest("caption-fashion"), folder, rows, attention=True)
 
 
-def test_jsonl_image_rows_relative_to_the_file(tmp_path):
+def test_jsonl_image_rows_relative_to_the_file(tmp_path, fp32_serve_config):
     source = tmp_path / "images.jsonl"
     shutil.copytree(SCENES, tmp_path / "images", ignore=lambda d, names: sorted(names)[6:])
     rows = [{"id": f"s{i}", "image": f"images/scene-00{i}.png"} for i in range(6)]
     rows += [{"id": "missing", "image": "images/nope.png"}, {"id": "no-path"}]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
-    out = _run(tmp_path, "caption-fashion", source)
+    out = _run(tmp_path, "caption-fashion", source, fp32_serve_config)
     errors = {r["id"]: r["error"]["message"] for r in out if r["error"]}
     assert errors == {
         "missing": "cannot read image 'images/nope.png' (No such file or directory)",
