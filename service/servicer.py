@@ -204,6 +204,7 @@ class Servicer:
             yield opened
             return
         started = time.perf_counter()
+        last = None
         try:
             while (message := await tokens.get()) is not None:
                 yield Outcome(message)
@@ -211,9 +212,10 @@ class Servicer:
             async def finish():
                 return chunk(response=to_pb(future.result(), opened.response.translator.manifest))
 
-            yield await self._answer(rpc, model, version, finish, started=started)
+            last = await self._answer(rpc, model, version, finish, started=started)
+            yield last
         finally:
-            if not future.done():
+            if last is None:  # the client went away before the answer
                 future.cancel()
                 self.record(rpc, model, version, "CANCELLED", time.perf_counter() - started)
 
