@@ -83,8 +83,8 @@ def caption_to_pb(result: Translation, manifest: Manifest) -> pb.CaptionResponse
     return response
 
 
-def model_info_to_pb(manifest: Manifest, providers: tuple[str, ...]) -> pb.ModelInfo:
-    """ModelInfo from a manifest, its test-split figures and the providers in use."""
+def model_info_to_pb(manifest: Manifest, providers: tuple[str, ...], precision: str) -> pb.ModelInfo:
+    """ModelInfo from a manifest, its test-split figures, and the providers and precision in use."""
     metrics = {k: float(v) for k, v in manifest.metrics.get("test", {}).items()}
     return pb.ModelInfo(
         name=manifest.name,
@@ -99,4 +99,5 @@ def model_info_to_pb(manifest: Manifest, providers: tuple[str, ...]) -> pb.Model
         description=manifest.description,
         reads_locale=manifest.reads_locale,
         rpc="Caption" if manifest.image else "Translate",
+        precision=precision,
     )

@@ -132,7 +132,9 @@ class Servicer:
         async def work() -> pb.ListModelsResponse:
             return pb.ListModelsResponse(
                 models=[
-                    model_info_to_pb(e.translator.manifest, e.translator.model.providers)
+                    model_info_to_pb(
+                        e.translator.manifest, e.translator.model.providers, e.translator.model.precision
+                    )
                     for _, e in sorted(self.engines.items())
                 ]
             )

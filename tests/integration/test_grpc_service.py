@@ -167,6 +167,7 @@ def test_list_models_reports_figures_and_providers(client, bundled_manifest):
     (info,) = [m for m in client.list_models().models if m.name == MODEL]
     assert info.name == MODEL and info.architecture == "bahdanau-gru" and info.task == "g2p"
     assert list(info.execution_providers) == ["CPUExecutionProvider"]
+    assert info.precision == served_translator(bundled_manifest).model.precision
     assert list(info.attention_modes) == [pb.ATTENTION_MODE_CROSS]
     assert info.metrics["wer"] == pytest.approx(bundled_manifest.metrics["test"]["wer"])
 
