@@ -37,6 +37,7 @@ class BatchingConfig:
     seconds: float = 8.0  # of arrivals per rate and mode
     max_batch_size: int = 32
     intra_op_threads: int = 1  # as served (deploy/serve/attnserve.yaml)
+    precision: str = "auto"  # as served
     out: Path = Path("bench/results/batching.json")
 
 
@@ -185,7 +186,7 @@ def run_batching(cfg: BatchingConfig) -> dict:
         "models": {},
     }
     for name in cfg.models:
-        translator = Translator(manifests[name], RuntimeConfig(intra_op_threads=cfg.intra_op_threads))
+        translator = Translator(manifests[name], RuntimeConfig(intra_op_threads=cfg.intra_op_threads, precision=cfg.precision))
         workload = load_workload(translator.manifest, count=400)
         requests = [prepare(translator.codec, s) for s in workload.samples]
         rate = capacity(translator, requests, cfg)
