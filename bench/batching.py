@@ -186,7 +186,9 @@ def run_batching(cfg: BatchingConfig) -> dict:
         "models": {},
     }
     for name in cfg.models:
-        translator = Translator(manifests[name], RuntimeConfig(intra_op_threads=cfg.intra_op_threads, precision=cfg.precision))
+        translator = Translator(
+            manifests[name], RuntimeConfig(intra_op_threads=cfg.intra_op_threads, precision=cfg.precision)
+        )
         workload = load_workload(translator.manifest, count=400)
         requests = [prepare(translator.codec, s) for s in workload.samples]
         rate = capacity(translator, requests, cfg)
