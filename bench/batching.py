@@ -35,7 +35,7 @@ class BatchingConfig:
     repository: Path = Path("model_repository")
     loads: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1)  # arrival rate / measured capacity
     seconds: float = 8.0  # of arrivals per rate and mode
-    max_batch_size: int = 32
+    serve_config: Path = Path("deploy/serve/attnserve.yaml")  # each model's max_batch_size
     intra_op_threads: int = 1  # as served (deploy/serve/attnserve.yaml)
     precision: str = "auto"  # as served
     out: Path = Path("bench/results/batching.json")
@@ -77,10 +77,21 @@ class _Steps:
 
 
 def _engine(translator: Translator, cfg: BatchingConfig, step: bool, observer=None) -> Engine:
-    """An engine with admission off (max_queue_wait_s huge), so queueing shows in latency."""
-    config = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue_wait_s=1e9, max_queued=1 << 20,
-                          step_batching=step)  # fmt: skip
+    """An engine with the model's served batch size and admission off (max_queue_wait_s huge),
+    so queueing shows in latency."""
+    config = EngineConfig(max_batch_size=_served_batch_size(cfg.serve_config, translator.manifest.name),
+                          max_queue_wait_s=1e9, max_queued=1 << 20, step_batching=step)  # fmt: skip
     return Engine(translator, config, observer)
+
+
+def _served_batch_size(serve_config: Path, model: str) -> int:
+    """The model's max_batch_size in the serve config's first application."""
+    import yaml
+
+    from attnserve.service.config import ServingConfig
+
+    app = yaml.safe_load(serve_config.read_text())["applications"][0]
+    return ServingConfig.model_validate(app["args"]["serving"]).for_model(model).max_batch_size
 
 
 def capacity(translator: Translator, requests: list, cfg: BatchingConfig) -> float:
