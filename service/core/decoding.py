@@ -214,6 +214,10 @@ class RunningBatch:
         slot["length"][first : first + new] = 0
         slot["done"][first : first + new] = False
         slot["ended"][first : first + new] = False
+        slot["watched"][first : first + new] = [
+            jobs[r].on_token is not None or any(not n.startswith("encoder") for n in jobs[r].extras)
+            for r in rows
+        ]
         slot["source_len"][first : first + new] = lengths[rows]
         slot["limit"][first : first + new] = [jobs[r].max_steps for r in rows]
         scores = np.zeros(new)
@@ -246,6 +250,7 @@ class RunningBatch:
                 "limit": np.zeros(capacity, np.int64),
                 "done": np.zeros(capacity, bool),
                 "ended": np.zeros(capacity, bool),  # the row emitted </s>
+                "watched": np.zeros(capacity, bool),  # its job streams tokens or collects extras
                 "score": np.zeros(capacity, np.float64),
                 "source_len": np.zeros(capacity, np.int64),
                 "tokens": np.zeros((capacity, self.max_steps), np.int64),
@@ -325,8 +330,9 @@ class RunningBatch:
             slot["attention"] = _resize(slot["attention"], 2, weights.shape[1])
         slot["tokens"][emit, slot["length"][emit]] = token[emit]
         slot["attention"][emit, slot["length"][emit], : weights.shape[1]] = weights[emit]
-        self._record_extras(out, emit, parent, position)
-        for i in emit:
+        watched = emit[slot["watched"][emit]]  # rows with a token callback or extra attention
+        self._record_extras(out, watched, parent, position)
+        for i in watched:
             job = self._owner[i]
             if job.on_token is not None and job.beam_size == 1:
                 job.on_token(int(token[i]), weights[i, job.columns])
@@ -370,9 +376,9 @@ class RunningBatch:
         for i, p in zip(moved, source, strict=True):
             self._steps[i] = None if old[p] is None else {k: list(v) for k, v in old[p].items()}
 
-    def _record_extras(self, out, emit: np.ndarray, parent: np.ndarray, position: np.ndarray) -> None:
-        """Appends this step's extra attention to the rows that asked for it."""
-        for i in emit:
+    def _record_extras(self, out, rows: np.ndarray, parent: np.ndarray, position: np.ndarray) -> None:
+        """Appends this step's extra attention to those of `rows` that asked for it."""
+        for i in rows:
             steps = self._steps[i]
             if steps is None:
                 continue
