@@ -73,7 +73,7 @@ class EngineObserver(Protocol):
 
     def step(self, rows: int, waits: list[float], seconds: float, output_tokens: int) -> None:
         """A decoder step ran over `rows` rows: the queue waits of the requests that joined at
-        it, its time (their encoding included) and the tokens it produced."""
+        it, its time (their encoding included) and the output tokens of the requests it finished."""
 
     def queue_depth(self, queued: int) -> None:
         """Requests waiting after requests joined the running batch."""
@@ -281,7 +281,6 @@ class Engine:
             started = time.monotonic()
             waits = [started - j.queued_at for j in joining]
             finished = self._join(batch, joining, started) if joining else []
-            tokens = 0
             if batch.rows:
                 rows = batch.rows
                 try:
