@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,6 +199,10 @@ def ray_service(repository: Path, serve_config: Path, ready_address: str | None 
     finally:
         server.stop(endpoints)
         _remove_leftovers(haproxy_dir)
+        if haproxy_dir:  # this run's HAProxy files (with --tls, a throwaway server key)
+            shutil.rmtree(haproxy_dir, ignore_errors=True)
+            for key in [k for k, v in os.environ.items() if v.startswith(haproxy_dir)]:
+                del os.environ[key]  # a later service in this process makes its own folder
 
 
 def _ray_processes(haproxy_dir: str | None) -> list[psutil.Process]:
