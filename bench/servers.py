@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from attnserve.service.local_ray import haproxy_processes
+from attnserve.service.local_ray import free_ports, haproxy_processes
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 
@@ -119,10 +118,8 @@ def role(process: psutil.Process) -> str:
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on now, outside the range where Ray's processes bind theirs."""
+    return free_ports()
 
 
 def wait_until_serving(address: str, alive: Callable[[], bool] = lambda: True) -> None:

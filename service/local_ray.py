@@ -37,6 +37,7 @@ SERVE_ENVIRONMENT = {
 
 
 HAPROXY_DIR_PREFIX = "as-hap-"  # a run's HAProxy files: /tmp/as-hap-XXXXXXXX
+LOCAL_RANGE = (20000, 26000)  # where a local service's Ray Serve ports are drawn (see free_ports)
 PORT_BLOCK = 8  # direct-ingress ports of one host's replicas (one replica needs one of each)
 # Ports Ray Serve would otherwise take at fixed defaults: the replicas' direct ingress (40000..,
 # 30000..) and the fallback proxy (9500, 8500) are bound with SO_REUSEPORT, so a second Ray on
@@ -52,11 +53,17 @@ LOCAL_PORTS = (
 )
 
 
-def _free_ports(size: int) -> int:
-    """The first of `size` consecutive free ports, drawn at random below Linux's ephemeral range
-    (32768+, where other processes' random ports land) and below Ray's default replica ports."""
+def free_ports(size: int = 1, low: int = 26000, high: int = 29500) -> int:
+    """The first of `size` consecutive free ports in [low, high), drawn at random.
+
+    The range lies below Linux's ephemeral ports (32768+, where Ray's processes bind their own
+    random ports, so a port chosen now is not taken by one of them before the service binds it)
+    and above Ray's worker ports (10002-19999). The ports of a local service's Ray Serve come from
+    20000-25999 (LOCAL_RANGE), those handed to a service (tests, bench) from 26000-29499, so
+    neither takes the other's.
+    """
     while True:
-        base = random.randrange(20000, 29500)
+        base = random.randrange(low, high - size)
         with contextlib.ExitStack() as held:
             try:
                 for port in range(base, base + size):
@@ -85,7 +92,7 @@ def set_local_environment() -> None:
         _secure_environment()
     for low, high in LOCAL_PORTS:
         if low not in os.environ:
-            base = _free_ports(PORT_BLOCK if high else 1)
+            base = free_ports(PORT_BLOCK if high else 1, *LOCAL_RANGE)
             os.environ[low] = str(base)
             if high:
                 os.environ[high] = str(base + PORT_BLOCK - 1)

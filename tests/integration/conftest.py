@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from attnserve.service.local_ray import free_ports
 from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES, BYOM_TEXT, ROOT
 
 STARTUP_TIMEOUT_S = 240
@@ -36,9 +36,8 @@ def served_translator(manifest):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on now, outside the range where Ray's processes bind theirs."""
+    return free_ports()
 
 
 @dataclass
