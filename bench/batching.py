@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 from attnserve.bench.inputs import load_workload, prepare
 from attnserve.bench.loadgen import poisson_arrivals
+from attnserve.service.config import app_args
 from attnserve.service.core.engine import Engine, EngineConfig
 from attnserve.service.core.manifest import discover
 from attnserve.service.core.onnx_model import RuntimeConfig
@@ -84,14 +86,10 @@ def _engine(translator: Translator, cfg: BatchingConfig, step: bool, observer=No
     return Engine(translator, config, observer)
 
 
+@cache
 def _served_batch_size(serve_config: Path, model: str) -> int:
-    """The model's max_batch_size in the serve config's first application."""
-    import yaml
-
-    from attnserve.service.config import ServingConfig
-
-    app = yaml.safe_load(serve_config.read_text())["applications"][0]
-    return ServingConfig.model_validate(app["args"]["serving"]).for_model(model).max_batch_size
+    """The model's max_batch_size in the serve config's first application (read once)."""
+    return app_args(serve_config).serving.for_model(model).max_batch_size
 
 
 def capacity(translator: Translator, requests: list, cfg: BatchingConfig) -> float:

@@ -129,6 +129,16 @@ def load_serve_config(options: LocalOptions) -> ServeDeploySchema:
     return ServeDeploySchema.model_validate(apply_overrides(raw, options))
 
 
+def app_args(serve_config: Path) -> AppArgs:
+    """The validated `args` of a serve config's first application (runtime and serving settings).
+
+    Raises:
+        ValueError: if the file is unreadable or invalid.
+    """
+    config = load_serve_config(LocalOptions(serve_config=serve_config))
+    return AppArgs.model_validate(config.applications[0].args)
+
+
 def apply_overrides(raw: dict[str, Any], options: LocalOptions) -> dict[str, Any]:
     """A copy of the raw config with the command-line overrides applied."""
     config = copy.deepcopy(raw)

@@ -19,7 +19,7 @@ import ray
 
 from attnserve.service.batch.decoder import Decoder, DecoderConfig, offline
 from attnserve.service.batch.reader import IO_TASK, InputError, input_format, read_inputs
-from attnserve.service.config import DEFAULT_SERVE_CONFIG, AppArgs, LocalOptions, load_serve_config
+from attnserve.service.config import DEFAULT_SERVE_CONFIG, AppArgs, app_args
 from attnserve.service.core.manifest import Manifest, discover
 from attnserve.service.core.onnx_model import RuntimeConfig
 
@@ -86,10 +86,7 @@ def find_model(repository: Path, name: str) -> Manifest:
 def decoder_config(cfg: BatchConfig, manifest: Manifest) -> DecoderConfig:
     """The serve config's runtime and engine settings for the model, with the actor's threads."""
     if cfg.serve_config.is_file():
-        config = load_serve_config(
-            LocalOptions(serve_config=cfg.serve_config, model_repository=cfg.repository)
-        )
-        args = AppArgs.model_validate(config.applications[0].args)
+        args = app_args(cfg.serve_config)
     else:
         log.warning("no serve config at %s; using the default engine settings", cfg.serve_config)
         args = AppArgs()

@@ -101,7 +101,8 @@ TokenCallback = Callable[[int, np.ndarray], None]  # token id, its attention row
 
 @dataclass(eq=False)
 class DecodeJob:
-    """One request's decoding settings; `on_token` (greedy only) sees each token as it is chosen.
+    """One request's decoding settings; `on_token` sees each token as it is chosen (a beam's
+    tokens when it ends).
 
     A `tag` is the caller's own object (the engine keeps its request there).
     """
@@ -163,7 +164,7 @@ class RunningBatch:
 
     # -- joining -------------------------------------------------------------------------------
 
-    def add(self, jobs: Sequence[DecodeJob], source: SourceBatch) -> list[DecodeJob]:
+    def add(self, jobs: Sequence[DecodeJob], source: SourceBatch) -> list[tuple[DecodeJob, Hypothesis]]:
         """Encodes the jobs' sources together and merges their rows into the batch.
 
         Args:
@@ -171,7 +172,8 @@ class RunningBatch:
             source: the encoder inputs of the jobs, in order.
 
         Returns:
-            The jobs that are already finished (a limit of 0 steps); the others are decoding.
+            The jobs already finished (a limit of 0 steps) with their empty hypotheses; the others
+            are decoding.
 
         Raises:
             ValueError: if a job asks for extra attention the model does not return.
@@ -186,7 +188,7 @@ class RunningBatch:
                 raise ValueError(f"the model returns no {missing} attention")
             job.encoder_extras = {n: state[EXTRA_PREFIX + n][i][..., job.columns, job.columns] for n in names}
             if job.max_steps <= 0:
-                done.append(job)
+                done.append((job, _empty_hypothesis(job, source)))
         repeats = np.array([j.beam_size if j.max_steps > 0 else 0 for j in jobs])
         new = int(repeats.sum())
         if not new:
@@ -287,6 +289,13 @@ class RunningBatch:
         self._cache_cap = width
 
     # -- stepping ------------------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[DecodeJob], source: SourceBatch) -> list[tuple[DecodeJob, Hypothesis]]:
+        """Adds the jobs and steps until the batch is empty; returns every job with its hypothesis."""
+        done = self.add(jobs, source)
+        while self.rows:
+            done += self.step()
+        return done
 
     def remove(self, jobs: Sequence[DecodeJob]) -> None:
         """Takes jobs out of the batch unfinished (their callers went away)."""
@@ -443,11 +452,12 @@ class RunningBatch:
             for buffers in (self._buffers, self._slot):
                 for buf in buffers.values():
                     buf[holes] = buf[movers]
-            where = dict(zip(movers.tolist(), holes.tolist(), strict=True))
-            for i, j in where.items():
+            for i, j in zip(movers.tolist(), holes.tolist(), strict=True):
                 self._owner[j], self._steps[j] = self._owner[i], self._steps[i]
+            moved_to = np.arange(self.rows)
+            moved_to[movers] = holes
             for job in self.jobs:
-                job.slots = np.array([where.get(int(s), int(s)) for s in job.slots])
+                job.slots = moved_to[job.slots]
         for i in range(n, self.rows):
             self._owner[i], self._steps[i] = None, None
         self.rows = n
@@ -468,10 +478,11 @@ class RunningBatch:
                 self._resize_caches(_rounded(2 * need))
 
 
-def empty_hypothesis(job: DecodeJob, source: SourceBatch) -> Hypothesis:
-    """The result of a job allowed no tokens."""
-    width = len(range(*job.columns.indices(source.inputs.get("src_ids", np.zeros((1, 0))).shape[1])))
-    return Hypothesis([], np.zeros((0, width), np.float32), False, dict(job.encoder_extras))
+def _empty_hypothesis(job: DecodeJob, source: SourceBatch) -> Hypothesis:
+    """The result of a job allowed no tokens: no rows of attention over its real source columns."""
+    ids = source.inputs.get("src_ids")
+    attention = np.zeros((0, 0 if ids is None else ids.shape[1]), np.float32)[:, job.columns]
+    return Hypothesis([], attention, False, dict(job.encoder_extras))
 
 
 def _rounded(size: int) -> int:
@@ -520,12 +531,7 @@ def decode(
     """
     jobs = [DecodeJob(limit, beam_size, length_penalty, extras) for limit in max_steps]
     batch = RunningBatch(model, bos_id, eos_id, max(max_steps, default=0))
-    results: dict[int, Hypothesis] = {}
-    for job in batch.add(jobs, source):
-        results[id(job)] = empty_hypothesis(job, source)
-    while batch.rows:
-        for job, hyp in batch.step():
-            results[id(job)] = hyp
+    results = {id(job): hyp for job, hyp in batch.run(jobs, source)}
     return [results[id(job)] for job in jobs]
 
 

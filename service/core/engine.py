@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from attnserve.service.core.decoding import DecodeJob, RunningBatch, empty_hypothesis
+from attnserve.service.core.decoding import DecodeJob, RunningBatch
 from attnserve.service.core.errors import ErrorCode, RequestError
 from attnserve.service.core.manifest import Manifest
 from attnserve.service.core.onnx_model import RuntimeConfig
@@ -216,21 +216,14 @@ class Engine:
 
     def _expected_wait(self, rows: int) -> float:
         """Seconds a request of `rows` rows queued now would wait to join (0 until measured):
-        rows free up as requests finish, capacity rows every decode time."""
-        capacity = self.config.max_batch_size if self.config.step_batching else 0
-        free = capacity - self._running_rows
-        ahead = self._queued_rows + rows - max(free, 0)
-        if self.cost.seconds is None or (ahead <= 0 and self.config.step_batching):
+        rows free up as requests finish, max_batch_size rows every decode time."""
+        size, seconds = self.config.max_batch_size, self.cost.seconds
+        if seconds is None:
             return 0.0
         if not self.config.step_batching:  # whole batches: the running one, then the queue's
-            size = self.config.max_batch_size
-            return (1 + (self._queued_rows + rows - 1) // size) * self.cost.seconds if self._running else 0.0
-        return ahead / self.config.max_batch_size * self.cost.seconds
-
-    def expected_wait(self) -> float:
-        """Seconds a greedy request queued now would wait before joining the running batch."""
-        with self._lock:
-            return self._expected_wait(1)
+            return (1 + (self._queued_rows + rows - 1) // size) * seconds if self._running else 0.0
+        ahead = self._queued_rows + rows - max(size - self._running_rows, 0)
+        return max(ahead, 0) / size * seconds
 
     @property
     def queued(self) -> int:
@@ -360,7 +353,7 @@ class Engine:
             job.decode = self.translator.job(job.request, job, job.on_token)
         try:
             source = self.translator.source_batch([j.request for j in jobs])
-            return [(d.tag, empty_hypothesis(d, source)) for d in batch.add([j.decode for j in jobs], source)]
+            return [(d.tag, hyp) for d, hyp in batch.add([j.decode for j in jobs], source)]
         except Exception:
             if len(jobs) == 1:
                 log.exception("encoding failed for a request of %d tokens", len(jobs[0].request.source_ids))

@@ -13,7 +13,7 @@ from enum import Enum
 
 import numpy as np
 
-from attnserve.service.core.decoding import DecodeJob, Hypothesis, RunningBatch, SourceBatch, empty_hypothesis
+from attnserve.service.core.decoding import DecodeJob, Hypothesis, RunningBatch, SourceBatch
 from attnserve.service.core.errors import ErrorCode, RequestError, invalid
 from attnserve.service.core.images import decode_image
 from attnserve.service.core.manifest import Manifest
@@ -210,7 +210,7 @@ class Translator:
 
             def callback(token_id: int, row: np.ndarray) -> None:
                 if token_id not in vocab.special_ids:
-                    on_token(vocab.tokens[token_id], row.copy() if cross else None)
+                    on_token(vocab.tokens[token_id], row if cross else None)
 
         return DecodeJob(
             request.max_output_tokens, request.beam_size, request.length_penalty, extras, callback, tag
@@ -236,15 +236,10 @@ class Translator:
 
     def _decode(self, requests: list[PreparedRequest]) -> list[Translation]:
         """Decodes the requests in one running batch (each with its own beam settings)."""
-        batch = self.running_batch()
         jobs = [self.job(r, i) for i, r in enumerate(requests)]
-        source = self.source_batch(requests)
         results: list[Translation | None] = [None] * len(requests)
-        for job in batch.add(jobs, source):
-            results[job.tag] = self.result(requests[job.tag], empty_hypothesis(job, source), len(requests))
-        while batch.rows:
-            for job, hyp in batch.step():
-                results[job.tag] = self.result(requests[job.tag], hyp, len(requests))
+        for job, hyp in self.running_batch().run(jobs, self.source_batch(requests)):
+            results[job.tag] = self.result(requests[job.tag], hyp, len(requests))
         return results
 
     def result(self, request: PreparedRequest, hyp: Hypothesis, batch_size: int) -> Translation:

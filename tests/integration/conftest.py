@@ -24,15 +24,11 @@ SERVE_CONFIG = ROOT / "deploy/serve/attnserve.yaml"
 
 def served_translator(manifest):
     """The model as the service runs it (the serve config's runtime: precision included), in-process."""
-    import yaml
-
-    from attnserve.service.config import AppArgs
+    from attnserve.service.config import app_args
     from attnserve.service.core.onnx_model import RuntimeConfig
     from attnserve.service.core.translation import Translator
 
-    (app,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
-    runtime = AppArgs.model_validate(app["args"]).runtime
-    return Translator(manifest, RuntimeConfig(**runtime.model_dump()))
+    return Translator(manifest, RuntimeConfig(**app_args(SERVE_CONFIG).runtime.model_dump()))
 
 
 def free_port() -> int:

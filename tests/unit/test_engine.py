@@ -129,9 +129,10 @@ def test_batched_answers_equal_decoding_alone(translator, picks, beams, max_batc
         assert abs(result.attention - alone.attention).max() < 1e-4
 
 
-def test_requests_join_the_running_batch_at_the_next_step(translator):
+def _twenty_queued_behind_one(translator, config: EngineConfig) -> Recorder:
+    """Decodes one request, held at its first step while 20 more queue; what the engine reported."""
     gated, recorder = Gated(translator), Recorder()
-    engine = Engine(gated, EngineConfig(max_batch_size=8), recorder)
+    engine = Engine(gated, config, recorder)
     first = engine.submit(_prepare(gated, "first"))
     assert gated.started.wait(5)
     rest = [engine.submit(_prepare(gated, w)) for w in WORDS[:20]]
@@ -140,6 +141,11 @@ def test_requests_join_the_running_batch_at_the_next_step(translator):
     for f in [first, *rest]:
         f.result(30)
     engine.close()
+    return recorder
+
+
+def test_requests_join_the_running_batch_at_the_next_step(translator):
+    recorder = _twenty_queued_behind_one(translator, EngineConfig(max_batch_size=8))
     assert recorder.joined[:2] == [1, 7]  # the queue joined at the second step, up to 8 rows
     assert max(recorder.rows) == 8 and sum(recorder.joined) == 21
     assert recorder.rows[1] == 8  # the first request decodes on with the seven that joined it
@@ -170,16 +176,7 @@ def test_a_short_request_finishes_within_steps_while_long_ones_decode(translator
 
 
 def test_request_level_batching_takes_a_batch_only_when_the_last_has_finished(translator):
-    gated, recorder = Gated(translator), Recorder()
-    engine = Engine(gated, EngineConfig(max_batch_size=8, step_batching=False), recorder)
-    first = engine.submit(_prepare(gated, "first"))
-    assert gated.started.wait(5)
-    rest = [engine.submit(_prepare(gated, w)) for w in WORDS[:20]]
-    gated.gate.set()
-    gated.steps.release()
-    for f in [first, *rest]:
-        f.result(30)
-    engine.close()
+    recorder = _twenty_queued_behind_one(translator, EngineConfig(max_batch_size=8, step_batching=False))
     assert [j for j in recorder.joined if j] == [1, 8, 8, 4]
 
 
