@@ -35,12 +35,12 @@ import ray
 from attnserve.bench.inputs import Sample, load_workload
 from attnserve.bench.run import write_json
 from attnserve.bench.servers import busy_seconds
-from attnserve.service.batch.decoder import Decoder, decode_rows
-from attnserve.service.batch.job import BatchConfig, decoded, decoder_config, start_ray
+from attnserve.core.engine import start_engines
+from attnserve.core.manifest import Manifest, discover
+from attnserve.core.requests import AttentionMode
+from attnserve.service.batch.decode_actor import DecodeActor, decode_rows
+from attnserve.service.batch.job import BatchConfig, actor_config, decoded, start_ray
 from attnserve.service.batch.rows import input_row
-from attnserve.service.core.engine import Engine
-from attnserve.service.core.manifest import Manifest, discover
-from attnserve.service.core.translation import AttentionMode, Translator
 
 # The scale the issue asks for; `--seconds` caps each run below it on a small machine.
 FULL_ROWS = {"g2p": 50_000, "dates": 50_000, "parallel-text": 62_000, "caption": 10_000}
@@ -105,7 +105,7 @@ class TreeMonitor:
         return self.peak / 2**30, max(other, 0.0) / (time.perf_counter() - self._started)
 
 
-class TimedDecoder(Decoder):
+class TimedDecodeActor(DecodeActor):
     """The job's decode actor, adding when each batch was decoded (epoch seconds)."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -121,9 +121,9 @@ def engine_rows_s(
     manifest: Manifest, samples: list[Sample], threads: int, cfg: BatchConfig
 ) -> tuple[float, float]:
     """Rows/s (validation included) and peak GiB of an in-process Engine with the job's settings."""
-    dc = decoder_config(cfg, manifest)
+    dc = actor_config(cfg, manifest)
     runtime = replace(dc.runtime, intra_op_threads=threads)
-    engine = Engine(Translator(manifest, runtime), dc.engine)
+    engine = start_engines([manifest], runtime, lambda name: dc.engine)[manifest.name]
     rows = [input_row(str(i), s.text, s.locale, s.image or None) for i, s in enumerate(samples)]
     list(decode_rows(engine, rows[:32], AttentionMode.CROSS))  # warm-up
     monitor = TreeMonitor()
@@ -159,7 +159,7 @@ def batch_rows_s(
     batches later, from the object store); steady state is every later row over the time from
     then until the driver has the last one, so a consumer slower than the actors counts.
     """
-    dataset = decoded(cfg, manifest, actors, TimedDecoder)
+    dataset = decoded(cfg, manifest, actors, TimedDecodeActor)
     monitor, started = TreeMonitor(), time.time()
     times = []  # every row's decode time: Ray Data joins several batches' outputs into one block
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -20,11 +20,11 @@ import numpy as np
 
 from attnserve.bench.inputs import load_workload, prepare
 from attnserve.bench.loadgen import poisson_arrivals
+from attnserve.core.engine import Engine, EngineConfig
+from attnserve.core.manifest import discover
+from attnserve.core.model_runner import ModelRunner
+from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.service.config import app_args
-from attnserve.service.core.engine import Engine, EngineConfig
-from attnserve.service.core.manifest import discover
-from attnserve.service.core.onnx_model import RuntimeConfig
-from attnserve.service.core.translation import Translator
 
 MODES = {"step": True, "request": False}
 
@@ -78,12 +78,12 @@ class _Steps:
         pass
 
 
-def _engine(translator: Translator, cfg: BatchingConfig, step: bool, observer=None) -> Engine:
+def _engine(runner: ModelRunner, cfg: BatchingConfig, step: bool, observer=None) -> Engine:
     """An engine with the model's served batch size and admission off (max_queue_wait_s huge),
     so queueing shows in latency."""
-    config = EngineConfig(max_batch_size=_served_batch_size(cfg.serve_config, translator.manifest.name),
+    config = EngineConfig(max_batch_size=_served_batch_size(cfg.serve_config, runner.manifest.name),
                           max_queue_wait_s=1e9, max_queued=1 << 20, step_batching=step)  # fmt: skip
-    return Engine(translator, config, observer)
+    return Engine(runner, config, observer)
 
 
 @cache
@@ -92,9 +92,9 @@ def _served_batch_size(serve_config: Path, model: str) -> int:
     return app_args(serve_config).serving.for_model(model).max_batch_size
 
 
-def capacity(translator: Translator, requests: list, cfg: BatchingConfig) -> float:
+def capacity(runner: ModelRunner, requests: list, cfg: BatchingConfig) -> float:
     """Requests/s with request-level batching and everything queued at once."""
-    engine = _engine(translator, cfg, step=False)
+    engine = _engine(runner, cfg, step=False)
     started = time.perf_counter()
     futures = [engine.submit(r) for r in requests]
     for f in futures:
@@ -103,29 +103,25 @@ def capacity(translator: Translator, requests: list, cfg: BatchingConfig) -> flo
     return len(requests) / (time.perf_counter() - started)
 
 
-def run_load(
-    translator: Translator, requests: list, cfg: BatchingConfig, rate_capacity: float
-) -> list[LoadRow]:
+def run_load(runner: ModelRunner, requests: list, cfg: BatchingConfig, rate_capacity: float) -> list[LoadRow]:
     """Every mode at every load factor."""
     rows = []
     for load in cfg.loads:
         rate = load * rate_capacity
         for mode, step in MODES.items():
-            latencies, ttft, wall = open_loop(translator, requests, cfg, step, rate, seed=int(load * 100))
+            latencies, ttft, wall = open_loop(runner, requests, cfg, step, rate, seed=int(load * 100))
             p50, p99 = np.percentile(latencies, [50, 99]) * 1000
             f50, f99 = np.percentile(ttft, [50, 99]) * 1000
-            row = LoadRow(translator.manifest.name, mode, load, rate, len(latencies), len(latencies) / wall,
+            row = LoadRow(runner.manifest.name, mode, load, rate, len(latencies), len(latencies) / wall,
                           float(p50), float(p99), float(f50), float(f99))  # fmt: skip
             rows.append(row)
             print(_format(row), flush=True)
     return rows
 
 
-def open_loop(
-    translator: Translator, requests: list, cfg: BatchingConfig, step: bool, rate: float, seed: int
-):
+def open_loop(runner: ModelRunner, requests: list, cfg: BatchingConfig, step: bool, rate: float, seed: int):
     """Poisson arrivals at `rate` for cfg.seconds: (latencies, times to first token, wall seconds)."""
-    engine = _engine(translator, cfg, step)
+    engine = _engine(runner, cfg, step)
     arrivals = poisson_arrivals(rate, cfg.seconds, seed)
     first: dict[int, float] = {}
     sent = []
@@ -154,12 +150,12 @@ def open_loop(
     return latencies, ttft, wall
 
 
-def short_among_long(translator: Translator, long_requests: list, short_request, cfg: BatchingConfig) -> dict:
+def short_among_long(runner: ModelRunner, long_requests: list, short_request, cfg: BatchingConfig) -> dict:
     """A short request sent while 16 long ones decode: its latency and the steps it waited, per mode."""
     out = {}
     for mode, step in MODES.items():
         steps = _Steps()
-        engine = _engine(translator, cfg, step, steps)
+        engine = _engine(runner, cfg, step, steps)
         long = [engine.submit(r) for r in long_requests[:16]]
         while steps.count < 3:
             time.sleep(0.0005)
@@ -195,18 +191,18 @@ def run_batching(cfg: BatchingConfig) -> dict:
         "models": {},
     }
     for name in cfg.models:
-        translator = Translator(
+        runner = ModelRunner(
             manifests[name], RuntimeConfig(intra_op_threads=cfg.intra_op_threads, precision=cfg.precision)
         )
-        workload = load_workload(translator.manifest, count=400)
-        requests = [prepare(translator.codec, s) for s in workload.samples]
-        rate = capacity(translator, requests, cfg)
+        workload = load_workload(runner.manifest, count=400)
+        requests = [prepare(runner.codec, s) for s in workload.samples]
+        rate = capacity(runner, requests, cfg)
         print(f"{name}: capacity {rate:.1f} req/s (request-level, all queued)", flush=True)
-        rows = run_load(translator, requests, cfg, rate)
+        rows = run_load(runner, requests, cfg, rate)
         by_length = sorted(requests, key=lambda r: len(r.source_ids))
         short = by_length[0]
         long = [r for r in by_length[::-1]][:16]
-        mixed = short_among_long(translator, long, short, cfg)
+        mixed = short_among_long(runner, long, short, cfg)
         print(f"{name}: a short request among 16 long ones: {mixed}", flush=True)
         report["models"][name] = {
             "capacity": rate,

@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 from attnserve.bench.engine_speed import _batches, _inputs
-from attnserve.service.core.decoding import SourceBatch, greedy_decode
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
+from attnserve.core.decoding import SourceBatch, greedy_decode
+from attnserve.core.manifest import Manifest
+from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
 
 
 def _timed(function, totals: dict[str, float], key: str):

@@ -62,9 +62,9 @@ def _batches(items: list, size: int) -> list[list]:
 
 def _run_ort(entry: str, precision: str, threads: int, ids: list, size: int, max_tokens: int):
     """Decodes every sentence in batches of `size`; returns (seconds, outputs as token id lists)."""
-    from attnserve.service.core.decoding import SourceBatch, greedy_decode
-    from attnserve.service.core.manifest import Manifest
-    from attnserve.service.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
+    from attnserve.core.decoding import SourceBatch, greedy_decode
+    from attnserve.core.manifest import Manifest
+    from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
 
     manifest = Manifest.load(Path(entry))
     model = OnnxSeq2Seq(manifest, RuntimeConfig(intra_op_threads=threads, precision=precision))
@@ -106,8 +106,9 @@ def _inputs(entry: Path, count: int):
     """(source id lists, source token lists, max output tokens, target vocab) of the held-out test
     sentences the model accepts, tokenised as the service does."""
     from attnserve.bench.inputs import load_workload
-    from attnserve.service.core.manifest import Manifest
-    from attnserve.service.core.translation import AttentionMode, SourceCodec
+    from attnserve.core.codec import SourceCodec
+    from attnserve.core.manifest import Manifest
+    from attnserve.core.requests import AttentionMode
 
     manifest = Manifest.load(entry)
     codec = SourceCodec(manifest)

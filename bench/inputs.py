@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from attnserve.service.core.errors import RequestError
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.translation import AttentionMode, PreparedRequest, SourceCodec
+from attnserve.core.codec import SourceCodec
+from attnserve.core.errors import RequestError
+from attnserve.core.manifest import Manifest
+from attnserve.core.requests import AttentionMode, PreparedRequest
 from attnserve.v1 import translator_pb2 as pb
 
 DEFAULT_COUNT = 300

@@ -35,11 +35,10 @@ from attnserve.bench.loadgen import (
     poisson_arrivals,
     recovery_seconds,
 )
-from attnserve.bench.plain import app_args
 from attnserve.bench.run import fmt, grpc_call, jsonable, write_json
 from attnserve.bench.servers import CpuMeter, Target, ray_service
-from attnserve.service.config import DEFAULT_SERVE_CONFIG
-from attnserve.service.core.manifest import discover
+from attnserve.core.manifest import discover
+from attnserve.service.config import DEFAULT_SERVE_CONFIG, app_args
 
 ALLOWED = ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")  # the statuses an overloaded service may give
 REJECTION_P99_TARGET_MS = 50.0

@@ -29,11 +29,11 @@ import numpy as np
 from attnserve.bench.inputs import DEFAULT_COUNT, Workload, load_workload, prepare
 from attnserve.bench.loadgen import Call, closed_loop, codes, percentiles_ms
 from attnserve.bench.servers import CpuMeter, CpuSpent, Target, plain_service, ray_service
+from attnserve.core.engine import Engine
+from attnserve.core.errors import RequestError
+from attnserve.core.manifest import discover
 from attnserve.service.client import TIMEOUT_METADATA
 from attnserve.service.config import DEFAULT_SERVE_CONFIG
-from attnserve.service.core.engine import Engine
-from attnserve.service.core.errors import RequestError
-from attnserve.service.core.manifest import discover
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 
 KINDS = ("ray", "plain", "in-process")
@@ -157,7 +157,7 @@ async def _over_grpc(cfg: BenchConfig, target: Target, workloads: list[Workload]
 
 async def _in_process(cfg: BenchConfig, workloads: list[Workload]) -> list[Row]:
     """Every model's engine called from this event loop."""
-    from attnserve.bench.plain import engines_for
+    from attnserve.bench.plain_server import engines_for
 
     engines = engines_for(cfg.serve_config, cfg.repository, [w.model for w in workloads])
     try:
@@ -207,7 +207,7 @@ def engine_call(engine: Engine, workload: Workload, attention: bool = True) -> C
     Returns:
         The Call: input index -> (status code name, batch size).
     """
-    codec, samples = engine.translator.codec, workload.samples
+    codec, samples = engine.runner.codec, workload.samples
 
     async def call(i: int) -> tuple[str, int]:
         try:

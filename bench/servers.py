@@ -111,7 +111,7 @@ def role(process: psutil.Process) -> str:
         return "other"
     for needle, name in (("ServeReplica", "replica"), ("haproxy", "haproxy"), ("ProxyActor", "proxy"),
                          ("ServeController", "controller"), ("raylet", "raylet"), ("gcs_server", "gcs"),
-                         ("attnserve.bench.plain", "plain")):  # fmt: skip
+                         ("attnserve.bench.plain_server", "plain")):  # fmt: skip
         if needle in text:
             return name
     return "other"
@@ -143,13 +143,13 @@ def wait_until_serving(address: str, alive: Callable[[], bool] = lambda: True) -
 
 @contextlib.contextmanager
 def plain_service(repository: Path, serve_config: Path, models: list[str] | None = None) -> Iterator[Target]:
-    """Runs `python -m attnserve.bench.plain` for the models (all by default); stops it by pid on exit.
+    """Runs `python -m attnserve.bench.plain_server` for the models (all by default); stops it by pid on exit.
 
     Raises:
         RuntimeError: if it does not start serving (its output is printed).
     """
     address = f"127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "attnserve.bench.plain", "--repository", str(repository),
+    command = [sys.executable, "-m", "attnserve.bench.plain_server", "--repository", str(repository),
                "--address", address, "--serve-config", str(serve_config)]  # fmt: skip
     command += [arg for m in models or () for arg in ("--model", m)]
     with tempfile.TemporaryFile("w+") as log:
@@ -176,7 +176,7 @@ def ray_service(repository: Path, serve_config: Path, ready_address: str | None 
     Raises:
         DeployError, RuntimeError: if it does not start (the tail of Serve's logs is printed).
     """
-    from attnserve.service import server
+    from attnserve.service import ray_deploy as server
     from attnserve.service.config import LocalOptions
 
     had_haproxy_dir = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in os.environ

@@ -22,11 +22,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from attnserve.core.decoding import SourceBatch
+from attnserve.core.manifest import MANIFEST_FILE, DecoderSpec, ManifestError, sha256_of
+from attnserve.core.vocab import Vocab
+from attnserve.core.wiring import WiredStepModel
 from attnserve.models.architectures import architecture
-from attnserve.service.core.decoding import SourceBatch
-from attnserve.service.core.manifest import MANIFEST_FILE, DecoderSpec, ManifestError, sha256_of
-from attnserve.service.core.vocab import Vocab
-from attnserve.service.core.wiring import WiredStepModel
 
 PREFIX = "model."  # the exporter's wrapper module holds the model as `model`
 OUTPUT_BIAS = "out_bias"  # the tied output layer (a transposed copy of tgt_embed in older graphs)

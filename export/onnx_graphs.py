@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnserve.core.decoding import SourceBatch
 from attnserve.models.architectures import DYNAMIC_AXES, Architecture, Tensor
 from attnserve.models.torch_runner import TorchStepModel
-from attnserve.service.core.decoding import SourceBatch
 
 OPSET = 17
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnserve.service.core.decoding import SourceBatch, greedy_decode
-from attnserve.service.core.wiring import WiredStepModel
+from attnserve.core.decoding import SourceBatch, greedy_decode
+from attnserve.core.wiring import WiredStepModel
 
 
 @dataclass(frozen=True)

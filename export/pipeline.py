@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from attnserve.core.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
+from attnserve.core.onnx_model import OnnxSeq2Seq
+from attnserve.core.vocab import Vocab
 from attnserve.export.from_entry import check_against_graphs, read_entry, rebuild
 from attnserve.export.onnx_graphs import OPSET, export_graphs
 from attnserve.export.parity import check_parity
@@ -20,9 +23,6 @@ from attnserve.models.architectures import Architecture, Tensor, architecture
 from attnserve.models.checkpoint import load_checkpoint
 from attnserve.models.tasks import task as task_named
 from attnserve.models.torch_runner import TorchStepModel
-from attnserve.service.core.manifest import FORMAT_REVISION, MANIFEST_FILE, Manifest, sha256_of
-from attnserve.service.core.onnx_model import OnnxSeq2Seq
-from attnserve.service.core.vocab import Vocab
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from attnserve.core.manifest import MANIFEST_FILE, Manifest, sha256_of
+from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
 from attnserve.models.tasks import task as task_named
-from attnserve.service.core.manifest import MANIFEST_FILE, Manifest, sha256_of
-from attnserve.service.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
 
 log = logging.getLogger(__name__)
 

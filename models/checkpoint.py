@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from attnserve.core.vocab import Vocab
 from attnserve.models.architectures import architecture
-from attnserve.service.core.vocab import Vocab
 
 FORMAT_REVISION = 1
 

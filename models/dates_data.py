@@ -21,7 +21,7 @@ from functools import cache
 from babel import localedata
 from babel.dates import format_date
 
-from attnserve.service.core.vocab import UNKNOWN_LOCALE
+from attnserve.core.vocab import UNKNOWN_LOCALE
 
 FORMATS = ("short", "medium", "long", "full")
 FIRST, LAST = dt.date(1950, 1, 1), dt.date(2049, 12, 31)

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnserve.core.manifest import DecoderSpec
+from attnserve.core.wiring import WiredStepModel
 from attnserve.models.architectures import Architecture
-from attnserve.service.core.manifest import DecoderSpec
-from attnserve.service.core.wiring import WiredStepModel
 
 
 def _graph(method, inputs: list, outputs: list):

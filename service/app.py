@@ -21,12 +21,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.grpc_util import RayServegRPCContext
 
+from attnserve.core.engine import start_engines
+from attnserve.core.manifest import Manifest, ManifestError, discover
+from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.service import metrics
 from attnserve.service.auth import token_store_from_env
 from attnserve.service.config import AppArgs, ServingConfig
-from attnserve.service.core.engine import start_engines
-from attnserve.service.core.manifest import Manifest, ManifestError, discover
-from attnserve.service.core.onnx_model import RuntimeConfig
 from attnserve.service.grpc_services import TIMEOUT_METADATA, Undecodable
 from attnserve.service.servicer import Outcome, Servicer, undecodable
 from attnserve.v1 import translator_pb2 as pb
@@ -89,7 +89,7 @@ class Attnserve:
         engines = start_engines(
             (Manifest.load(Path(path)) for path in entries.values()),
             runtime,
-            lambda name: config.for_model(name).engine_config(),
+            config.engine_config,
             lambda m: RayObserver({"model": m.name, "version": m.version}),
         )
         # $ATTNSERVE_AUTH_TOKENS reaches the replica through Ray's environment (attnserve serve,
@@ -103,8 +103,8 @@ class Attnserve:
         """Keeps the gauges exported (Ray drops a gauge not set for ~20 s): providers, queue depth."""
         while True:
             for engine in self.servicer.engines.values():
-                m = engine.translator.manifest
-                for provider in engine.translator.model.providers:
+                m = engine.runner.manifest
+                for provider in engine.runner.model.providers:
                     tags = {"model": m.name, "version": m.version, "provider": provider}
                     metrics.execution_provider().set(1, tags=tags)
                 metrics.queue_depth().set(engine.queued, tags={"model": m.name, "version": m.version})
@@ -114,7 +114,7 @@ class Attnserve:
         """Applies a ServingConfig to every engine without a restart (Ray Serve user_config)."""
         config = ServingConfig.model_validate(user_config)
         for name, engine in self.servicer.engines.items():
-            engine.reconfigure(config.for_model(name).engine_config())
+            engine.reconfigure(config.engine_config(name))
 
     async def Translate(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
         """Translate one text with the named model."""
@@ -262,4 +262,4 @@ def app_builder(args: dict | AppArgs) -> Application:
         max_ongoing_requests=r.max_ongoing_requests,
         user_config=args.serving.model_dump(mode="json"),
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-    ).bind(entries, RuntimeConfig(**args.runtime.model_dump()), args.serving.model_dump(mode="json"))
+    ).bind(entries, args.runtime.runtime_config(), args.serving.model_dump(mode="json"))

@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.schema import ServeDeploySchema
 
-from attnserve.service.core.engine import EngineConfig
+from attnserve.core.onnx_model import RuntimeConfig
+from attnserve.core.scheduler import EngineConfig
 
 DEFAULT_SERVE_CONFIG = Path("deploy/serve/attnserve.yaml")
 
@@ -37,9 +38,13 @@ class RuntimeArgs(_Frozen):
     intra_op_threads: int = Field(0, ge=0)
     precision: Literal["fp32", "int8", "auto"] = "fp32"
 
+    def runtime_config(self, **overrides: Any) -> RuntimeConfig:
+        """The core's frozen dataclass, with any field overridden (e.g. intra_op_threads)."""
+        return RuntimeConfig(**(self.model_dump() | overrides))
+
 
 class EngineSettings(_Frozen):
-    """Batching and admission of one model's engine (see core.engine.EngineConfig)."""
+    """Batching and admission of one model's engine (see core.scheduler.EngineConfig)."""
 
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_tokens: int = Field(0, ge=0)
@@ -67,6 +72,10 @@ class ServingConfig(_Frozen):
             pydantic.ValidationError: if an override is not a valid EngineSettings field.
         """
         return EngineSettings.model_validate({**self.defaults.model_dump(), **self.models.get(name, {})})
+
+    def engine_config(self, name: str) -> EngineConfig:
+        """The core's engine settings of one model (see `for_model`)."""
+        return self.for_model(name).engine_config()
 
 
 class ReplicaArgs(_Frozen):
@@ -129,13 +138,17 @@ def load_serve_config(options: LocalOptions) -> ServeDeploySchema:
     return ServeDeploySchema.model_validate(apply_overrides(raw, options))
 
 
-def app_args(serve_config: Path) -> AppArgs:
+def app_args(serve_config: Path, repository: Path | None = None) -> AppArgs:
     """The validated `args` of a serve config's first application (runtime and serving settings).
+
+    Args:
+        serve_config: a Ray Serve config file (deploy/serve/attnserve.yaml).
+        repository: a model repository to use instead of the file's.
 
     Raises:
         ValueError: if the file is unreadable or invalid.
     """
-    config = load_serve_config(LocalOptions(serve_config=serve_config))
+    config = load_serve_config(LocalOptions(serve_config=serve_config, model_repository=repository))
     return AppArgs.model_validate(config.applications[0].args)
 
 

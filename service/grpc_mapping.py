@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from attnserve.service.core.errors import invalid
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.translation import AttentionMode, Translation
+from attnserve.core.errors import invalid
+from attnserve.core.manifest import Manifest
+from attnserve.core.requests import Answer, AttentionMode
 from attnserve.v1 import translator_pb2 as pb
 
 _ATTENTION_FROM_PB = {
@@ -25,7 +25,7 @@ def attention_from_pb(value: int) -> AttentionMode:
         raise invalid(f"unknown attention mode {value}") from None
 
 
-def translation_to_pb(result: Translation, manifest: Manifest) -> pb.TranslateResponse:
+def translation_to_pb(result: Answer, manifest: Manifest) -> pb.TranslateResponse:
     """TranslateResponse for one result; attention as a labelled row-major matrix."""
     response = pb.TranslateResponse(
         text=result.text,
@@ -58,7 +58,7 @@ def _matrix(weights, row_labels, col_labels, **which) -> pb.AttentionMatrix:
                               row_labels=row_labels, col_labels=col_labels, **which)  # fmt: skip
 
 
-def caption_to_pb(result: Translation, manifest: Manifest) -> pb.CaptionResponse:
+def caption_to_pb(result: Answer, manifest: Manifest) -> pb.CaptionResponse:
     """CaptionResponse for one result; attention as one grid-shaped map per output word."""
     image = manifest.image
     response = pb.CaptionResponse(

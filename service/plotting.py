@@ -139,8 +139,8 @@ def save(fig: Figure, path: Path, dpi: int = 80, colors: int = 128) -> Path:
     return path
 
 
-def translation_figure(result, manifest, request) -> Figure:
-    """The picture of a core Translation (cross attention) for its PreparedRequest.
+def answer_figure(result, manifest, request) -> Figure:
+    """The picture of a core Answer (cross attention) for its PreparedRequest.
 
     Raises:
         ValueError: if the result carries no cross attention.

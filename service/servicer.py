@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from attnserve.core.engine import Engine
+from attnserve.core.errors import ErrorCode, RequestError
+from attnserve.core.requests import PreparedRequest
 from attnserve.service.auth import TokenStore
-from attnserve.service.core.engine import Engine
-from attnserve.service.core.errors import ErrorCode, RequestError
-from attnserve.service.core.translation import PreparedRequest
 from attnserve.service.grpc_mapping import (
     attention_from_pb,
     caption_to_pb,
@@ -132,9 +132,7 @@ class Servicer:
         async def work() -> pb.ListModelsResponse:
             return pb.ListModelsResponse(
                 models=[
-                    model_info_to_pb(
-                        e.translator.manifest, e.translator.model.providers, e.translator.model.precision
-                    )
+                    model_info_to_pb(e.runner.manifest, e.runner.model.providers, e.runner.model.precision)
                     for _, e in sorted(self.engines.items())
                 ]
             )
@@ -158,7 +156,7 @@ class Servicer:
     def _tags(self, name: str) -> tuple[str, str]:
         """(model, version) metric labels of a requested model name."""
         engine = self.engines.get(name)
-        m = engine.translator.manifest if engine else None
+        m = engine.runner.manifest if engine else None
         return (m.name, m.version) if m else (UNKNOWN_MODEL_TAG, "")
 
     async def _decode(self, rpc: str, request, time_remaining: float | None, prepare, to_pb) -> Outcome:
@@ -171,7 +169,7 @@ class Servicer:
             future = engine.submit(prepare(engine), _deadline(time_remaining))
             # wrap_future cancels the engine's future if this call is cancelled: the request
             # is then dropped, queued or decoding.
-            return to_pb(await asyncio.wrap_future(future), engine.translator.manifest)
+            return to_pb(await asyncio.wrap_future(future), engine.runner.manifest)
 
         return await self._answer(rpc, *self._tags(request.model), work)
 
@@ -212,7 +210,7 @@ class Servicer:
                 yield Outcome(message)
 
             async def finish():
-                return chunk(response=to_pb(future.result(), opened.response.translator.manifest))
+                return chunk(response=to_pb(future.result(), opened.response.runner.manifest))
 
             last = await self._answer(rpc, model, version, finish, started=started)
             yield last
@@ -266,7 +264,7 @@ def _text_request(request: pb.TranslateRequest) -> Callable[[Engine], PreparedRe
 
     def prepare(engine: Engine) -> PreparedRequest:
         o = request.options
-        return engine.translator.codec.prepare(
+        return engine.runner.codec.prepare(
             request.text, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
             o.length_penalty, request.locale,
         )  # fmt: skip
@@ -279,7 +277,7 @@ def _image_request(request: pb.CaptionRequest) -> Callable[[Engine], PreparedReq
 
     def prepare(engine: Engine) -> PreparedRequest:
         o = request.options
-        return engine.translator.codec.prepare_image(
+        return engine.runner.codec.prepare_image(
             request.image, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
             o.length_penalty,
         )  # fmt: skip

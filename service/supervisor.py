@@ -17,7 +17,7 @@ import psutil
 
 from attnserve.service.config import LocalOptions
 from attnserve.service.local_ray import HAPROXY_DIR_PREFIX, haproxy_processes, set_local_environment
-from attnserve.service.server import start, stop
+from attnserve.service.ray_deploy import start, stop
 
 log = logging.getLogger("attnserve")
 SUPERVISED = "ATTNSERVE_SUPERVISED"  # set in the serving child of `attnserve serve`
@@ -38,7 +38,7 @@ def serve_until_signalled(options: LocalOptions) -> int:
     if not (options.address or os.environ.get("RAY_ADDRESS")):
         set_local_environment()  # inherited by the child, so the supervisor knows HAProxy's folder
     child = subprocess.Popen(
-        [sys.executable, "-m", "attnserve.service.cli", *sys.argv[1:]],
+        [sys.executable, "-m", "attnserve.cli.main", *sys.argv[1:]],
         env={**os.environ, SUPERVISED: "1"},
         start_new_session=True,
     )

@@ -15,7 +15,7 @@ TINY_MODEL = dict(embed_size=16, encoder_size=32, decoder_size=64, attention_siz
 @pytest.fixture(scope="session")
 def bundled_manifest():
     """The bundled G2P model's manifest (checksums verified)."""
-    from attnserve.service.core.manifest import Manifest
+    from attnserve.core.manifest import Manifest
 
     return Manifest.load(BUNDLED_ENTRY)
 

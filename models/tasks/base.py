@@ -11,10 +11,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from attnserve.models.evaluate import predict
+from attnserve.core.decoding import SourceBatch, StepModel, pad_batch
+from attnserve.core.vocab import Vocab
+from attnserve.models.predict import predict
 from attnserve.models.scoring import error_rates
-from attnserve.service.core.decoding import SourceBatch, StepModel, pad_batch
-from attnserve.service.core.vocab import Vocab
 
 Batch = dict[str, np.ndarray]
 

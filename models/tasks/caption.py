@@ -8,11 +8,11 @@ from typing import ClassVar
 import numpy as np
 from tqdm import tqdm
 
+from attnserve.core.decoding import SourceBatch, StepModel, decode
+from attnserve.core.vocab import SPECIALS, Vocab
 from attnserve.models import scenes_data
 from attnserve.models.caption_scoring import attention_localisation, exact_match
 from attnserve.models.tasks.base import Batch, TextTask, target_arrays
-from attnserve.service.core.decoding import SourceBatch, StepModel, decode
-from attnserve.service.core.vocab import SPECIALS, Vocab
 
 
 class CaptionTask(TextTask):

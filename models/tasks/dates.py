@@ -6,9 +6,9 @@ import datetime as dt
 from functools import cache
 from typing import ClassVar
 
+from attnserve.core.vocab import UNKNOWN_LOCALE, Vocab
 from attnserve.models import dates_data
 from attnserve.models.tasks.base import TextExample, TextTask
-from attnserve.service.core.vocab import UNKNOWN_LOCALE, Vocab
 
 
 class DatesTask(TextTask):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from attnserve.core.vocab import Vocab
 from attnserve.models import g2p_data
 from attnserve.models.tasks.base import TextExample, TextTask
-from attnserve.service.core.vocab import Vocab
 
 
 class G2PTask(TextTask):

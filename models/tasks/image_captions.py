@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from attnserve.core.decoding import SourceBatch, StepModel
+from attnserve.core.errors import RequestError
+from attnserve.core.images import decode_image
+from attnserve.core.manifest import ImageSpec
+from attnserve.core.vocab import SPECIALS, Vocab
 from attnserve.models.tasks.base import Batch, TextExample, TextTask, target_arrays
 from attnserve.models.tasks.caption import caption_images, image_source_section
 from attnserve.models.tasks.parallel_text import portable, read_pairs, split_pairs
-from attnserve.service.core.decoding import SourceBatch, StepModel
-from attnserve.service.core.errors import RequestError
-from attnserve.service.core.images import decode_image
-from attnserve.service.core.manifest import ImageSpec
-from attnserve.service.core.vocab import SPECIALS, Vocab
 
 
 class ImageCaptionTask(TextTask):

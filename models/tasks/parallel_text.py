@@ -9,10 +9,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from attnserve.core.subwords import MODEL_FILE, Subwords, tokenize
+from attnserve.core.vocab import Vocab
 from attnserve.models import g2p_data
 from attnserve.models.tasks.base import TextExample, TextTask
-from attnserve.service.core.subwords import MODEL_FILE, Subwords, tokenize
-from attnserve.service.core.vocab import Vocab
 
 READERS = {"chars": "characters", "words": "words", "subwords": "sentencepiece"}  # --tokens -> tokenizer
 

@@ -1,6 +1,6 @@
 """`attnserve batch`: read -> validate and decode in an actor pool of engines -> write, on Ray Data.
 
-The decode stage is `map_batches` with the `Decoder` class: an actor pool sized to the CPUs it may
+The decode stage is `map_batches` with the `DecodeActor` class: an actor pool sized to the CPUs it may
 use (`cpus_per_actor` CPUs and as many ONNX Runtime threads each), every actor holding the same
 engine and runtime the online service builds from the serve config. Ray Data streams blocks
 through the stages with backpressure, so memory stays bounded whatever the input's size, and shows
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import ray
 
-from attnserve.service.batch.decoder import Decoder, DecoderConfig, offline
+from attnserve.core.manifest import Manifest, discover
+from attnserve.service.batch.decode_actor import DecodeActor, DecodeActorConfig, offline
 from attnserve.service.batch.reader import IO_TASK, InputError, input_format, read_inputs
 from attnserve.service.config import DEFAULT_SERVE_CONFIG, AppArgs, app_args
-from attnserve.service.core.manifest import Manifest, discover
-from attnserve.service.core.onnx_model import RuntimeConfig
 
 log = logging.getLogger(__name__)
 OUTPUT_FORMATS = ("jsonl", "parquet")
@@ -83,16 +82,16 @@ def find_model(repository: Path, name: str) -> Manifest:
     return manifests[name]
 
 
-def decoder_config(cfg: BatchConfig, manifest: Manifest) -> DecoderConfig:
+def actor_config(cfg: BatchConfig, manifest: Manifest) -> DecodeActorConfig:
     """The serve config's runtime and engine settings for the model, with the actor's threads."""
     if cfg.serve_config.is_file():
         args = app_args(cfg.serve_config)
     else:
         log.warning("no serve config at %s; using the default engine settings", cfg.serve_config)
         args = AppArgs()
-    runtime = RuntimeConfig(**(args.runtime.model_dump() | {"intra_op_threads": cfg.cpus_per_actor}))
-    engine = offline(args.serving.for_model(manifest.name).engine_config(), cfg.rows_per_batch)
-    return DecoderConfig(str(manifest.path.resolve()), runtime, engine, cfg.attention)
+    runtime = args.runtime.runtime_config(intra_op_threads=cfg.cpus_per_actor)
+    engine = offline(args.serving.engine_config(manifest.name), cfg.rows_per_batch)
+    return DecodeActorConfig(str(manifest.path.resolve()), runtime, engine, cfg.attention)
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> float:
@@ -107,8 +106,8 @@ def start_ray(address: str | None, num_cpus: int | None) -> float:
     return time.monotonic() - started
 
 
-def decoded(cfg: BatchConfig, manifest: Manifest, actors: int, decoder: type = Decoder) -> ray.data.Dataset:
-    """The job's dataset up to the decode stage (nothing runs until it is consumed); `decoder` is
+def decoded(cfg: BatchConfig, manifest: Manifest, actors: int, actor: type = DecodeActor) -> ray.data.Dataset:
+    """The job's dataset up to the decode stage (nothing runs until it is consumed); `actor` is
     the actor class (the bench times batches with a subclass).
 
     Raises:
@@ -117,8 +116,8 @@ def decoded(cfg: BatchConfig, manifest: Manifest, actors: int, decoder: type = D
     images = manifest.image is not None
     inputs = read_inputs(cfg.input, input_format(cfg.input, images), images)
     return inputs.map_batches(
-        decoder,
-        fn_constructor_kwargs={"config": decoder_config(cfg, manifest)},
+        actor,
+        fn_constructor_kwargs={"config": actor_config(cfg, manifest)},
         batch_size=cfg.rows_per_batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),

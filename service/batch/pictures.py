@@ -6,11 +6,13 @@ import itertools
 import re
 from pathlib import Path
 
-from attnserve.service.batch.decoder import prepare
+from attnserve.core.engine import Engine
+from attnserve.core.errors import RequestError
+from attnserve.core.manifest import Manifest
+from attnserve.core.model_runner import ModelRunner
+from attnserve.core.requests import AttentionMode
+from attnserve.service.batch.decode_actor import decode_rows, prepare
 from attnserve.service.batch.reader import input_format, iter_rows
-from attnserve.service.core.errors import RequestError
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.translation import AttentionMode, Translator
 
 
 def plot_first(manifest: Manifest, source: Path, count: int, folder: Path) -> list[Path]:
@@ -21,23 +23,17 @@ def plot_first(manifest: Manifest, source: Path, count: int, folder: Path) -> li
     Returns:
         The PNG files written into `folder`, named by row number and id.
     """
-    from attnserve.service.plotting import save, translation_figure
+    from attnserve.service.plotting import answer_figure, save
 
     images = manifest.image is not None
-    translator = Translator(manifest)
+    rows = list(itertools.islice(iter_rows(source, input_format(source, images), images), count))
+    with Engine(ModelRunner(manifest)) as engine:
+        results = list(decode_rows(engine, rows, AttentionMode.CROSS))
     written = []
-    for number, row in enumerate(
-        itertools.islice(iter_rows(source, input_format(source, images), images), count)
-    ):
-        try:
-            request = prepare(translator.codec, row, AttentionMode.CROSS)
-        except RequestError:
-            continue
-        (result,) = translator.translate_batch([request])
+    for number, (row, result) in enumerate(zip(rows, results, strict=True)):
         if isinstance(result, RequestError):
             continue
+        request = prepare(engine.runner.codec, row, AttentionMode.CROSS)  # the labels of its picture
         name = re.sub(r"[^\w.-]+", "_", str(Path(row["id"]).with_suffix("")) if images else row["id"])[:60]
-        written.append(
-            save(translation_figure(result, manifest, request), folder / f"{number:05d}-{name}.png")
-        )
+        written.append(save(answer_figure(result, manifest, request), folder / f"{number:05d}-{name}.png"))
     return written

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.translation import Translation
+from attnserve.core.manifest import Manifest
+from attnserve.core.requests import Answer
 
 INPUT_SCHEMA = pa.schema(
     [("id", pa.string()), ("text", pa.string()), ("locale", pa.string()), ("image", pa.binary()),
@@ -51,7 +51,7 @@ def output_schema(manifest: Manifest, attention: bool) -> pa.Schema:
 def output_table(ids: list[str], results: list, manifest: Manifest, attention: bool) -> pa.Table:
     """The output rows of a batch: the text and tokens, or each row's error; attention as the gRPC
     response has it, built column-wise from the numpy matrices (no Python float per weight)."""
-    ok = [isinstance(r, Translation) for r in results]
+    ok = [isinstance(r, Answer) for r in results]
     columns = {
         "id": pa.array(ids, pa.string()),
         "output": pa.array(

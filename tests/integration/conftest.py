@@ -24,11 +24,10 @@ SERVE_CONFIG = ROOT / "deploy/serve/attnserve.yaml"
 
 def served_translator(manifest):
     """The model as the service runs it (the serve config's runtime: precision included), in-process."""
+    from attnserve.core.model_runner import ModelRunner
     from attnserve.service.config import app_args
-    from attnserve.service.core.onnx_model import RuntimeConfig
-    from attnserve.service.core.translation import Translator
 
-    return Translator(manifest, RuntimeConfig(**app_args(SERVE_CONFIG).runtime.model_dump()))
+    return ModelRunner(manifest, app_args(SERVE_CONFIG).runtime.runtime_config())
 
 
 def free_port() -> int:

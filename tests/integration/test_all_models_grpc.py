@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from attnserve.core.manifest import discover
+from attnserve.core.requests import AttentionMode
 from attnserve.models import dates_data, scenes_data
 from attnserve.service.client import Client, attention_maps
-from attnserve.service.core.manifest import discover
-from attnserve.service.core.translation import AttentionMode
 from attnserve.v1 import translator_pb2 as pb
 from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES
+from tests.helpers import answers
 from tests.integration.conftest import BYOM_IMAGE_MODEL, BYOM_MODEL, served_translator
 
 pytestmark = pytest.mark.integration
@@ -68,7 +69,7 @@ def test_dates_in_many_locales_match_the_runtime_and_mostly_the_truth(client):
     right = 0
     for e in examples:
         got = client.translate(DATES, e.text, locale=e.locale, attention=True)
-        want = local.translate_batch([local.codec.prepare(e.text, AttentionMode.CROSS, locale=e.locale)])[0]
+        want = answers(local, [local.codec.prepare(e.text, AttentionMode.CROSS, locale=e.locale)])[0]
         assert got.text == want.text and got.source_tokens[0] == f"<locale:{e.locale}>"
         assert (got.attention.rows, got.attention.cols) == (len(got.output_tokens), len(e.text) + 1)
         right += got.text == e.iso
@@ -87,7 +88,7 @@ def test_caption_matches_the_runtime_and_returns_one_map_per_word(client):
     for scene in scenes:
         got = client.caption(CAPTION, _png(scene), attention=True)
         prepared = local.codec.prepare_image(_png(scene), AttentionMode.CROSS)
-        want = local.translate_batch([prepared])[0]
+        want = answers(local, [prepared])[0]
         assert tuple(got.output_tokens) == want.output_tokens and got.text == " ".join(want.output_tokens)
         maps = attention_maps(got.attention)
         assert maps.shape == (len(got.output_tokens), manifest.image.grid_height, manifest.image.grid_width)
@@ -183,7 +184,7 @@ def test_english_to_french_reads_subwords_and_answers_as_the_runtime_does(client
     texts = ["development files for the GNU C library", "Python 3 bindings for libfoo 🙂"]
     for text in texts:
         got = client.translate(EN_FR, text, attention=True)
-        want = local.translate_batch([local.codec.prepare(text, AttentionMode.CROSS)])[0]
+        want = answers(local, [local.codec.prepare(text, AttentionMode.CROSS)])[0]
         assert got.text == want.text and tuple(got.source_tokens) == local.codec.subwords.encode(text)
         assert (got.attention.rows, got.attention.cols) == (len(got.output_tokens), len(got.source_tokens))
     got = client.translate(EN_FR, texts[0], beam_size=4)

@@ -1,6 +1,6 @@
 """`attnserve batch` on a real local Ray (Ray Data): text and image jobs end to end, bad rows mixed
 in, JSONL and Parquet in and out, and every answer equal to what the online path returns for the
-same input (the servicer's validation, the engine's Translator, the gRPC response mapping)."""
+same input (the servicer's validation, the engine's ModelRunner, the gRPC response mapping)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from attnserve.service.batch.decoder import prepare
+from attnserve.core.errors import RequestError
+from attnserve.core.manifest import Manifest
+from attnserve.core.model_runner import ModelRunner
+from attnserve.core.requests import AttentionMode
+from attnserve.service.batch.decode_actor import prepare
 from attnserve.service.batch.job import BatchConfig, run_batch
 from attnserve.service.batch.reader import InputError, input_format, iter_rows
-from attnserve.service.core.errors import RequestError
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.translation import AttentionMode, Translator
 from attnserve.service.grpc_mapping import caption_to_pb, translation_to_pb
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
+from tests.helpers import answers
 
 pytestmark = pytest.mark.integration
 SCENES = ROOT / "examples" / "byom" / "fashion-scenes" / "images"
@@ -92,12 +94,12 @@ def _assert_online_answers(manifest: Manifest, source: Path, rows: list[dict], a
     images = manifest.image is not None
     inputs = list(iter_rows(source, input_format(source, images), images))
     assert len(by_id) == len(rows) == len(inputs)  # one output row per input row
-    translator = Translator(manifest)
+    runner = ModelRunner(manifest)
     mode = AttentionMode.CROSS if attention else AttentionMode.NONE
     for row in inputs:
         got = by_id[row["id"]]
         try:
-            (result,) = translator.translate_batch([prepare(translator.codec, row, mode)])
+            (result,) = answers(runner, [prepare(runner.codec, row, mode)])
         except RequestError as e:
             result = e
         if isinstance(result, RequestError):

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from attnserve.service.client import Client, attention_array
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
+from tests.helpers import answers
 from tests.integration.conftest import served_translator
 
 pytestmark = pytest.mark.integration
@@ -65,21 +66,21 @@ def test_translate_with_attention(client):
 
 
 def test_same_answer_as_the_runtime_in_process(client, bundled_manifest):
-    from attnserve.service.core.translation import AttentionMode
+    from attnserve.core.requests import AttentionMode
 
     words = ["pronunciation", "zyzzyva", "o'connor", "tensor"]
     local = served_translator(bundled_manifest)
-    expected = local.translate_batch([local.codec.prepare(w, AttentionMode.NONE) for w in words])
+    expected = answers(local, [local.codec.prepare(w, AttentionMode.NONE) for w in words])
     for word, want in zip(words, expected, strict=True):
         assert tuple(client.translate(MODEL, word).output_tokens) == want.output_tokens
 
 
 def test_beam_search_over_grpc_matches_the_runtime(client, bundled_manifest):
-    from attnserve.service.core.translation import AttentionMode
+    from attnserve.core.requests import AttentionMode
 
     local = served_translator(bundled_manifest)
     for word in ("colonel", "pneumonia"):
-        want = local.translate_batch([local.codec.prepare(word, AttentionMode.CROSS, beam_size=5)])[0]
+        want = answers(local, [local.codec.prepare(word, AttentionMode.CROSS, beam_size=5)])[0]
         got = client.translate(MODEL, word, attention=True, beam_size=5)
         assert tuple(got.output_tokens) == want.output_tokens
         assert got.attention.rows == len(want.output_tokens)

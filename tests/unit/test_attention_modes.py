@@ -3,28 +3,30 @@
 import numpy as np
 import pytest
 
-from attnserve.service.core.errors import RequestError
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.translation import AttentionMode, Translator
+from attnserve.core.errors import RequestError
+from attnserve.core.manifest import Manifest
+from attnserve.core.model_runner import ModelRunner
+from attnserve.core.requests import AttentionMode
+from tests.helpers import answers
 
 WORDS = ["attention", "heads", "x", "transformers"]
 
 
 @pytest.fixture(scope="module")
-def translator(tiny_transformer_entry):
-    return Translator(Manifest.load(tiny_transformer_entry))
+def runner(tiny_transformer_entry):
+    return ModelRunner(Manifest.load(tiny_transformer_entry))
 
 
-def _translate(translator, mode, beam_size=1):
-    requests = [translator.codec.prepare(w, mode, beam_size=beam_size) for w in WORDS]
-    return translator.translate_batch(requests)
+def _translate(runner, mode, beam_size=1):
+    requests = [runner.codec.prepare(w, mode, beam_size=beam_size) for w in WORDS]
+    return answers(runner, requests)
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
-def test_per_head_modes_have_one_labelled_distribution_per_row(translator, beam_size):
-    config = translator.manifest.raw["model_config"]
+def test_per_head_modes_have_one_labelled_distribution_per_row(runner, beam_size):
+    config = runner.manifest.raw["model_config"]
     for mode in (AttentionMode.CROSS_HEADS, AttentionMode.ENCODER_SELF, AttentionMode.DECODER_SELF):
-        for word, result in zip(WORDS, _translate(translator, mode, beam_size), strict=True):
+        for word, result in zip(WORDS, _translate(runner, mode, beam_size), strict=True):
             layers = config["encoder_layers" if mode is AttentionMode.ENCODER_SELF else "decoder_layers"]
             assert result.attention is None
             assert [(h.layer, h.head) for h in result.heads] == [
@@ -44,25 +46,25 @@ def test_per_head_modes_have_one_labelled_distribution_per_row(translator, beam_
                     assert h.col_labels == tuple(word)
 
 
-def test_head_average_of_the_last_layer_is_the_cross_attention(translator):
-    cross = _translate(translator, AttentionMode.CROSS)
-    heads = _translate(translator, AttentionMode.CROSS_HEADS)
-    last = translator.manifest.raw["model_config"]["decoder_layers"] - 1
+def test_head_average_of_the_last_layer_is_the_cross_attention(runner):
+    cross = _translate(runner, AttentionMode.CROSS)
+    heads = _translate(runner, AttentionMode.CROSS_HEADS)
+    last = runner.manifest.raw["model_config"]["decoder_layers"] - 1
     for c, h in zip(cross, heads, strict=True):
         assert c.output_tokens == h.output_tokens  # asking for more attention never changes the output
         mean = np.mean([m.weights for m in h.heads if m.layer == last], axis=0)
         np.testing.assert_allclose(mean, c.attention, atol=1e-5)
 
 
-def test_mixed_modes_in_one_batch(translator):
+def test_mixed_modes_in_one_batch(runner):
     modes = [AttentionMode.NONE, AttentionMode.CROSS, AttentionMode.DECODER_SELF, AttentionMode.ENCODER_SELF]
-    results = translator.translate_batch([translator.codec.prepare("mixed", m) for m in modes])
+    results = answers(runner, [runner.codec.prepare("mixed", m) for m in modes])
     assert [r.attention is not None for r in results] == [False, True, False, False]
     assert [bool(r.heads) for r in results] == [False, False, True, True]
     assert len({r.output_tokens for r in results}) == 1
 
 
 def test_rnn_models_refuse_per_head_modes(bundled_manifest):
-    codec = Translator(bundled_manifest).codec
+    codec = ModelRunner(bundled_manifest).codec
     with pytest.raises(RequestError, match="does not return cross_heads attention"):
         codec.prepare("cat", AttentionMode.CROSS_HEADS)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnserve.core.errors import ErrorCode
 from attnserve.service import auth
 from attnserve.service.auth import (
     MALFORMED,
@@ -20,7 +21,6 @@ from attnserve.service.auth import (
     bearer_token,
     parse_tokens,
 )
-from attnserve.service.core.errors import ErrorCode
 from attnserve.service.servicer import Servicer
 from attnserve.v1 import translator_pb2 as pb
 

@@ -15,9 +15,10 @@ from attnserve.bench.inputs import load_workload
 from attnserve.bench.loadgen import Outcome, closed_loop, open_loop, poisson_arrivals, recovery_seconds
 from attnserve.bench.run import BenchConfig, Row, ratios, run_bench
 from attnserve.bench.tls import TlsRow, overhead
-from attnserve.service.cli import build_parser
-from attnserve.service.core.manifest import discover
-from attnserve.service.core.translation import AttentionMode, SourceCodec
+from attnserve.cli.main import build_parser
+from attnserve.core.codec import SourceCodec
+from attnserve.core.manifest import discover
+from attnserve.core.requests import AttentionMode
 from attnserve.v1 import translator_pb2 as pb
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
 

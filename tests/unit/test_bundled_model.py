@@ -2,9 +2,9 @@
 
 import pytest
 
+from attnserve.core.manifest import discover
+from attnserve.core.onnx_model import OnnxSeq2Seq
 from attnserve.models.tasks import task
-from attnserve.service.core.manifest import discover
-from attnserve.service.core.onnx_model import OnnxSeq2Seq
 from tests.conftest import BUNDLED_REPOSITORY
 
 TOLERANCE = 0.01  # one point

@@ -5,8 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnserve.models.g2p_data import load_split
-from attnserve.service.core.decoding import (
+from attnserve.core.decoding import (
     DecodeJob,
     RunningBatch,
     SourceBatch,
@@ -15,7 +14,8 @@ from attnserve.service.core.decoding import (
     length_normalised,
     pad_batch,
 )
-from attnserve.service.core.onnx_model import OnnxSeq2Seq, ProviderError, RuntimeConfig, choose_providers
+from attnserve.core.onnx_model import OnnxSeq2Seq, ProviderError, RuntimeConfig, choose_providers
+from attnserve.models.g2p_data import load_split
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_length_normalisation():
 
 @pytest.fixture(scope="module")
 def transformer():
-    from attnserve.service.core.manifest import Manifest
+    from attnserve.core.manifest import Manifest
     from tests.conftest import BUNDLED_REPOSITORY
 
     manifest = Manifest.load(BUNDLED_REPOSITORY / "g2p-transformer" / "1")

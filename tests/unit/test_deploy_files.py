@@ -22,7 +22,7 @@ import yaml
 from docker.utils.build import PatternMatcher
 
 from attnserve.service.local_ray import SERVE_ENVIRONMENT
-from attnserve.service.server import DRAIN_GRACE_S
+from attnserve.service.ray_deploy import DRAIN_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -634,7 +634,7 @@ def test_dockerignore_keeps_local_state_out():
         "setup.py",
         "README.md",
         "service/app.py",
-        "protos/attnserve/v1/translator.proto",
+        "protos/attnserve/v1/runner.proto",
         "model_repository/g2p-bahdanau/1/manifest.json",
         "deploy/serve/attnserve.yaml",
     ]

@@ -1,4 +1,5 @@
-"""The engine without Ray: batched == alone, queue bounds, deadlines, cancellation, drain."""
+"""The engine carrying out its scheduler's decisions on a real model: batched == alone, refusals as
+errors, deadlines, cancellation, streaming, drain (the policy alone: test_scheduler.py)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnserve.core.engine import Engine
+from attnserve.core.errors import ErrorCode, RequestError
+from attnserve.core.model_runner import ModelRunner
+from attnserve.core.requests import AttentionMode
+from attnserve.core.scheduler import EngineConfig
 from attnserve.models.g2p_data import load_split
-from attnserve.service.core.engine import DecodeTime, Engine, EngineConfig
-from attnserve.service.core.errors import ErrorCode, RequestError
-from attnserve.service.core.translation import AttentionMode, Translator
+from tests.helpers import answers
 
 WORDS = [e.word for e in load_split("test")[:400]]
 
 
 @pytest.fixture(scope="module")
-def translator(bundled_manifest):
-    return Translator(bundled_manifest)
+def runner(bundled_manifest):
+    return ModelRunner(bundled_manifest)
 
 
 class GatedBatch:
@@ -52,11 +56,11 @@ class GatedBatch:
 
 
 class Gated:
-    """The real Translator, with running batches that step when the test says."""
+    """The real ModelRunner, with running batches that step when the test says."""
 
-    def __init__(self, translator: Translator):
-        self.inner = translator
-        self.manifest, self.codec, self.model = translator.manifest, translator.codec, translator.model
+    def __init__(self, runner: ModelRunner):
+        self.inner = runner
+        self.manifest, self.codec, self.model = runner.manifest, runner.codec, runner.model
         self.gate = threading.Event()
         self.steps = threading.Semaphore(0)
         self.started = threading.Event()
@@ -90,13 +94,13 @@ class Recorder:
         pass
 
 
-def _prepare(translator, word, attention=AttentionMode.CROSS, beam_size=1, max_output_tokens=0):
-    return translator.codec.prepare(word, attention, max_output_tokens, beam_size=beam_size)
+def _prepare(runner, word, attention=AttentionMode.CROSS, beam_size=1, max_output_tokens=0):
+    return runner.codec.prepare(word, attention, max_output_tokens, beam_size=beam_size)
 
 
-def _busy(translator, config: EngineConfig):
+def _busy(runner, config: EngineConfig):
     """An engine whose first request is held at its first step: (gated, recorder, engine, its future)."""
-    gated, recorder = Gated(translator), Recorder()
+    gated, recorder = Gated(runner), Recorder()
     engine = Engine(gated, config, recorder)
     running = engine.submit(_prepare(gated, "busy"))
     assert gated.started.wait(5)
@@ -110,10 +114,10 @@ def _busy(translator, config: EngineConfig):
     max_batch=st.integers(1, 16),
     seed=st.integers(0, 1000),
 )
-def test_batched_answers_equal_decoding_alone(translator, picks, beams, max_batch, seed):
-    engine = Engine(translator, EngineConfig(max_batch_size=max_batch))
+def test_batched_answers_equal_decoding_alone(runner, picks, beams, max_batch, seed):
+    engine = Engine(runner, EngineConfig(max_batch_size=max_batch))
     rng = random.Random(seed)
-    requests = [_prepare(translator, WORDS[i], beam_size=b) for i, b in zip(picks, beams, strict=False)]
+    requests = [_prepare(runner, WORDS[i], beam_size=b) for i, b in zip(picks, beams, strict=False)]
     futures = []
     try:
         for r in requests:  # random arrival times, so batches form differently each example
@@ -123,15 +127,15 @@ def test_batched_answers_equal_decoding_alone(translator, picks, beams, max_batc
     finally:
         engine.close()
     for request, result in zip(requests, got, strict=True):
-        (alone,) = translator.translate_batch([request])
+        (alone,) = answers(runner, [request])
         assert result.output_tokens == alone.output_tokens
         assert result.attention.shape == alone.attention.shape
         assert abs(result.attention - alone.attention).max() < 1e-4
 
 
-def _twenty_queued_behind_one(translator, config: EngineConfig) -> Recorder:
+def _twenty_queued_behind_one(runner, config: EngineConfig) -> Recorder:
     """Decodes one request, held at its first step while 20 more queue; what the engine reported."""
-    gated, recorder = Gated(translator), Recorder()
+    gated, recorder = Gated(runner), Recorder()
     engine = Engine(gated, config, recorder)
     first = engine.submit(_prepare(gated, "first"))
     assert gated.started.wait(5)
@@ -144,15 +148,15 @@ def _twenty_queued_behind_one(translator, config: EngineConfig) -> Recorder:
     return recorder
 
 
-def test_requests_join_the_running_batch_at_the_next_step(translator):
-    recorder = _twenty_queued_behind_one(translator, EngineConfig(max_batch_size=8))
+def test_requests_join_the_running_batch_at_the_next_step(runner):
+    recorder = _twenty_queued_behind_one(runner, EngineConfig(max_batch_size=8))
     assert recorder.joined[:2] == [1, 7]  # the queue joined at the second step, up to 8 rows
     assert max(recorder.rows) == 8 and sum(recorder.joined) == 21
     assert recorder.rows[1] == 8  # the first request decodes on with the seven that joined it
 
 
-def test_a_short_request_finishes_within_steps_while_long_ones_decode(translator):
-    gated, recorder = Gated(translator), Recorder()
+def test_a_short_request_finishes_within_steps_while_long_ones_decode(runner):
+    gated, recorder = Gated(runner), Recorder()
     engine = Engine(gated, EngineConfig(max_batch_size=32), recorder)
     long = [engine.submit(_prepare(gated, w, max_output_tokens=30)) for w in WORDS[:16]]
     assert gated.started.wait(5)
@@ -175,13 +179,13 @@ def test_a_short_request_finishes_within_steps_while_long_ones_decode(translator
     engine.close()
 
 
-def test_request_level_batching_takes_a_batch_only_when_the_last_has_finished(translator):
-    recorder = _twenty_queued_behind_one(translator, EngineConfig(max_batch_size=8, step_batching=False))
+def test_request_level_batching_takes_a_batch_only_when_the_last_has_finished(runner):
+    recorder = _twenty_queued_behind_one(runner, EngineConfig(max_batch_size=8, step_batching=False))
     assert [j for j in recorder.joined if j] == [1, 8, 8, 4]
 
 
-def test_queue_is_bounded_by_count(translator):
-    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=1, max_queued=3))
+def test_queue_is_bounded_by_count(runner):
+    gated, recorder, engine, running = _busy(runner, EngineConfig(max_batch_size=1, max_queued=3))
     queued = [engine.submit(_prepare(gated, w)) for w in ("one", "two", "three")]
     with pytest.raises(RequestError) as info:
         engine.submit(_prepare(gated, "four"))
@@ -194,9 +198,9 @@ def test_queue_is_bounded_by_count(translator):
     engine.close()
 
 
-def test_queue_is_bounded_by_expected_wait(translator):
-    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=1, max_queue_wait_s=0.9))
-    engine.cost.seconds = 0.4  # as if measured: a request decodes in 0.4 s
+def test_queue_is_bounded_by_expected_wait(runner):
+    gated, recorder, engine, running = _busy(runner, EngineConfig(max_batch_size=1, max_queue_wait_s=0.9))
+    engine.scheduler.cost.seconds = 0.4  # as if measured: a request decodes in 0.4 s
     accepted = [engine.submit(_prepare(gated, "a"))]  # waits ~0.4 s for the running one, then its own 0.4 s
     with pytest.raises(RequestError) as info:
         engine.submit(_prepare(gated, "b"))  # ~0.8 s + its own 0.4 s: over 0.9 s
@@ -209,8 +213,8 @@ def test_queue_is_bounded_by_expected_wait(translator):
     engine.close()
 
 
-def test_a_deadline_that_passes_in_the_queue_drops_the_request_undecoded(translator):
-    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=1))
+def test_a_deadline_that_passes_in_the_queue_drops_the_request_undecoded(runner):
+    gated, recorder, engine, running = _busy(runner, EngineConfig(max_batch_size=1))
     late = _prepare(gated, "late")
     doomed = engine.submit(late, deadline=time.monotonic() + 0.05)
     fine = engine.submit(_prepare(gated, "fine"))
@@ -226,11 +230,11 @@ def test_a_deadline_that_passes_in_the_queue_drops_the_request_undecoded(transla
     assert recorder.drops == ["deadline"]
 
 
-def test_a_deadline_that_cannot_be_met_is_refused_at_once(translator):
-    gated, _, engine, busy = _busy(translator, EngineConfig(max_batch_size=1, max_queue_wait_s=10))
-    engine.cost.seconds = 5.0  # as if measured: a request decodes in 5 s
+def test_a_deadline_that_cannot_be_met_is_refused_at_once(runner):
+    gated, _, engine, busy = _busy(runner, EngineConfig(max_batch_size=1, max_queue_wait_s=10))
+    engine.scheduler.cost.seconds = 5.0  # as if measured: a request decodes in 5 s
     with pytest.raises(RequestError) as info:
-        engine.submit(_prepare(translator, "soon"), deadline=time.monotonic() + 1.0)
+        engine.submit(_prepare(runner, "soon"), deadline=time.monotonic() + 1.0)
     assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
     gated.gate.set()
     gated.steps.release()
@@ -238,8 +242,8 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once(translator):
     engine.close()
 
 
-def test_a_cancelled_request_is_not_decoded(translator):
-    gated, recorder, engine, running = _busy(translator, EngineConfig(max_batch_size=1))
+def test_a_cancelled_request_is_not_decoded(runner):
+    gated, recorder, engine, running = _busy(runner, EngineConfig(max_batch_size=1))
     request = _prepare(gated, "cancelled")
     cancelled = engine.submit(request)
     kept = engine.submit(_prepare(gated, "kept"))
@@ -254,8 +258,8 @@ def test_a_cancelled_request_is_not_decoded(translator):
     assert recorder.drops == ["cancelled"]
 
 
-def test_a_request_cancelled_while_decoding_leaves_at_the_next_step(translator):
-    gated, recorder = Gated(translator), Recorder()
+def test_a_request_cancelled_while_decoding_leaves_at_the_next_step(runner):
+    gated, recorder = Gated(runner), Recorder()
     engine = Engine(gated, EngineConfig(max_batch_size=8), recorder)
     kept = engine.submit(_prepare(gated, "abracadabra"))
     assert gated.started.wait(5)
@@ -274,11 +278,11 @@ def test_a_request_cancelled_while_decoding_leaves_at_the_next_step(translator):
     assert gated.rows[1] == 2 and gated.rows[seen + 1] == 1  # gone at most one step after
 
 
-def test_streamed_tokens_are_the_answer_with_its_attention(translator):
-    engine = Engine(translator, EngineConfig(max_batch_size=8))
+def test_streamed_tokens_are_the_answer_with_its_attention(runner):
+    engine = Engine(runner, EngineConfig(max_batch_size=8))
     streams = {w: [] for w in WORDS[:6]}
     futures = {
-        w: engine.submit(_prepare(translator, w), on_token=lambda t, row, w=w: streams[w].append((t, row)))
+        w: engine.submit(_prepare(runner, w), on_token=lambda t, row, w=w: streams[w].append((t, row)))
         for w in streams
     }
     for word, future in futures.items():
@@ -288,8 +292,8 @@ def test_streamed_tokens_are_the_answer_with_its_attention(translator):
     engine.close()
 
 
-def test_close_finishes_accepted_requests_and_refuses_new_ones(translator):
-    gated = Gated(translator)
+def test_close_finishes_accepted_requests_and_refuses_new_ones(runner):
+    gated = Gated(runner)
     engine = Engine(gated, EngineConfig(max_batch_size=2))
     futures = [engine.submit(_prepare(gated, w)) for w in WORDS[:7]]
     assert gated.started.wait(5)
@@ -301,8 +305,8 @@ def test_close_finishes_accepted_requests_and_refuses_new_ones(translator):
     assert info.value.code is ErrorCode.UNAVAILABLE
 
 
-def test_close_past_its_grace_fails_what_is_left_as_unavailable(translator):
-    gated = Gated(translator)
+def test_close_past_its_grace_fails_what_is_left_as_unavailable(runner):
+    gated = Gated(runner)
     engine = Engine(gated, EngineConfig(max_batch_size=1))
     futures = [engine.submit(_prepare(gated, w)) for w in WORDS[:3]]
     assert gated.started.wait(5)
@@ -312,12 +316,3 @@ def test_close_past_its_grace_fails_what_is_left_as_unavailable(translator):
     with pytest.raises(RequestError) as info:
         futures[-1].result(30)
     assert info.value.code is ErrorCode.UNAVAILABLE
-
-
-def test_decode_time_is_a_running_average():
-    cost = DecodeTime(smoothing=0.5)
-    assert cost.seconds is None
-    cost.observe(0.4)
-    assert cost.seconds == pytest.approx(0.4)
-    cost.observe(0.2)
-    assert cost.seconds == pytest.approx(0.3)

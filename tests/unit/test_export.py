@@ -7,14 +7,14 @@ import numpy as np
 import onnx
 import pytest
 
+from attnserve.core.manifest import Manifest, ManifestError
+from attnserve.core.onnx_model import OnnxSeq2Seq
 from attnserve.export.parity import check_parity
 from attnserve.export.pipeline import ExportConfig, export_model
 from attnserve.models.architectures import BAHDANAU, DYNAMIC_AXES
 from attnserve.models.checkpoint import load_checkpoint
 from attnserve.models.tasks import task
 from attnserve.models.torch_runner import TorchStepModel
-from attnserve.service.core.manifest import Manifest, ManifestError
-from attnserve.service.core.onnx_model import OnnxSeq2Seq
 
 ONNX_DTYPES = {
     onnx.TensorProto.INT64: "int64",

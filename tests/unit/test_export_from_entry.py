@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from attnserve.core.manifest import Manifest, ManifestError, sha256_of
 from attnserve.export.from_entry import graph_weights, rebuild
 from attnserve.export.onnx_graphs import export_graph
 from attnserve.models.architectures import TRANSFORMER
 from attnserve.models.transformer import TransformerConfig, TransformerSeq2Seq
-from attnserve.service.core.manifest import Manifest, ManifestError, sha256_of
 from tests.conftest import BUNDLED_REPOSITORY
 
 CONFIG = dict(src_vocab_size=11, tgt_vocab_size=9, d_model=16, heads=2, encoder_layers=2, decoder_layers=2,

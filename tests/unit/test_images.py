@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from attnserve.service.core.errors import ErrorCode, RequestError
-from attnserve.service.core.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
-from attnserve.service.core.manifest import ImageSpec
+from attnserve.core.errors import ErrorCode, RequestError
+from attnserve.core.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
+from attnserve.core.manifest import ImageSpec
 
 SPEC = ImageSpec(height=56, width=56, channels=1, grid_height=7, grid_width=7)
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attnserve.core.manifest import Manifest, ManifestError
+from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig, choose_precision
 from attnserve.export.quantize import QUALITY_LOSS_LIMIT, quality_loss
-from attnserve.service.core.manifest import Manifest, ManifestError
-from attnserve.service.core.onnx_model import OnnxSeq2Seq, RuntimeConfig, choose_precision
 
 rates = st.floats(0, 1, allow_nan=False)
 

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnserve.service.core.errors import ErrorCode, RequestError
-from attnserve.service.core.manifest import discover
-from attnserve.service.core.translation import AttentionMode, SourceCodec, Translator
+from attnserve.core.codec import SourceCodec
+from attnserve.core.errors import ErrorCode, RequestError
+from attnserve.core.manifest import discover
+from attnserve.core.model_runner import ModelRunner
+from attnserve.core.requests import AttentionMode
 from tests.conftest import BUNDLED_REPOSITORY
+from tests.helpers import answers
 
 MANIFESTS = {m.name: m for m in discover(BUNDLED_REPOSITORY)}
 
@@ -40,7 +43,7 @@ def test_text_models_refuse_images(dates):
 
 @pytest.fixture(scope="module")
 def captioner():
-    return Translator(MANIFESTS["caption-fashion"])
+    return ModelRunner(MANIFESTS["caption-fashion"])
 
 
 def test_image_models_refuse_text(captioner):
@@ -59,7 +62,7 @@ def test_images_of_any_size_are_captioned_and_one_bad_image_fails_alone(captione
     images = [_png(rng.integers(0, 256, size, dtype=np.uint8)) for size in ((56, 56), (200, 90), (10, 10))]
     good = [captioner.codec.prepare_image(image, AttentionMode.CROSS) for image in images]
     bad = dataclasses.replace(good[0], image=np.zeros((3, 5, 5), np.float32))  # not the model's input shape
-    results = captioner.translate_batch([good[0], bad, good[1], good[2]])
+    results = answers(captioner, [good[0], bad, good[1], good[2]])
     assert isinstance(results[1], RequestError) and results[1].code is ErrorCode.INTERNAL
     grid = MANIFESTS["caption-fashion"].image
     for result in (results[0], results[2], results[3]):

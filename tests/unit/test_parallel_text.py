@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnserve.core.subwords import Subwords
+from attnserve.core.vocab import SPECIALS
 from attnserve.models.tasks.parallel_text import ParallelTextTask, read_pairs, split_pairs, train_subwords
-from attnserve.service.core.subwords import Subwords
-from attnserve.service.core.vocab import SPECIALS
 from tests.conftest import BYOM_TEXT, ROOT
+from tests.helpers import answers
 
 DDTP = ROOT / "models" / "data" / "ddtp-en-fr.tsv.xz"
 
@@ -83,8 +84,8 @@ def test_a_malformed_line_names_its_file_and_line(tmp_path):
 
 
 def test_the_subword_tokenizer_is_a_file_of_the_exported_entry(tiny_subword_entry):
-    from attnserve.service.core.manifest import Manifest, ManifestError
-    from attnserve.service.core.subwords import MODEL_FILE
+    from attnserve.core.manifest import Manifest, ManifestError
+    from attnserve.core.subwords import MODEL_FILE
 
     manifest = Manifest.load(tiny_subword_entry)
     assert manifest.tokenizer == "sentencepiece" and MODEL_FILE in manifest.files
@@ -101,17 +102,17 @@ def test_the_subword_tokenizer_is_a_file_of_the_exported_entry(tiny_subword_entr
 
 @pytest.fixture(scope="module")
 def subword_translator(tiny_subword_entry):
-    from attnserve.service.core.manifest import Manifest
-    from attnserve.service.core.translation import Translator
+    from attnserve.core.manifest import Manifest
+    from attnserve.core.model_runner import ModelRunner
 
-    return Translator(Manifest.load(tiny_subword_entry))
+    return ModelRunner(Manifest.load(tiny_subword_entry))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300))
 def test_served_subword_model_reads_any_text_or_refuses_it_clearly(subword_translator, text):
-    from attnserve.service.core.errors import ErrorCode, RequestError
-    from attnserve.service.core.translation import AttentionMode
+    from attnserve.core.errors import ErrorCode, RequestError
+    from attnserve.core.requests import AttentionMode
 
     try:
         request = subword_translator.codec.prepare(text, AttentionMode.CROSS)
@@ -122,11 +123,11 @@ def test_served_subword_model_reads_any_text_or_refuses_it_clearly(subword_trans
 
 
 def test_served_subword_model_detokenizes_and_labels_attention_with_pieces(subword_translator):
-    from attnserve.service.core.translation import AttentionMode
+    from attnserve.core.requests import AttentionMode
 
     texts = ["New Caledonia", "Portuguese (Brazil)", "Ünïcode 🙂"]
     prepared = [subword_translator.codec.prepare(t, AttentionMode.CROSS, max_output_tokens=12) for t in texts]
-    results = subword_translator.translate_batch(prepared)
+    results = answers(subword_translator, prepared)
     for text, request, result in zip(texts, prepared, results, strict=True):
         assert result.source_tokens == subword_translator.codec.subwords.encode(text)
         assert result.text == subword_translator.codec.subwords.decode(result.output_tokens)

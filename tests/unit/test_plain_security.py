@@ -10,12 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from attnserve.bench.plain_server import serve_plain
+from attnserve.core.engine import Engine, EngineConfig
+from attnserve.core.model_runner import ModelRunner
 from attnserve.service.auth import TokenStore
 from attnserve.service.certs import issue
 from attnserve.service.client import Client
-from attnserve.service.core.engine import Engine, EngineConfig
-from attnserve.service.core.translation import Translator
-from attnserve.service.plain_server import serve_plain
 from attnserve.service.tls import ClientTls, ServerTls
 from tests.integration.conftest import free_port
 
@@ -42,7 +42,7 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def address(pki, bundled_manifest):
     """The plain server with mutual TLS and tokens, on its own event loop thread."""
-    engine = Engine(Translator(bundled_manifest), EngineConfig(max_batch_size=8))
+    engine = Engine(ModelRunner(bundled_manifest), EngineConfig(max_batch_size=8))
     address, loop, stop = f"127.0.0.1:{free_port()}", asyncio.new_event_loop(), None
     tls = ServerTls(pki["server"], pki["server-key"], pki["ca"])
 

@@ -9,21 +9,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from attnserve.core.manifest import Manifest
+from attnserve.core.model_runner import ModelRunner
+from attnserve.core.requests import AttentionMode
 from attnserve.service import plotting
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.translation import AttentionMode, Translator
 from attnserve.service.grpc_mapping import caption_to_pb, translation_to_pb
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
+from tests.helpers import answers
 
 SCENE = ROOT / "examples" / "byom" / "fashion-scenes" / "images" / "scene-000.png"
 
 
 def _decode(name: str, mode: AttentionMode, text: str = "", image: bytes = b""):
     manifest = Manifest.load(BUNDLED_REPOSITORY / name / "1")
-    translator = Translator(manifest)
-    codec = translator.codec
+    runner = ModelRunner(manifest)
+    codec = runner.codec
     request = codec.prepare_image(image, mode) if image else codec.prepare(text, mode)
-    (result,) = translator.translate_batch([request])
+    (result,) = answers(runner, [request])
     return manifest, request, result
 
 
@@ -64,7 +66,7 @@ def test_caption_draws_one_panel_per_word_over_the_image(tmp_path):
     fig = plotting.response_figure(caption_to_pb(result, manifest), image)
     assert [ax.get_title() for ax in fig.axes] == list(result.output_tokens)
     assert fig.get_suptitle() == result.text
-    same = plotting.translation_figure(result, manifest, request)  # the batch job's path
+    same = plotting.answer_figure(result, manifest, request)  # the batch job's path
     assert [ax.get_title() for ax in same.axes] == list(result.output_tokens)
     first = fig.axes[0].images
     assert first[0].get_array().shape == (manifest.image.height, manifest.image.width)
@@ -125,7 +127,7 @@ def test_plotting_is_an_extra_that_serving_images_leave_out():
 )
 def test_cli_says_when_the_plot_extra_is_missing(monkeypatch, capsys, argv):
     """Without matplotlib (the serving images) the CLI refuses before calling anything."""
-    from attnserve.service.cli import main
+    from attnserve.cli.main import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert main(argv) == 2

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from attnserve.service.cli import build_parser
+from attnserve.cli.main import build_parser
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"

@@ -5,10 +5,10 @@ from importlib import resources
 import pytest
 import yaml
 
+from attnserve.core.manifest import discover
 from attnserve.models.architectures import architecture
 from attnserve.models.tasks import TASKS, task
 from attnserve.models.train import TrainConfig
-from attnserve.service.core.manifest import discover
 from tests.conftest import BUNDLED_REPOSITORY
 
 RECIPES = yaml.safe_load(resources.files("attnserve.models").joinpath("recipes.yaml").read_text("utf-8"))

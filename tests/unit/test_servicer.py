@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnserve.service.core.engine import Engine, EngineConfig
-from attnserve.service.core.errors import ErrorCode
-from attnserve.service.core.translation import Translator
+from attnserve.core.engine import Engine, EngineConfig
+from attnserve.core.errors import ErrorCode
+from attnserve.core.model_runner import ModelRunner
 from attnserve.service.grpc_services import Undecodable, _tolerant
 from attnserve.service.servicer import Servicer
 from attnserve.v1 import translator_pb2 as pb
@@ -20,7 +20,7 @@ MODEL = "g2p-bahdanau"
 
 @pytest.fixture(scope="module")
 def servicer(bundled_manifest):
-    engine = Engine(Translator(bundled_manifest), EngineConfig(max_batch_size=8))
+    engine = Engine(ModelRunner(bundled_manifest), EngineConfig(max_batch_size=8))
     recorded = []
     yield Servicer({MODEL: engine}, lambda *call: recorded.append(call)), recorded
     engine.close()
@@ -58,7 +58,7 @@ def test_a_deadline_already_gone_is_refused(servicer):
 
 
 def test_a_draining_servicer_refuses_new_calls_as_unavailable(bundled_manifest):
-    engine = Engine(Translator(bundled_manifest))
+    engine = Engine(ModelRunner(bundled_manifest))
     s = Servicer({MODEL: engine})
     s.serving = False
     outcome = _translate(s, "drain")

@@ -7,14 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnserve.service.core.errors import ErrorCode, RequestError
-from attnserve.service.core.translation import (
-    AttentionMode,
-    PreparedRequest,
-    SourceCodec,
-    Translation,
-    Translator,
-)
+from attnserve.core.codec import SourceCodec
+from attnserve.core.errors import ErrorCode, RequestError
+from attnserve.core.model_runner import ModelRunner
+from attnserve.core.requests import Answer, AttentionMode, PreparedRequest
+from tests.helpers import answers
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +20,8 @@ def codec(bundled_manifest):
 
 
 @pytest.fixture(scope="module")
-def translator(bundled_manifest):
-    return Translator(bundled_manifest)
+def runner(bundled_manifest):
+    return ModelRunner(bundled_manifest)
 
 
 @pytest.mark.parametrize(
@@ -66,9 +63,10 @@ def test_any_text_is_either_prepared_or_rejected_cleanly(codec, text):
     assert all(3 <= i < len(codec.manifest.source_vocab) for i in prepared.source_ids)
 
 
-def test_translate_batch_returns_attention_only_when_asked(translator, codec):
-    with_attn, without = translator.translate_batch(
-        [codec.prepare("attention", AttentionMode.CROSS), codec.prepare("attention", AttentionMode.NONE)]
+def test_answers_carry_attention_only_when_asked(runner, codec):
+    with_attn, without = answers(
+        runner,
+        [codec.prepare("attention", AttentionMode.CROSS), codec.prepare("attention", AttentionMode.NONE)],
     )
     assert with_attn.output_tokens == without.output_tokens and with_attn.batch_size == 2
     assert with_attn.attention.shape == (len(with_attn.output_tokens), len("attention"))
@@ -76,13 +74,13 @@ def test_translate_batch_returns_attention_only_when_asked(translator, codec):
     assert with_attn.text == " ".join(with_attn.output_tokens)
 
 
-def test_one_failing_request_does_not_fail_its_batch(translator, codec):
+def test_one_failing_request_does_not_fail_its_batch(runner, codec):
     good = codec.prepare("serving", AttentionMode.NONE)
     # A request that bypassed validation: a source id outside the embedding table makes ORT fail.
     bad = PreparedRequest(("?",), (10_000,), 8, AttentionMode.NONE)
-    results = translator.translate_batch([good, bad, good])
-    assert isinstance(results[0], Translation) and isinstance(results[2], Translation)
-    assert results[0].output_tokens == translator.translate_batch([good])[0].output_tokens
+    results = answers(runner, [good, bad, good])
+    assert isinstance(results[0], Answer) and isinstance(results[2], Answer)
+    assert results[0].output_tokens == answers(runner, [good])[0].output_tokens
     assert isinstance(results[1], RequestError) and results[1].code is ErrorCode.INTERNAL
     assert "10000" not in results[1].message and "onnx" not in results[1].message.lower()
 
@@ -102,7 +100,7 @@ def test_out_of_range_beam_options_are_invalid(codec, beam_size, length_penalty,
     assert info.value.code is ErrorCode.INVALID_ARGUMENT
 
 
-def test_a_batch_mixing_beam_settings_equals_each_setting_alone(translator, codec):
+def test_a_batch_mixing_beam_settings_equals_each_setting_alone(runner, codec):
     words = ["pneumonia", "colonel", "wednesday", "yacht"]
     settings_ = [(0, 0.0), (4, 0.0), (4, 1.0), (1, 0.0)]
     mixed = [
@@ -110,8 +108,8 @@ def test_a_batch_mixing_beam_settings_equals_each_setting_alone(translator, code
         for w in words
         for b, lp in settings_
     ]
-    together = translator.translate_batch(mixed)
+    together = answers(runner, mixed)
     for request, result in zip(mixed, together, strict=True):
-        (alone,) = translator.translate_batch([request])
+        (alone,) = answers(runner, [request])
         assert result.output_tokens == alone.output_tokens
         np.testing.assert_allclose(result.attention, alone.attention, atol=1e-5)

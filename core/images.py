@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from attnserve.service.core.errors import invalid
-from attnserve.service.core.manifest import ImageSpec
+from attnserve.core.errors import invalid
+from attnserve.core.manifest import ImageSpec
 
 MAX_IMAGE_BYTES = 4 * 2**20
 MAX_IMAGE_PIXELS = 16 * 2**20  # checked from the header, before any pixel is decoded

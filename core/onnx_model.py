@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from attnserve.service.core.manifest import GraphSpec, Manifest, ManifestError
-from attnserve.service.core.wiring import WiredStepModel
+from attnserve.core.manifest import GraphSpec, Manifest, ManifestError
+from attnserve.core.wiring import WiredStepModel
 
 log = logging.getLogger(__name__)
 

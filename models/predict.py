@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from attnserve.service.core.decoding import SourceBatch, StepModel, decode
-from attnserve.service.core.vocab import Vocab
+from attnserve.core.decoding import SourceBatch, StepModel, decode
+from attnserve.core.vocab import Vocab
 
 
 def predict(

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnserve.service.core.subwords import MODEL_FILE, TOKENIZERS
-from attnserve.service.core.vocab import Vocab
+from attnserve.core.subwords import MODEL_FILE, TOKENIZERS
+from attnserve.core.vocab import Vocab
 
 FORMAT_REVISION = 2
 MANIFEST_FILE = "manifest.json"

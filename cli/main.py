@@ -41,7 +41,7 @@ def _secure_environment(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from attnserve.service.config import DEFAULT_SERVE_CONFIG, LocalOptions
-    from attnserve.service.server import DeployError
+    from attnserve.service.ray_deploy import DeployError
     from attnserve.service.supervisor import serve_until_signalled
 
     options = LocalOptions(
@@ -301,9 +301,9 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from attnserve.core.manifest import ManifestError
     from attnserve.export.from_entry import read_entry
     from attnserve.export.pipeline import ExportConfig, export_model
-    from attnserve.service.core.manifest import ManifestError
 
     if (args.checkpoint is None) == (args.from_entry is None):
         print("error: export takes a checkpoint or --from-entry DIR", file=sys.stderr)
@@ -344,9 +344,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from attnserve.core.manifest import Manifest
+    from attnserve.core.onnx_model import OnnxSeq2Seq
     from attnserve.models.tasks import task
-    from attnserve.service.core.manifest import Manifest
-    from attnserve.service.core.onnx_model import OnnxSeq2Seq
 
     manifest = Manifest.load(args.entry)
     model, the_task = OnnxSeq2Seq(manifest), task(manifest.task, **manifest.raw.get("task_args", {}))

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 
+from attnserve.core.codec import SourceCodec
+from attnserve.core.engine import Engine, answer_all, start_engines
+from attnserve.core.errors import RequestError, invalid
+from attnserve.core.manifest import Manifest
+from attnserve.core.onnx_model import RuntimeConfig
+from attnserve.core.requests import Answer, AttentionMode, PreparedRequest
+from attnserve.core.scheduler import EngineConfig
 from attnserve.service.batch.rows import output_table
-from attnserve.service.core.engine import Engine, EngineConfig
-from attnserve.service.core.errors import RequestError, invalid
-from attnserve.service.core.manifest import Manifest
-from attnserve.service.core.onnx_model import RuntimeConfig
-from attnserve.service.core.translation import AttentionMode, SourceCodec, Translation, Translator
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecodeActorConfig:
     """What every decode actor builds: the model entry, its runtime and engine, what it returns."""
 
     entry: str  # the model's repository folder (model/version)
@@ -47,32 +48,25 @@ def prepare(codec: SourceCodec, row: dict, mode: AttentionMode):
     return codec.prepare(row["text"], mode, locale=row["locale"] or "")
 
 
-def decode_rows(
-    engine: Engine, rows: Iterable[dict], mode: AttentionMode
-) -> Iterator[Translation | RequestError]:
-    """Submits every row to the engine at once, then yields each row's result in order."""
-    pending: list[Future | RequestError] = []
+def decode_rows(engine: Engine, rows: Iterable[dict], mode: AttentionMode) -> Iterator[Answer | RequestError]:
+    """Validates every row and decodes the valid ones together; yields each row's result in order."""
+    prepared: list[PreparedRequest | RequestError] = []
     for row in rows:
         try:
-            pending.append(engine.submit(prepare(engine.translator.codec, row, mode)))
+            prepared.append(prepare(engine.runner.codec, row, mode))
         except RequestError as e:
-            pending.append(e)
-    for item in pending:
-        if isinstance(item, RequestError):
-            yield item
-            continue
-        try:
-            yield item.result()
-        except RequestError as e:
-            yield e
+            prepared.append(e)
+    answers = answer_all(engine, [r for r in prepared if not isinstance(r, RequestError)])
+    for item in prepared:
+        yield item if isinstance(item, RequestError) else next(answers)
 
 
-class Decoder:
+class DecodeActor:
     """Ray Data's callable class: one engine per actor, built once; pyarrow batch in, batch out."""
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecodeActorConfig):
         manifest = Manifest.load(Path(config.entry))
-        self.engine = Engine(Translator(manifest, config.runtime), config.engine)
+        self.engine = start_engines([manifest], config.runtime, lambda name: config.engine)[manifest.name]
         self.mode = AttentionMode.CROSS if config.attention else AttentionMode.NONE
         self.attention = config.attention
 
@@ -80,4 +74,4 @@ class Decoder:
         """The output rows of a batch of input rows."""
         rows = batch.to_pylist()
         results = list(decode_rows(self.engine, rows, self.mode))
-        return output_table([r["id"] for r in rows], results, self.engine.translator.manifest, self.attention)
+        return output_table([r["id"] for r in rows], results, self.engine.runner.manifest, self.attention)

@@ -24,8 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
-from attnserve.service.core.manifest import DecoderSpec
-from attnserve.service.core.wiring import CACHE_AXIS, EXTRA_PREFIX, State
+from attnserve.core.manifest import DecoderSpec
+from attnserve.core.wiring import CACHE_AXIS, EXTRA_PREFIX, State
 
 MIN_CACHE = 16  # capacities of source and cache axes are multiples of this
 

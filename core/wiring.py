@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from attnserve.service.core.manifest import DecoderSpec
+from attnserve.core.manifest import DecoderSpec
 
 State = dict[str, np.ndarray]
 Graph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]

@@ -1,0 +1,1 @@
+"""The `attnserve` command line: serving and client commands, model commands, benchmarks."""

@@ -1,0 +1,91 @@
+"""One model's ONNX Runtime sessions, and what turns prepared requests into decoding jobs and answers.
+
+The engine (and nothing else) drives a `ModelRunner`'s running batch; evaluation and parity checks
+drive the model through `decoding.decode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from attnserve.core.codec import SourceCodec
+from attnserve.core.decoding import DecodeJob, Hypothesis, RunningBatch, SourceBatch
+from attnserve.core.manifest import Manifest
+from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
+from attnserve.core.requests import Answer, AttentionMode, HeadAttention, PreparedRequest, StreamCallback
+
+_MATRIX_MODES = (AttentionMode.NONE, AttentionMode.CROSS)  # served without per-head outputs
+
+
+class ModelRunner:
+    """One model's ONNX Runtime sessions and codec: decoding jobs of prepared requests, and their answers."""
+
+    def __init__(self, manifest: Manifest, runtime: RuntimeConfig = RuntimeConfig()):
+        self.manifest = manifest
+        self.codec = SourceCodec(manifest)
+        self.model = OnnxSeq2Seq(manifest, runtime)
+
+    def running_batch(self) -> RunningBatch:
+        """An empty running batch of this model that requests can join at any step."""
+        vocab = self.manifest.target_vocab
+        return RunningBatch(self.model, vocab.bos_id, vocab.eos_id, self.manifest.max_output_tokens)
+
+    def job(
+        self, request: PreparedRequest, tag: object = None, on_token: StreamCallback | None = None
+    ) -> DecodeJob:
+        """The decoding job of a request; `on_token` sees each output token (special tokens
+        skipped) with its attention row when the request asked for cross attention."""
+        extras = () if request.attention in _MATRIX_MODES else (request.attention.value,)
+        callback = None
+        if on_token is not None:
+            vocab, cross = self.manifest.target_vocab, request.attention is AttentionMode.CROSS
+
+            def callback(token_id: int, row: np.ndarray) -> None:
+                if token_id not in vocab.special_ids:
+                    on_token(vocab.tokens[token_id], row if cross else None)
+
+        return DecodeJob(
+            request.max_output_tokens, request.beam_size, request.length_penalty, extras, callback, tag
+        )
+
+    def source_batch(self, requests: Sequence[PreparedRequest]) -> SourceBatch:
+        """Token ids, or pixels for an image model, of the requests as one encoder batch."""
+        if self.manifest.image is None:
+            return SourceBatch.from_ids([list(r.source_ids) for r in requests])
+        return SourceBatch.from_images(np.stack([r.image for r in requests]))
+
+    def result(self, request: PreparedRequest, hyp: Hypothesis, batch_size: int) -> Answer:
+        """The request's answer from its hypothesis (special tokens dropped with their attention rows)."""
+        vocab = self.manifest.target_vocab
+        keep = [i for i, t in enumerate(hyp.token_ids) if t not in vocab.special_ids]
+        tokens = tuple(vocab.tokens[hyp.token_ids[i]] for i in keep)
+        mode = request.attention
+        return Answer(
+            output_tokens=tokens,
+            text=self.codec.detokenize(tokens),
+            source_tokens=request.source_tokens,
+            attention=hyp.attention[keep] if mode is AttentionMode.CROSS else None,
+            batch_size=batch_size,
+            heads=()
+            if mode in _MATRIX_MODES
+            else self._heads(mode, hyp, keep, tokens, request.source_tokens),
+        )
+
+    def _heads(self, mode, hyp: Hypothesis, keep: list[int], tokens, source) -> tuple[HeadAttention, ...]:
+        """Per layer and head matrices of a per-head mode, labelled."""
+        value = hyp.extras[mode.value]
+        if mode is AttentionMode.ENCODER_SELF:  # (Le, H, S, S)
+            rows, cols, matrices = source, source, value
+        elif mode is AttentionMode.CROSS_HEADS:  # (T, L, H, S) -> (L, H, T, S)
+            rows, cols, matrices = tokens, source, value[keep].transpose(1, 2, 0, 3)
+        else:  # DECODER_SELF (T, L, H, T): step t attends to the decoder inputs <s>, y(1) .. y(t)
+            inputs = ["<s>", *(self.manifest.target_vocab.tokens[i] for i in hyp.token_ids)]
+            cols = tuple(inputs[: len(hyp.token_ids)])
+            rows, matrices = tokens, value[keep][..., : len(cols)].transpose(1, 2, 0, 3)
+        return tuple(
+            HeadAttention(mode, layer, head, matrices[layer, head], tuple(rows), tuple(cols))
+            for layer in range(matrices.shape[0])
+            for head in range(matrices.shape[1])
+        )
