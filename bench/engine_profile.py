@@ -16,9 +16,10 @@ from collections import Counter
 from pathlib import Path
 
 from attnserve.bench.engine_speed import _batches, _inputs
-from attnserve.core.decoding import SourceBatch, greedy_decode
+from attnserve.core.decoding import greedy_decode
 from attnserve.core.manifest import Manifest
 from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
+from attnserve.core.sources import SourceBatch
 
 
 def _timed(function, totals: dict[str, float], key: str):

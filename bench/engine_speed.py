@@ -62,9 +62,10 @@ def _batches(items: list, size: int) -> list[list]:
 
 def _run_ort(entry: str, precision: str, threads: int, ids: list, size: int, max_tokens: int):
     """Decodes every sentence in batches of `size`; returns (seconds, outputs as token id lists)."""
-    from attnserve.core.decoding import SourceBatch, greedy_decode
+    from attnserve.core.decoding import greedy_decode
     from attnserve.core.manifest import Manifest
     from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
+    from attnserve.core.sources import SourceBatch
 
     manifest = Manifest.load(Path(entry))
     model = OnnxSeq2Seq(manifest, RuntimeConfig(intra_op_threads=threads, precision=precision))

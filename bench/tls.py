@@ -24,7 +24,7 @@ import grpc
 from attnserve.bench.loadgen import Outcome, closed_loop, codes, percentiles_ms
 from attnserve.bench.run import BenchConfig, grpc_call, jsonable, load_workloads, write_json
 from attnserve.bench.servers import CpuMeter, free_port, ray_service
-from attnserve.service.certs import make_all
+from attnserve.cli.certs import make_all
 from attnserve.service.tls import CERT_ENV, KEY_ENV
 from attnserve.service.tls_front import PLAINTEXT_TWIN_ENV
 

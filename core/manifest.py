@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,11 +143,7 @@ class Manifest:
         if verify_checksums:
             graphs = [manifest.encoder, manifest.decoder_step]
             graphs += [g for v in manifest.variants.values() for g in (v.encoder, v.decoder_step)]
-            listed = {g.file: g.sha256 for g in graphs} | manifest.files
-            for name, expected in listed.items():
-                actual = sha256_of(folder / name) if (folder / name).is_file() else "missing"
-                if actual != expected:
-                    raise ManifestError(f"{folder / name}: sha256 {actual} != manifest {expected}")
+            verify_files(folder, {g.file: g.sha256 for g in graphs} | manifest.files)
         return manifest
 
     @classmethod
@@ -236,6 +233,18 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def verify_files(folder: Path, sha256s: Mapping[str, str]) -> None:
+    """Checks that every file named (file name in folder -> hex sha256) is there with that sha256.
+
+    Raises:
+        ManifestError: for the first file missing or not matching.
+    """
+    for name, expected in sha256s.items():
+        actual = sha256_of(folder / name) if (folder / name).is_file() else "missing"
+        if actual != expected:
+            raise ManifestError(f"{folder / name}: sha256 {actual} != manifest {expected}")
 
 
 def discover(repository: Path) -> list[Manifest]:

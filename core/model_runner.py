@@ -11,10 +11,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from attnserve.core.codec import SourceCodec
-from attnserve.core.decoding import DecodeJob, Hypothesis, RunningBatch, SourceBatch
+from attnserve.core.decoding import DecodeJob, Hypothesis, RunningBatch
 from attnserve.core.manifest import Manifest
 from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
 from attnserve.core.requests import Answer, AttentionMode, HeadAttention, PreparedRequest, StreamCallback
+from attnserve.core.sources import SourceBatch
 
 _MATRIX_MODES = (AttentionMode.NONE, AttentionMode.CROSS)  # served without per-head outputs
 

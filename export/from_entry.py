@@ -22,8 +22,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from attnserve.core.decoding import SourceBatch
-from attnserve.core.manifest import MANIFEST_FILE, DecoderSpec, ManifestError, sha256_of
+from attnserve.core.manifest import MANIFEST_FILE, DecoderSpec, ManifestError, verify_files
+from attnserve.core.sources import SourceBatch
 from attnserve.core.vocab import Vocab
 from attnserve.core.wiring import WiredStepModel
 from attnserve.models.architectures import architecture
@@ -54,10 +54,7 @@ def read_entry(folder: Path) -> dict:
         listed = {g["file"]: g["sha256"] for g in raw["graphs"].values()} | raw.get("files", {})
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ManifestError(f"cannot read {folder / MANIFEST_FILE}: {e!r}") from e
-    for name, expected in listed.items():
-        actual = sha256_of(folder / name) if (folder / name).is_file() else "missing"
-        if actual != expected:
-            raise ManifestError(f"{folder / name}: sha256 {actual} != manifest {expected}")
+    verify_files(folder, listed)
     return raw
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnserve.core.decoding import SourceBatch
+from attnserve.core.sources import SourceBatch
 from attnserve.models.architectures import DYNAMIC_AXES, Architecture, Tensor
 from attnserve.models.torch_runner import TorchStepModel
 

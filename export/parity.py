@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnserve.core.decoding import SourceBatch, greedy_decode
+from attnserve.core.decoding import greedy_decode
+from attnserve.core.sources import SourceBatch
 from attnserve.core.wiring import WiredStepModel
 
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from attnserve.models.attention import AdditiveScore
-from attnserve.models.graph_contract import Architecture, cross_entropy
+from attnserve.models.graph_contract import Architecture
+from attnserve.models.losses import cross_entropy
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The graph contract every model family follows, and what the families share.
+"""The graph contract every model family follows: tensor tables and the `Architecture` record.
 
 Each family's module has `encode(*encoder inputs)` and `decode_step(*decoder inputs)` whose
 arguments and results follow the tables of its `ARCHITECTURE`, in order. Export, parity,
@@ -13,21 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from attnserve.models.losses import text_loss
+
 Tensor = tuple[str, str, list[str | int]]  # name, dtype, shape (sizes or axis names)
 DYNAMIC_AXES = frozenset({"batch", "src_len", "past_len", "next_len"})
 TEXT_INPUTS = [("src_ids", "int64", ["batch", "src_len"]), ("src_mask", "bool", ["batch", "src_len"])]
-
-
-def cross_entropy(logits: torch.Tensor, tgt_out: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Mean token cross-entropy of logits (B, T, V) against tgt_out (B, T), padding ignored."""
-    flat = logits.float().reshape(-1, logits.size(-1))  # (B*T, V)
-    return nn.functional.cross_entropy(flat, tgt_out.reshape(-1), ignore_index=0, label_smoothing=smoothing)
-
-
-def text_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: float) -> torch.Tensor:
-    """Teacher-forced cross-entropy of a text-to-text model."""
-    logits = model(batch["src_ids"], batch["src_mask"], batch["tgt_in"])  # (B, T, V)
-    return cross_entropy(logits, batch["tgt_out"], smoothing)
 
 
 def text_config(config_cls: type, src_vocab_size: int, tgt_vocab_size: int, **fields):

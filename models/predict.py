@@ -1,4 +1,5 @@
-"""Predicts with a text model through the shared decode loop (ONNX Runtime or PyTorch)."""
+"""A text model's output tokens for many sources, batched by length through the shared decode loop
+(ONNX Runtime or PyTorch); what a task's evaluation scores."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from attnserve.core.decoding import SourceBatch, StepModel, decode
+from attnserve.core.decoding import StepModel, decode
+from attnserve.core.sources import SourceBatch
 from attnserve.core.vocab import Vocab
 
 

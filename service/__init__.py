@@ -1,2 +1,17 @@
-"""The torch-free serving side. `core/` needs neither Ray nor protos (manifest, tokenizers, decode
-loop, engine); the rest is the Ray Serve / gRPC layer (app, server, grpc_mapping, metrics, client)."""
+"""The Ray Serve / gRPC serving layer, torch-free; the engine it serves through is `core/`.
+
+- the Ray Serve application (`app.py`) and its deployment (`ray_deploy.py`: start or join Ray,
+  deploy the serve config, stop cleanly); the serve config (`config.py`), a local Ray's
+  environment (`local_ray.py`) and the `attnserve serve` supervisor (`supervisor.py`)
+- the servicer (`servicer.py`: the attnserve.v1 rpcs over engines) and the proto mapping
+  (`grpc_mapping.py`; `grpc_services.py` registers the services)
+- security: TLS settings (`tls.py`), bearer tokens (`auth.py`), the TLS front on Ray's HAProxy
+  (`tls_front.py`, `attnserve-haproxy`) and loopback binds for Ray's plaintext servers
+  (`private_binds.py`)
+- Prometheus metrics (`metrics.py`)
+- the client SDK (`client.py`)
+- attention pictures (`plotting.py`, the `plot` extra)
+- batch inference on Ray Data (`batch/`)
+
+The commands, `attnserve certs` and `attnserve render-k8s` included, are in `cli/`.
+"""

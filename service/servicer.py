@@ -1,6 +1,6 @@
 """The attnserve.v1 rpcs over a set of engines: proto in, validate, engine, proto out (no Ray).
 
-The Ray Serve deployment (`app.py`) and the plain `grpc.aio` server (`plain_server.py`, the
+The Ray Serve deployment (`app.py`) and the plain `grpc.aio` server (`bench/plain_server.py`, the
 bench's ceiling) both answer through `Servicer`; they differ only in how a status reaches the
 client. Validation runs on the event loop before a request is queued; decoding runs on the
 model's engine thread, so a handler never runs model code.

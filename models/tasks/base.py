@@ -11,10 +11,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from attnserve.core.decoding import SourceBatch, StepModel, pad_batch
+from attnserve.core.decoding import StepModel
+from attnserve.core.sources import SourceBatch, pad_batch
 from attnserve.core.vocab import Vocab
 from attnserve.models.predict import predict
-from attnserve.models.scoring import error_rates
+from attnserve.models.sequence_errors import sequence_errors
 
 Batch = dict[str, np.ndarray]
 
@@ -57,8 +58,14 @@ class TextTask:
         )
 
     def score(self, predictions: list[list[str]], examples: list[TextExample]) -> dict[str, float]:
-        """Word (sequence) and token error rates against any reference."""
-        return error_rates(predictions, [e.references for e in examples])
+        """Sequence and token error rates against any reference, recorded as wer (share of outputs
+        that match no reference), per (token edits per reference token) and words (how many)."""
+        errors = sequence_errors(predictions, [e.references for e in examples])
+        return {
+            "wer": errors.sequence_error_rate,
+            "per": errors.token_error_rate,
+            "words": float(errors.sequences),
+        }
 
     def evaluate_model(
         self,

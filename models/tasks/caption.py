@@ -8,7 +8,8 @@ from typing import ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from attnserve.core.decoding import SourceBatch, StepModel, decode
+from attnserve.core.decoding import StepModel, decode
+from attnserve.core.sources import SourceBatch
 from attnserve.core.vocab import SPECIALS, Vocab
 from attnserve.models import scenes_data
 from attnserve.models.caption_scoring import attention_localisation, exact_match

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from attnserve.core.vocab import UNKNOWN_LOCALE, Vocab
 from attnserve.models import dates_data
+from attnserve.models.sequence_errors import sequence_errors
 from attnserve.models.tasks.base import TextExample, TextTask
 
 
@@ -61,8 +62,13 @@ class DatesTask(TextTask):
         return _date_vocabularies()
 
     def score(self, predictions: list[list[str]], examples: list[TextExample]) -> dict[str, float]:
-        rates = super().score(predictions, examples)
-        return {"exact_match": 1 - rates["wer"], "cer": rates["per"], "examples": rates["words"]}
+        """Exact match and character error rate against the ISO date."""
+        errors = sequence_errors(predictions, [e.references for e in examples])
+        return {
+            "exact_match": 1 - errors.sequence_error_rate,
+            "cer": errors.token_error_rate,
+            "examples": float(errors.sequences),
+        }
 
 
 @cache

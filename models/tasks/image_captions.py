@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from attnserve.core.decoding import SourceBatch, StepModel
+from attnserve.core.decoding import StepModel
 from attnserve.core.errors import RequestError
 from attnserve.core.images import decode_image
 from attnserve.core.manifest import ImageSpec
+from attnserve.core.sources import SourceBatch
 from attnserve.core.vocab import SPECIALS, Vocab
+from attnserve.models.sequence_errors import sequence_errors
 from attnserve.models.tasks.base import Batch, TextExample, TextTask, target_arrays
 from attnserve.models.tasks.caption import caption_images, image_source_section
 from attnserve.models.tasks.parallel_text import portable, read_pairs, split_pairs
@@ -94,8 +96,16 @@ class ImageCaptionTask(TextTask):
         examples = self._splits[split][: limit or None]
         pixels = self._pixels[split][: len(examples)]
         preds, _ = caption_images(model, pixels, tgt_vocab, self.max_output_tokens, beam_size, progress)
-        rates = self.score(preds, examples)
-        return {"exact_match": 1 - rates["wer"], "word_error_rate": rates["per"], "examples": rates["words"]}
+        return self.score(preds, examples)
+
+    def score(self, predictions: list[list[str]], examples: list[TextExample]) -> dict[str, float]:
+        """Exact match and word error rate against any of each image's captions."""
+        errors = sequence_errors(predictions, [e.references for e in examples])
+        return {
+            "exact_match": 1 - errors.sequence_error_rate,
+            "word_error_rate": errors.token_error_rate,
+            "examples": float(errors.sequences),
+        }
 
     def train_batches(
         self,

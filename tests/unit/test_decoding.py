@@ -5,16 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnserve.core.decoding import (
-    DecodeJob,
-    RunningBatch,
-    SourceBatch,
-    decode,
-    greedy_decode,
-    length_normalised,
-    pad_batch,
-)
+from attnserve.core.decoding import DecodeJob, RunningBatch, decode, greedy_decode, length_normalised
 from attnserve.core.onnx_model import OnnxSeq2Seq, ProviderError, RuntimeConfig, choose_providers
+from attnserve.core.sources import SourceBatch, pad_batch
 from attnserve.models.g2p_data import load_split
 
 

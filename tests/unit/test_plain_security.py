@@ -11,10 +11,10 @@ import grpc
 import pytest
 
 from attnserve.bench.plain_server import serve_plain
+from attnserve.cli.certs import issue
 from attnserve.core.engine import Engine, EngineConfig
 from attnserve.core.model_runner import ModelRunner
 from attnserve.service.auth import TokenStore
-from attnserve.service.certs import issue
 from attnserve.service.client import Client
 from attnserve.service.tls import ClientTls, ServerTls
 from tests.integration.conftest import free_port

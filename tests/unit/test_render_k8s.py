@@ -4,8 +4,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from attnserve.cli.render_k8s import IMAGE_MODEL_REPOSITORY, PROFILES, output_path, render, requests_gpu
 from attnserve.service.config import AppArgs
-from attnserve.service.render_k8s import IMAGE_MODEL_REPOSITORY, PROFILES, output_path, render, requests_gpu
 from tests.conftest import ROOT
 
 

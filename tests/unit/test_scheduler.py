@@ -85,10 +85,12 @@ def test_request_level_batching_takes_a_batch_only_when_the_last_has_finished():
 
 def test_a_beam_request_takes_its_rows_and_waits_for_room():
     scheduler = Scheduler(EngineConfig(max_batch_size=8))
-    _queue(scheduler, 6)
+    greedy = _queue(scheduler, 6)
     (beam,) = _queue(scheduler, 1, rows=4)
     assert len(scheduler.schedule(0.0).join) == 6  # the beam's 4 rows do not fit beside them
     assert scheduler.queued == 1 and not scheduler.schedule(0.0).join
+    _finish(scheduler, greedy[:2], 1.0)
+    assert scheduler.schedule(1.0).join == (beam,)  # 2 + 2 free rows: room for its 4
 
 
 def test_an_oversized_request_joins_an_empty_batch_alone():
