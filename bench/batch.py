@@ -35,7 +35,7 @@ import ray
 from attnserve.bench.inputs import Sample, load_workload
 from attnserve.bench.run import write_json
 from attnserve.bench.servers import busy_seconds
-from attnserve.core.engine import start_engines
+from attnserve.core.engine import start_engine
 from attnserve.core.manifest import Manifest, discover
 from attnserve.core.requests import AttentionMode
 from attnserve.service.batch.decode_actor import DecodeActor, decode_rows
@@ -123,7 +123,7 @@ def engine_rows_s(
     """Rows/s (validation included) and peak GiB of an in-process Engine with the job's settings."""
     dc = actor_config(cfg, manifest)
     runtime = replace(dc.runtime, intra_op_threads=threads)
-    engine = start_engines([manifest], runtime, lambda name: dc.engine)[manifest.name]
+    engine = start_engine(manifest, runtime, dc.engine)
     rows = [input_row(str(i), s.text, s.locale, s.image or None) for i, s in enumerate(samples)]
     list(decode_rows(engine, rows[:32], AttentionMode.CROSS))  # warm-up
     monitor = TreeMonitor()

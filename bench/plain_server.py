@@ -20,11 +20,12 @@ from pathlib import Path
 
 import grpc
 
-from attnserve.core.engine import Engine, start_engines
+from attnserve.core.engine import Engine, start_engine
 from attnserve.core.manifest import discover
 from attnserve.service.auth import TokenStore, token_store_from_env
 from attnserve.service.config import DEFAULT_SERVE_CONFIG, app_args
 from attnserve.service.grpc_services import add_translator_to_server
+from attnserve.service.model_set import ModelSet
 from attnserve.service.servicer import Outcome, Servicer
 from attnserve.service.tls import ServerTls, server_credentials
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
@@ -82,7 +83,7 @@ async def serve_plain(
     Translator call needs one. Renewed certificate or token files apply without a restart.
     """
     server = grpc.aio.server()
-    add_translator_to_server(PlainTranslator(Servicer(engines, tokens=tokens)), server)
+    add_translator_to_server(PlainTranslator(Servicer(ModelSet.of(engines), tokens=tokens)), server)
     if tls:
         server.add_secure_port(address, server_credentials(tls))
     else:
@@ -106,11 +107,12 @@ def engines_for(serve_config: Path, repository: Path, names: list[str] | None = 
         Engine per model name, each running on its own thread.
     """
     args = app_args(serve_config, repository)
-    return start_engines(
-        (m for m in discover(repository) if names is None or m.name in names),
-        args.runtime.runtime_config(),
-        args.serving.engine_config,
-    )
+    runtime = args.runtime.runtime_config()
+    return {
+        m.name: start_engine(m, runtime, args.serving.engine_config(m.name))
+        for m in discover(repository)
+        if names is None or m.name in names
+    }
 
 
 async def _serve(engines: dict[str, Engine], address: str) -> None:

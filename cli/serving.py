@@ -47,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, grpc_port=args.grpc_port, http_port=args.http_port,
         host=args.host, model_repository=args.repository, max_batch_size=args.max_batch_size,
         batch_wait_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
-        max_queue_wait_s=args.max_queue_wait_s,
+        max_queue_wait_s=args.max_queue_wait_s, poll_repository_s=args.poll_repository,
     )  # fmt: skip
     try:
         _secure_environment(args)
@@ -75,7 +75,7 @@ def _client(args: argparse.Namespace):
         return None
 
 
-def _call(args: argparse.Namespace, rpc: str, *params):
+def _call(args: argparse.Namespace, rpc: str, *params, **keywords):
     """One rpc on the served attnserve; prints the status and returns None if it fails."""
     import grpc
 
@@ -84,7 +84,7 @@ def _call(args: argparse.Namespace, rpc: str, *params):
         return None
     with client:
         try:
-            return getattr(client, rpc)(*params)
+            return getattr(client, rpc)(*params, **keywords)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return None
@@ -99,7 +99,8 @@ def _translate_stream(args: argparse.Namespace) -> int:
         return 1
     with client:
         stream = client.translate_stream(args.model, args.text, args.attention, args.max_output_tokens,
-                                         args.beam, args.length_penalty, args.locale)  # fmt: skip
+                                         args.beam, args.length_penalty, args.locale,
+                                         version=args.version)  # fmt: skip
         try:
             for chunk in stream:
                 if chunk.HasField("response"):
@@ -144,7 +145,8 @@ def _translate(args: argparse.Namespace) -> int:
     if _plotting_missing(bool(args.plot)):
         return 2
     response = _call(args, "translate", args.model, args.text, args.attention or bool(args.plot),
-                     args.max_output_tokens, args.beam, args.length_penalty, args.locale)  # fmt: skip
+                     args.max_output_tokens, args.beam, args.length_penalty, args.locale,
+                     version=args.version)  # fmt: skip
     if response is None:
         return 1
     print(response.text)
@@ -165,7 +167,8 @@ def _caption(args: argparse.Namespace) -> int:
         return 2
     image = args.image.read_bytes()
     response = _call(args, "caption", args.model, image, args.attention or bool(args.plot),
-                     args.max_output_tokens, args.beam, args.length_penalty)  # fmt: skip
+                     args.max_output_tokens, args.beam, args.length_penalty,
+                     version=args.version)  # fmt: skip
     if response is None:
         return 1
     print(response.text)
@@ -209,12 +212,20 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    """Prints ListModels as JSON: a ModelInfo per loaded version, with its state and default share."""
     from google.protobuf.json_format import MessageToDict
+
+    from attnserve.v1 import translator_pb2 as pb
 
     response = _call(args, "list_models")
     if response is None:
         return 1
-    print(json.dumps(MessageToDict(response), indent=2))
+    # Every field, zeros included (a version that takes no version-less calls shows defaultShare 0),
+    # in the .proto's order.
+    listed = MessageToDict(response, always_print_fields_with_no_presence=True)
+    order = [f.json_name for f in pb.ModelInfo.DESCRIPTOR.fields]
+    listed["models"] = [{k: m[k] for k in order if k in m} for m in listed.get("models", [])]
+    print(json.dumps(listed, indent=2))
     return 0
 
 
@@ -254,6 +265,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, help="override batching for every model")
     p.add_argument("--batch-wait-ms", type=float, help="override the batch wait timer for every model")
     p.add_argument("--max-queue-wait-s", type=float, help="override the admitted queue wait for every model")
+    p.add_argument("--poll-repository", type=float, metavar="SECONDS", help="watch the model repository "
+                   "every SECONDS for versions added or removed (0: off)")  # fmt: skip
     p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this PEM certificate (chain) "
                    "[$ATTNSERVE_TLS_CERT]")  # fmt: skip
     p.add_argument("--tls-key", type=Path, help="the certificate's PEM private key [$ATTNSERVE_TLS_KEY]")
@@ -284,6 +297,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--service", default="", help="a model name, or empty for the whole server")
         if name not in ("models", "health"):
             p.add_argument("--model", required=True)
+            p.add_argument("--version", default="", help="a loaded version of the model, e.g. 2 "
+                           "(default: the model's default version)")  # fmt: skip
             p.add_argument("--attention", action="store_true", help="print the attention weights")
             p.add_argument("--max-output-tokens", type=int, default=0)
             p.add_argument("--beam", type=int, default=0, help="beam size (0/1 = greedy, up to 16)")

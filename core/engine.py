@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -33,7 +33,7 @@ from attnserve.core.manifest import Manifest
 from attnserve.core.model_runner import ModelRunner
 from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.core.requests import Answer, PreparedRequest, StreamCallback
-from attnserve.core.scheduler import EngineConfig, Scheduler, SchedulerOutput
+from attnserve.core.scheduler import DecodeTime, EngineConfig, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,26 @@ class Engine:
         self.observer.rejected(reason)
         raise _REFUSALS[reason](self.name, self.config)
 
+    def warm_up(self) -> float:
+        """Decodes the model's representative request alone, then as a full batch, so that the
+        first real call finds the sessions warm; the decode-time estimate starts afresh after.
+
+        Returns:
+            The seconds it took.
+
+        Raises:
+            RequestError: if the model fails on its warm-up request.
+        """
+        started = time.monotonic()
+        request = self.runner.warmup_request()
+        for size in (1, self.config.max_batch_size):
+            for answer in answer_all(self, [request] * size):
+                if isinstance(answer, RequestError):
+                    raise answer
+        with self._lock:
+            self.scheduler.cost = DecodeTime()
+        return time.monotonic() - started
+
     @property
     def queued(self) -> int:
         """Requests waiting to join the running batch."""
@@ -312,24 +332,18 @@ def answer_all(engine: Engine, requests: Iterable[PreparedRequest]) -> Iterator[
             yield e
 
 
-def start_engines(
-    manifests: Iterable[Manifest],
-    runtime: RuntimeConfig,
-    settings: Callable[[str], EngineConfig],
-    observer: Callable[[Manifest], EngineObserver | None] = lambda manifest: None,
-) -> dict[str, Engine]:
-    """An engine per model, each on its own thread.
+def start_engine(
+    manifest: Manifest, runtime: RuntimeConfig, config: EngineConfig, observer: EngineObserver | None = None
+) -> Engine:
+    """Loads one model's sessions and starts its engine thread: the one way an engine is built.
 
     Args:
-        manifests: the models to load.
-        runtime: how their ONNX Runtime sessions are built.
-        settings: a model name -> its batching and admission settings.
-        observer: a manifest -> what records its engine's events (None records nothing).
-
-    Returns:
-        Engine per model name.
+        manifest: the model version to load.
+        runtime: how its ONNX Runtime sessions are built.
+        config: its batching and admission settings.
+        observer: what records its engine's events (None records nothing).
     """
-    return {m.name: Engine(ModelRunner(m, runtime), settings(m.name), observer(m)) for m in manifests}
+    return Engine(ModelRunner(manifest, runtime), config, observer)
 
 
 def _fail(job: _Job, error: RequestError) -> None:

@@ -19,6 +19,8 @@ from attnserve.core.sources import SourceBatch
 
 _MATRIX_MODES = (AttentionMode.NONE, AttentionMode.CROSS)  # served without per-head outputs
 
+WARMUP_SOURCE_TOKENS = 12  # a typical request's length: warm-up shapes near the real ones
+
 
 class ModelRunner:
     """One model's ONNX Runtime sessions and codec: decoding jobs of prepared requests, and their answers."""
@@ -27,6 +29,18 @@ class ModelRunner:
         self.manifest = manifest
         self.codec = SourceCodec(manifest)
         self.model = OnnxSeq2Seq(manifest, runtime)
+
+    def warmup_request(self) -> PreparedRequest:
+        """A representative request for warming the sessions up: a source of typical length made
+        of the model's own tokens (or a blank image), decoding to the model's output limit."""
+        m = self.manifest
+        if m.image is not None:
+            image = np.zeros((m.image.channels, m.image.height, m.image.width), np.float32)
+            return PreparedRequest((), (), m.max_output_tokens, AttentionMode.NONE, image=image)
+        words = [t for t in m.source_vocab.tokens if not t.startswith("<")]
+        tokens = tuple(words[i % len(words)] for i in range(min(WARMUP_SOURCE_TOKENS, m.max_source_tokens)))
+        ids = tuple(m.source_vocab.encode(tokens))
+        return PreparedRequest(tokens, ids, m.max_output_tokens, AttentionMode.NONE)
 
     def running_batch(self) -> RunningBatch:
         """An empty running batch of this model that requests can join at any step."""

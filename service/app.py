@@ -1,7 +1,9 @@
 """The Ray Serve application: one deployment that is the gRPC target and holds the models.
 
-Each replica loads every model of its application's group into an engine of its own (a thread
-that owns the ONNX Runtime sessions and batches whatever is queued when it is free). Requests
+Each replica loads the versions its version policies choose of every model of its application's
+group, each into an engine of its own (a thread that owns the ONNX Runtime sessions and batches
+whatever is queued), warms them up before it reports ready, and changes that set while serving
+when its user_config changes or the repository it polls does (service/model_set.py). Requests
 reach the replica straight from the client's connection (Ray's direct ingress behind HAProxy),
 are validated on the event loop and handed to the model's engine: one process hop in all.
 """
@@ -21,13 +23,13 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.grpc_util import RayServegRPCContext
 
-from attnserve.core.engine import start_engines
-from attnserve.core.manifest import Manifest, ManifestError, discover
+from attnserve.core.manifest import Manifest, ManifestError
 from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.service import metrics
 from attnserve.service.auth import token_store_from_env
 from attnserve.service.config import AppArgs, ServingConfig
 from attnserve.service.grpc_services import TIMEOUT_METADATA, Undecodable
+from attnserve.service.model_set import ModelSet
 from attnserve.service.servicer import Outcome, Servicer, undecodable
 from attnserve.v1 import translator_pb2 as pb
 
@@ -81,28 +83,46 @@ def _refused(rpc: str, reason: str) -> None:
 class Attnserve:
     """attnserve.v1.Translator and grpc.health.v1.Health for the models of one group."""
 
-    def __init__(self, entries: dict[str, str], runtime: RuntimeConfig, serving: dict):
+    def __init__(self, repository: str, group: tuple[str, ...], runtime: RuntimeConfig, serving: dict):
         # The event loop shares the GIL with the engine threads' Python; a shorter switch
         # interval lets it accept and refuse calls promptly while batches decode.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        config = ServingConfig.model_validate(serving)
-        engines = start_engines(
-            (Manifest.load(Path(path)) for path in entries.values()),
-            runtime,
-            config.engine_config,
-            lambda m: RayObserver({"model": m.name, "version": m.version}),
-        )
+        self.repository, self.group = Path(repository), tuple(group)
+        self.models = ModelSet(runtime, lambda m: RayObserver({"model": m.name, "version": m.version}))
+        self.config = ServingConfig.model_validate(serving)
+        self._apply()  # Ray marks the replica ready only once every version is loaded and warm
         # $ATTNSERVE_AUTH_TOKENS reaches the replica through Ray's environment (attnserve serve,
         # the images): every Translator call then needs a token; health checks do not.
-        self.servicer = Servicer(engines, _record, token_store_from_env(), _refused)
+        self.servicer = Servicer(self.models, _record, token_store_from_env(), _refused)
         self.draining = False
         threading.Thread(target=self._report_gauges, name="gauges", daemon=True).start()
-        log.info("serving %s", ", ".join(sorted(engines)))
+        threading.Thread(target=self._poll_repository, name="repository-poll", daemon=True).start()
+
+    def _apply(self) -> None:
+        """Serves what the version policies choose from the repository now, with the engine
+        settings and traffic split of the config."""
+        self.models.weights = self.config.traffic
+        change = self.models.reconcile(
+            self.config.wanted(self.repository, self.group), self.config.engine_config
+        )
+        for (name, version), why in change.failed:
+            log.warning("model %s version %d is not served: %s", name, version, why)
+
+    def _poll_repository(self) -> None:
+        """Re-reads the repository every poll_repository_s seconds (when set), as Triton's poll mode does."""
+        while True:
+            period = self.config.poll_repository_s
+            time.sleep(period or 1.0)
+            if period and not self.draining:
+                try:
+                    self._apply()
+                except Exception:  # a half-written folder or a vanished repository: try again next time
+                    log.exception("polling the model repository %s failed", self.repository)
 
     def _report_gauges(self) -> None:
         """Keeps the gauges exported (Ray drops a gauge not set for ~20 s): providers, queue depth."""
         while True:
-            for engine in self.servicer.engines.values():
+            for engine in list(self.models.engines.values()):
                 m = engine.runner.manifest
                 for provider in engine.runner.model.providers:
                     tags = {"model": m.name, "version": m.version, "provider": provider}
@@ -111,10 +131,10 @@ class Attnserve:
             time.sleep(GAUGE_PERIOD_S)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Applies a ServingConfig to every engine without a restart (Ray Serve user_config)."""
-        config = ServingConfig.model_validate(user_config)
-        for name, engine in self.servicer.engines.items():
-            engine.reconfigure(config.engine_config(name))
+        """Applies a ServingConfig without a restart (Ray Serve user_config): engine settings,
+        version policies (new versions load and warm up before they take calls) and traffic."""
+        self.config = ServingConfig.model_validate(user_config)
+        self._apply()
 
     async def Translate(self, request: pb.TranslateRequest, grpc_context: RayServegRPCContext):
         """Translate one text with the named model."""
@@ -144,8 +164,9 @@ class Attnserve:
         return _reply(outcome, grpc_context, pb.ListModelsResponse)
 
     def _status(self, service: str) -> int | None:
-        """Health of "" (the whole server), the Translator service, or one model; None if unknown."""
-        if service not in ("", SERVICE_NAME) and service not in self.servicer.engines:
+        """Health of "" (the whole server), the Translator service, or one model (SERVING once a
+        version of it is loaded and warm); None if unknown."""
+        if service not in ("", SERVICE_NAME) and service not in self.models.loaded():
             return None
         health = health_pb2.HealthCheckResponse
         return health.NOT_SERVING if self.draining else health.SERVING
@@ -163,7 +184,7 @@ class Attnserve:
 
     async def List(self, request, grpc_context: RayServegRPCContext):
         """grpc.health.v1.Health/List: the status of every service this replica answers for."""
-        names = ["", SERVICE_NAME, *sorted(self.servicer.engines)]
+        names = ["", SERVICE_NAME, *sorted(self.models.loaded())]
         statuses = {n: health_pb2.HealthCheckResponse(status=self._status(n)) for n in names}
         return health_pb2.HealthListResponse(statuses=statuses)
 
@@ -184,18 +205,17 @@ class Attnserve:
         for the accepted ones; True if every accepted call finished."""
         self.draining = True
         self.servicer.serving = False
-        for engine in self.servicer.engines.values():
-            engine.stop_accepting()
+        self.models.stop_accepting()
         deadline = time.monotonic() + timeout_s
-        while any(e.busy for e in self.servicer.engines.values()) and time.monotonic() < deadline:
+        while self.models.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return not any(e.busy for e in self.servicer.engines.values())
+        return not self.models.busy
 
     def __del__(self):
         """Stops the engine threads when Serve removes the replica."""
-        servicer = getattr(self, "servicer", None)
-        for engine in servicer.engines.values() if servicer else ():
-            engine.close(timeout_s=0)
+        models = getattr(self, "models", None)
+        if models is not None:
+            models.close(timeout_s=0)
 
 
 def _time_remaining(metadata) -> float | None:
@@ -247,19 +267,26 @@ def app_builder(args: dict | AppArgs) -> Application:
             model the group names.
     """
     args = AppArgs.model_validate(args)
-    manifests = discover(Path(args.model_repository))
-    if not manifests:
-        raise ManifestError(f"no models found in {args.model_repository}")
-    found = {m.name: m for m in manifests}
-    missing = sorted(set(args.models) - set(found))
+    repository = Path(args.model_repository).resolve()
+    try:
+        chosen = args.serving.wanted(repository, args.models)
+    except FileNotFoundError as e:
+        raise ManifestError(str(e)) from e
+    if not chosen:
+        raise ManifestError(
+            f"no models found in {args.model_repository} (or none its version policies choose)"
+        )
+    missing = sorted(set(args.models) - {name for name, _ in chosen})
     if missing:
-        raise ManifestError(f"models {missing} are not in {args.model_repository}; it has {sorted(found)}")
-    chosen = [found[n] for n in (args.models or sorted(found))]
-    entries = {m.name: str(m.path.resolve()) for m in chosen}
+        raise ManifestError(
+            f"models {missing} are not in {args.model_repository} (or no version of theirs is chosen)"
+        )
+    for path in chosen.values():  # a broken entry fails the deploy here, not in every replica
+        Manifest.load(path)
     r = args.replica
     return Attnserve.options(
         num_replicas=r.num_replicas,
         max_ongoing_requests=r.max_ongoing_requests,
         user_config=args.serving.model_dump(mode="json"),
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-    ).bind(entries, args.runtime.runtime_config(), args.serving.model_dump(mode="json"))
+    ).bind(str(repository), args.models, args.runtime.runtime_config(), args.serving.model_dump(mode="json"))

@@ -129,13 +129,16 @@ class Client:
         beam_size: int = 0,
         length_penalty: float = 0.0,
         locale: str = "",
+        version: str = "",
     ) -> pb.TranslateResponse:
-        """Calls Translate.
+        """Calls Translate; `version` names a loaded version of the model ("" for its default).
 
         Raises:
             grpc.RpcError: with the server's status code and message.
         """
-        request = _text_request(model, text, attention, max_output_tokens, beam_size, length_penalty, locale)
+        request = text_request(
+            model, text, attention, max_output_tokens, beam_size, length_penalty, locale, version
+        )
         return self._call(self.stub.Translate, request, model)
 
     def translate_stream(
@@ -147,15 +150,18 @@ class Client:
         beam_size: int = 0,
         length_penalty: float = 0.0,
         locale: str = "",
+        version: str = "",
     ) -> Iterator[pb.TranslateChunk]:
         """Calls TranslateStream: a chunk per output token as it is decoded (with its attention
         row when `attention`), the last one carrying the whole response. Call `cancel()` on the
-        returned iterator to stop the decoding.
+        returned iterator to stop the decoding. `version` as for `translate`.
 
         Raises:
             grpc.RpcError: while iterating, with the server's status code and message.
         """
-        request = _text_request(model, text, attention, max_output_tokens, beam_size, length_penalty, locale)
+        request = text_request(
+            model, text, attention, max_output_tokens, beam_size, length_penalty, locale, version
+        )
         return self.stub.TranslateStream(request, timeout=self.timeout_s, metadata=self._metadata(model))
 
     def caption(
@@ -166,14 +172,16 @@ class Client:
         max_output_tokens: int = 0,
         beam_size: int = 0,
         length_penalty: float = 0.0,
+        version: str = "",
     ) -> pb.CaptionResponse:
-        """Calls Caption with encoded PNG or JPEG bytes.
+        """Calls Caption with encoded PNG or JPEG bytes; `version` as for `translate`.
 
         Raises:
             grpc.RpcError: with the server's status code and message.
         """
-        options = _options(attention, max_output_tokens, beam_size, length_penalty)
-        request = pb.CaptionRequest(model=model, image=image, options=options)
+        request = caption_request(
+            model, image, attention, max_output_tokens, beam_size, length_penalty, version
+        )
         return self._call(self.stub.Caption, request, model)
 
     def list_models(self) -> pb.ListModelsResponse:
@@ -199,10 +207,33 @@ class Client:
         self.close()
 
 
-def _text_request(model, text, attention, max_output_tokens, beam_size, length_penalty, locale):
-    """A TranslateRequest from the SDK's arguments."""
+def text_request(
+    model: str,
+    text: str,
+    attention: bool = False,
+    max_output_tokens: int = 0,
+    beam_size: int = 0,
+    length_penalty: float = 0.0,
+    locale: str = "",
+    version: str = "",
+) -> pb.TranslateRequest:
+    """The TranslateRequest that `Client.translate` and `translate_stream` send."""
     options = _options(attention, max_output_tokens, beam_size, length_penalty)
-    return pb.TranslateRequest(model=model, text=text, options=options, locale=locale)
+    return pb.TranslateRequest(model=model, text=text, options=options, locale=locale, version=version)
+
+
+def caption_request(
+    model: str,
+    image: bytes,
+    attention: bool = False,
+    max_output_tokens: int = 0,
+    beam_size: int = 0,
+    length_penalty: float = 0.0,
+    version: str = "",
+) -> pb.CaptionRequest:
+    """The CaptionRequest that `Client.caption` sends."""
+    options = _options(attention, max_output_tokens, beam_size, length_penalty)
+    return pb.CaptionRequest(model=model, image=image, options=options, version=version)
 
 
 def _options(attention: bool, max_output_tokens: int, beam_size: int, length_penalty: float):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +22,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.core.scheduler import EngineConfig
+from attnserve.core.versions import VersionPolicy, scan, wanted
 
 DEFAULT_SERVE_CONFIG = Path("deploy/serve/attnserve.yaml")
 
@@ -58,12 +59,45 @@ class EngineSettings(_Frozen):
         return EngineConfig(**self.model_dump())
 
 
+class VersionPolicyArgs(_Frozen):
+    """Which versions of a model to serve: the latest N, a list, or all (core.versions.VersionPolicy)."""
+
+    latest: int = Field(1, ge=0)
+    versions: tuple[int, ...] = ()
+    all: bool = False
+
+    def policy(self) -> VersionPolicy:
+        """The core's frozen dataclass."""
+        return VersionPolicy(**self.model_dump())
+
+
 class ServingConfig(_Frozen):
-    """The replica's Ray Serve `user_config`: engine settings for every model, overridable per
-    model by name (any subset of the fields). Changes apply without a restart."""
+    """The replica's Ray Serve `user_config`; every change applies without a restart.
+
+    defaults, models: engine settings for every model, overridable per model by name (any
+        subset of the fields).
+    versions, model_versions: the version policy of every model, overridable per model.
+    traffic: per model, a weight per version for the calls that name no version (a canary);
+        without one the highest loaded version answers them.
+    poll_repository_s: 0 to read the repository only when the config changes; else how often
+        each replica looks for versions added or removed there.
+    """
 
     defaults: EngineSettings = EngineSettings()
     models: dict[str, dict[str, Any]] = {}
+    versions: VersionPolicyArgs = VersionPolicyArgs()
+    model_versions: dict[str, VersionPolicyArgs] = {}
+    traffic: dict[str, dict[int, Annotated[float, Field(ge=0)]]] = {}
+    poll_repository_s: float = Field(0.0, ge=0)
+
+    def wanted(self, repository: Path, group: tuple[str, ...] = ()) -> dict[tuple[str, int], Path]:
+        """(model, version) -> folder of every version these policies serve from the repository.
+
+        Raises:
+            FileNotFoundError: if the repository is not a folder.
+        """
+        overrides = {name: args.policy() for name, args in self.model_versions.items()}
+        return wanted(scan(repository), self.versions.policy(), overrides, group)
 
     def for_model(self, name: str) -> EngineSettings:
         """The settings of one model: its overrides over the defaults.
@@ -120,6 +154,7 @@ class LocalOptions:
     max_batch_size: int | None = None  # engine overrides apply to every model
     batch_wait_s: float | None = None
     max_queue_wait_s: float | None = None
+    poll_repository_s: float | None = None  # watch the repository for versions (every replica)
 
 
 def load_serve_config(options: LocalOptions) -> ServeDeploySchema:
@@ -170,6 +205,7 @@ def apply_overrides(raw: dict[str, Any], options: LocalOptions) -> dict[str, Any
             "max_batch_size": options.max_batch_size,
             "batch_wait_s": options.batch_wait_s,
             "max_queue_wait_s": options.max_queue_wait_s,
+            "poll_repository_s": options.poll_repository_s,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if overrides:  # every model, here and in the file's user_config
@@ -184,6 +220,11 @@ def apply_overrides(raw: dict[str, Any], options: LocalOptions) -> dict[str, Any
 def _override_serving(serving: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A ServingConfig dict with the overrides applied to the defaults and to every model."""
     config = ServingConfig.model_validate(serving)
-    defaults = EngineSettings.model_validate({**config.defaults.model_dump(), **overrides})
-    models = {name: {**given, **overrides} for name, given in config.models.items()}
-    return ServingConfig(defaults=defaults, models=models).model_dump(mode="json")
+    poll = overrides.get("poll_repository_s")
+    engine = {k: v for k, v in overrides.items() if k != "poll_repository_s"}
+    defaults = EngineSettings.model_validate({**config.defaults.model_dump(), **engine})
+    models = {name: {**given, **engine} for name, given in config.models.items()}
+    update = {"defaults": defaults, "models": models}
+    if poll is not None:
+        update["poll_repository_s"] = poll
+    return ServingConfig.model_validate({**config.model_dump(), **update}).model_dump(mode="json")

@@ -27,6 +27,7 @@ from attnserve.service.grpc_mapping import (
     translation_to_pb,
 )
 from attnserve.service.grpc_services import Undecodable
+from attnserve.service.model_set import ModelSet
 from attnserve.v1 import translator_pb2 as pb
 
 log = logging.getLogger("attnserve")
@@ -66,12 +67,12 @@ class Servicer:
 
     def __init__(
         self,
-        engines: dict[str, Engine],
+        models: ModelSet,
         record: RequestRecorder | None = None,
         tokens: TokenStore | None = None,
         refused: Callable[[str, str], None] | None = None,
     ):
-        self.engines = engines
+        self.models = models
         self.record = record or (lambda *_: None)
         self.tokens = tokens
         self.refused = refused or (lambda *_: None)
@@ -130,48 +131,50 @@ class Servicer:
             return undecodable(request)
 
         async def work() -> pb.ListModelsResponse:
-            return pb.ListModelsResponse(
-                models=[
-                    model_info_to_pb(e.runner.manifest, e.runner.model.providers, e.runner.model.precision)
-                    for _, e in sorted(self.engines.items())
-                ]
-            )
+            infos = []
+            for manifest, state, engine in self.models.states():
+                model = engine.runner.model if engine else None
+                info = model_info_to_pb(
+                    manifest, model.providers if model else (), model.precision if model else ""
+                )
+                info.state = state
+                if state == "READY":
+                    info.default_share = self.models.default_share(manifest.name, int(manifest.version))
+                infos.append(info)
+            return pb.ListModelsResponse(models=infos)
 
-        return await self._answer("ListModels", "", "", work)
+        return await self._answer("ListModels", ["", ""], work)
 
-    def _engine(self, name: str) -> Engine:
-        """The named model's engine, if it can take a request now.
+    def _submit(self, request, prepare, time_remaining: float | None, tags: list[str], on_token=None):
+        """Routes a call to its model version, validates and submits it; `tags` become that
+        version's metric labels. Returns (engine, future).
 
         Raises:
-            RequestError: NOT_FOUND for an unknown model, UNAVAILABLE while shutting down.
+            RequestError: NOT_FOUND for an unknown model or version, UNAVAILABLE while shutting
+                down, and whatever validation or admission refuses.
         """
-        engine = self.engines.get(name)
-        if engine is None:
-            served = ", ".join(sorted(self.engines))
-            raise RequestError(ErrorCode.NOT_FOUND, f"no model named {name!r}; served models: {served}")
         if not self.serving:
             raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry")
-        return engine
 
-    def _tags(self, name: str) -> tuple[str, str]:
-        """(model, version) metric labels of a requested model name."""
-        engine = self.engines.get(name)
-        m = engine.runner.manifest if engine else None
-        return (m.name, m.version) if m else (UNKNOWN_MODEL_TAG, "")
+        def tagged(engine: Engine) -> PreparedRequest:
+            tags[:] = [engine.runner.manifest.name, engine.runner.manifest.version]
+            return prepare(engine)
+
+        return self.models.submit(request.model, request.version, tagged, _deadline(time_remaining), on_token)
 
     async def _decode(self, rpc: str, request, time_remaining: float | None, prepare, to_pb) -> Outcome:
-        """Validates with `prepare`, submits to the model's engine, awaits and maps the result."""
+        """Validates with `prepare`, submits to the model version's engine, awaits and maps the result."""
         if isinstance(request, Undecodable):
             return undecodable(request)
+        tags = [UNKNOWN_MODEL_TAG, ""]
 
         async def work():
-            engine = self._engine(request.model)
-            future = engine.submit(prepare(engine), _deadline(time_remaining))
+            engine, future = self._submit(request, prepare, time_remaining, tags)
             # wrap_future cancels the engine's future if this call is cancelled: the request
             # is then dropped, queued or decoding.
             return to_pb(await asyncio.wrap_future(future), engine.runner.manifest)
 
-        return await self._answer(rpc, *self._tags(request.model), work)
+        return await self._answer(rpc, tags, work)
 
     async def _stream(
         self, rpc: str, request, time_remaining: float | None, metadata: Metadata, prepare, to_pb, chunk
@@ -193,13 +196,12 @@ class Servicer:
 
         async def start():
             nonlocal future
-            engine = self._engine(request.model)
-            future = engine.submit(prepare(engine), _deadline(time_remaining), on_token)
+            engine, future = self._submit(request, prepare, time_remaining, tags, on_token)
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
             return engine
 
-        model, version = self._tags(request.model)
-        opened = await self._answer(rpc, model, version, start, record_ok=False)
+        tags = [UNKNOWN_MODEL_TAG, ""]
+        opened = await self._answer(rpc, tags, start, record_ok=False)
         if opened.code is not None:
             yield opened
             return
@@ -212,24 +214,23 @@ class Servicer:
             async def finish():
                 return chunk(response=to_pb(future.result(), opened.response.runner.manifest))
 
-            last = await self._answer(rpc, model, version, finish, started=started)
+            last = await self._answer(rpc, tags, finish, started=started)
             yield last
         finally:
             if last is None:  # the client went away before the answer
                 future.cancel()
-                self.record(rpc, model, version, "CANCELLED", time.perf_counter() - started)
+                self.record(rpc, *tags, "CANCELLED", time.perf_counter() - started)
 
     async def _answer(
         self,
         rpc: str,
-        model: str,
-        version: str,
+        tags: list[str],
         work: Callable[[], Awaitable],
         record_ok: bool = True,
         started: float | None = None,
     ) -> Outcome:
-        """Runs one rpc (or a step of a streamed one) and records it; every failure becomes a
-        status with a plain message.
+        """Runs one rpc (or a step of a streamed one) and records it under `tags` (model, version:
+        what `work` routed to by then); every failure becomes a status with a plain message.
 
         Anything that is not a RequestError is logged with an incident id, and the client gets
         INTERNAL with only that id: no traceback, pid or Ray error text.
@@ -251,7 +252,7 @@ class Servicer:
             return Outcome(None, ErrorCode.INTERNAL, f"internal error (incident {incident})")
         finally:
             if code != "OK" or record_ok:
-                self.record(rpc, model, version, code, time.perf_counter() - started)
+                self.record(rpc, *tags, code, time.perf_counter() - started)
 
 
 def _deadline(time_remaining: float | None) -> float | None:

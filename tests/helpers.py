@@ -1,6 +1,11 @@
-"""What several test modules share: answers to prepared requests as the engine serves them."""
+"""What several test modules share: answers to prepared requests as the engine serves them, and
+model versions written into a repository."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 from attnserve.core.engine import Engine, answer_all
 from attnserve.core.errors import RequestError
@@ -16,3 +21,13 @@ def answers(runner: ModelRunner, requests: list[PreparedRequest]) -> list[Answer
     """Each request's answer, or its error, from an engine over `runner` that decodes them together."""
     with Engine(runner, TOGETHER) as engine:
         return list(answer_all(engine, requests))
+
+
+def add_version(repository: Path, entry: Path, version: int) -> Path:
+    """A copy of a repository entry as another version of the same model; returns its folder."""
+    manifest = json.loads((entry / "manifest.json").read_text())
+    folder = repository / manifest["name"] / str(version)
+    shutil.copytree(entry, folder)
+    manifest["version"] = version
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from attnserve.core.codec import SourceCodec
-from attnserve.core.engine import Engine, answer_all, start_engines
+from attnserve.core.engine import Engine, answer_all, start_engine
 from attnserve.core.errors import RequestError, invalid
 from attnserve.core.manifest import Manifest
 from attnserve.core.onnx_model import RuntimeConfig
@@ -66,7 +66,7 @@ class DecodeActor:
 
     def __init__(self, config: DecodeActorConfig):
         manifest = Manifest.load(Path(config.entry))
-        self.engine = start_engines([manifest], config.runtime, lambda name: config.engine)[manifest.name]
+        self.engine = start_engine(manifest, config.runtime, config.engine)
         self.mode = AttentionMode.CROSS if config.attention else AttentionMode.NONE
         self.attention = config.attention
 

@@ -21,6 +21,7 @@ from attnserve.service.auth import (
     bearer_token,
     parse_tokens,
 )
+from attnserve.service.model_set import ModelSet
 from attnserve.service.servicer import Servicer
 from attnserve.v1 import translator_pb2 as pb
 
@@ -107,7 +108,7 @@ def test_a_broken_new_file_keeps_the_last_good_tokens(store, caplog):
 
 def test_the_servicer_refuses_before_any_work_and_reports_only_the_reason(store, bundled_manifest):
     refused = []
-    servicer = Servicer({}, tokens=store, refused=lambda rpc, reason: refused.append((rpc, reason)))
+    servicer = Servicer(ModelSet(), tokens=store, refused=lambda rpc, reason: refused.append((rpc, reason)))
     request = pb.TranslateRequest(model="g2p-bahdanau", text="token")
     outcome = asyncio.run(servicer.translate(request, None, _bearer(ALICE[:5])))
     assert outcome.code is ErrorCode.UNAUTHENTICATED and refused == [("Translate", UNKNOWN)]

@@ -234,7 +234,7 @@ def test_dashboard_panels_have_queries_on_the_provisioned_datasource():
     assert uid == "prometheus"
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
     expected = ["Traffic", "Admission and queues", "Latency", "Batching", "Throughput", "Replicas"]
-    assert rows == [*expected, "Runtime"]
+    assert rows == [*expected, "Runtime", "Versions"]
     panels = _panels(dashboard)
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     for panel in panels:

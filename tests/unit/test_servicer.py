@@ -12,6 +12,7 @@ from attnserve.core.engine import Engine, EngineConfig
 from attnserve.core.errors import ErrorCode
 from attnserve.core.model_runner import ModelRunner
 from attnserve.service.grpc_services import Undecodable, _tolerant
+from attnserve.service.model_set import ModelSet
 from attnserve.service.servicer import Servicer
 from attnserve.v1 import translator_pb2 as pb
 
@@ -22,7 +23,7 @@ MODEL = "g2p-bahdanau"
 def servicer(bundled_manifest):
     engine = Engine(ModelRunner(bundled_manifest), EngineConfig(max_batch_size=8))
     recorded = []
-    yield Servicer({MODEL: engine}, lambda *call: recorded.append(call)), recorded
+    yield Servicer(ModelSet.of({MODEL: engine}), lambda *call: recorded.append(call)), recorded
     engine.close()
 
 
@@ -59,7 +60,7 @@ def test_a_deadline_already_gone_is_refused(servicer):
 
 def test_a_draining_servicer_refuses_new_calls_as_unavailable(bundled_manifest):
     engine = Engine(ModelRunner(bundled_manifest))
-    s = Servicer({MODEL: engine})
+    s = Servicer(ModelSet.of({MODEL: engine}))
     s.serving = False
     outcome = _translate(s, "drain")
     engine.close()
@@ -113,7 +114,7 @@ def test_a_bad_stream_is_one_status(servicer):
 
 def test_a_stream_whose_client_goes_away_is_recorded_cancelled_and_leaves_the_engine(servicer):
     s, recorded = servicer
-    engine = s.engines[MODEL]
+    engine = s.models.route(MODEL)
     outcomes = asyncio.run(_stream(s, pb.TranslateRequest(model=MODEL, text="abracadabra"), take=1))
     assert len(outcomes) == 1 and outcomes[0].response.token
     assert recorded[-1][3] == "CANCELLED"
