@@ -5,14 +5,23 @@ container's model repository path, the HTTP proxy on all interfaces, and Ray's r
 off (the pods require tokens, and Ray answers reflection outside attnserve's token check). The
 rendered files are committed so deploying needs no attnserve install (see
 deploy/kubernetes/kustomization.yaml), and a test keeps them current.
+
+When an application's replicas autoscale (`replica.autoscaling`), the worker group its replicas
+run on is sized to agree: KubeRay's in-tree Ray autoscaler adds pods for the replicas Ray Serve
+asks for, between minReplicas pods (enough for min_replicas replicas) and maxReplicas pods
+(enough for max_replicas), counting how many replicas fit a pod by the replica's num_cpus and
+num_gpus against the pod's Ray resources.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
 from ray.serve.schema import ServeDeploySchema
+
+from attnserve.service.config import AppArgs, ReplicaArgs
 
 DEPLOY = Path("deploy")
 TEMPLATE = DEPLOY / "kubernetes" / "rayservice.template.yaml"
@@ -40,11 +49,13 @@ _LiteralDumper.add_representer(
 def render(profile: str, root: Path = Path(".")) -> str:
     """The RayService manifest for a profile ("cpu" or "gpu").
 
-    In the CPU profile the GPU worker group is scaled to zero.
+    In the CPU profile the GPU worker group is scaled to zero (unless an autoscaling
+    application's replicas need GPUs).
 
     Raises:
         KeyError: for an unknown profile.
-        pydantic.ValidationError: if the serve config is invalid.
+        pydantic.ValidationError: if the serve config or an application's args are invalid.
+        ValueError: if an autoscaling application's replica fits no worker group's pod.
     """
     config_path = PROFILES[profile]
     config = yaml.safe_load((root / config_path).read_text("utf-8"))
@@ -55,9 +66,11 @@ def render(profile: str, root: Path = Path(".")) -> str:
     ServeDeploySchema.model_validate(config)
     manifest = yaml.safe_load((root / TEMPLATE).read_text("utf-8"))
     manifest["spec"]["serveConfigV2"] = yaml.dump(config, Dumper=_LiteralDumper, sort_keys=False)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    sized = size_for_autoscaling(cluster, config["applications"])
     if profile == "cpu":
-        for group in manifest["spec"]["rayClusterConfig"].get("workerGroupSpecs", []):
-            if requests_gpu(group):
+        for group in cluster.get("workerGroupSpecs", []):
+            if requests_gpu(group) and group["groupName"] not in sized:
                 group.update(replicas=0, minReplicas=0)
     body = yaml.dump(manifest, Dumper=_LiteralDumper, sort_keys=False)
     return HEADER.format(template=TEMPLATE, config=config_path) + body
@@ -67,6 +80,79 @@ def requests_gpu(group: dict) -> bool:
     """Whether a worker group's containers ask for NVIDIA GPUs."""
     containers = group["template"]["spec"]["containers"]
     return any("nvidia.com/gpu" in (c.get("resources", {}).get("limits") or {}) for c in containers)
+
+
+def size_for_autoscaling(cluster: dict, applications: list[dict]) -> set[str]:
+    """With autoscaling in any application, turns on KubeRay's in-tree autoscaler and sizes each
+    worker group that runs replicas: minReplicas (and the initial replicas) pods for every
+    application's min_replicas (num_replicas without autoscaling), maxReplicas for its
+    max_replicas. Returns the names of the groups sized; none, leaving the template's sizes, when
+    no application autoscales.
+
+    Raises:
+        pydantic.ValidationError: if an application's args are invalid.
+        ValueError: if a replica fits no worker group's pod.
+    """
+    apps = [(app["name"], AppArgs.model_validate(app.get("args") or {}).replica) for app in applications]
+    if not any(replica.autoscaling for _, replica in apps):
+        return set()
+    cluster["enableInTreeAutoscaling"] = True
+    pods: dict[str, tuple[int, int]] = {}
+    for name, replica in apps:
+        group = _serving_group(cluster, replica, name)
+        per_pod = _replicas_per_pod(group, replica, name)
+        scaling = replica.autoscaling
+        low, high = (scaling.min_replicas, scaling.max_replicas) if scaling else (replica.num_replicas,) * 2
+        low_pods, high_pods = pods.get(group["groupName"], (0, 0))
+        low_pods, high_pods = low_pods + math.ceil(low / per_pod), high_pods + math.ceil(high / per_pod)
+        pods[group["groupName"]] = (low_pods, high_pods)
+    for group in cluster["workerGroupSpecs"]:
+        if group["groupName"] in pods:
+            low_pods, high_pods = pods[group["groupName"]]
+            group.update(replicas=low_pods, minReplicas=low_pods, maxReplicas=high_pods)
+    return set(pods)
+
+
+def _serving_group(cluster: dict, replica: ReplicaArgs, app: str) -> dict:
+    """The worker group a replica runs on: the first GPU group for a replica that needs GPUs, else
+    the first group without GPUs (Ray keeps CPU-only work off GPU nodes)."""
+    needs_gpu = replica.num_gpus > 0
+    for group in cluster.get("workerGroupSpecs", []):
+        if requests_gpu(group) == needs_gpu:
+            return group
+    raise ValueError(f"application {app}: no worker group {'with' if needs_gpu else 'without'} GPUs")
+
+
+def _replicas_per_pod(group: dict, replica: ReplicaArgs, app: str) -> int:
+    """How many of an application's replicas fit one pod of the group, by Ray's CPUs and GPUs."""
+    cpus, gpus = pod_resources(group)
+    asks = ((cpus, replica.num_cpus), (gpus, replica.num_gpus))
+    fits = [int(have / need + 1e-9) for have, need in asks if need]
+    if not fits:  # a replica that asks for nothing: one pod holds them all
+        return max(replica.autoscaling.max_replicas if replica.autoscaling else replica.num_replicas, 1)
+    if min(fits) < 1:
+        raise ValueError(
+            f"application {app}: a replica asks for {replica.num_cpus:g} CPUs and {replica.num_gpus:g} GPUs, "
+            f"more than a {group['groupName']} pod has ({cpus:g} CPUs, {gpus:g} GPUs)"
+        )
+    return min(fits)
+
+
+def pod_resources(group: dict) -> tuple[float, float]:
+    """The CPUs and GPUs Ray sees on one pod of a group: rayStartParams num-cpus / num-gpus, else
+    what KubeRay derives from the Ray container (CPU limit, else request; nvidia.com/gpu limit)."""
+    params = group.get("rayStartParams") or {}
+    resources = group["template"]["spec"]["containers"][0].get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    cpus = params.get("num-cpus", limits.get("cpu", requests.get("cpu", 0)))
+    gpus = params.get("num-gpus", limits.get("nvidia.com/gpu", 0))
+    return _quantity(cpus), _quantity(gpus)
+
+
+def _quantity(value: str | float) -> float:
+    """A Kubernetes CPU quantity ("2", "500m", 2) as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
 def output_path(profile: str, root: Path = Path(".")) -> Path:

@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, model_repository=args.repository, max_batch_size=args.max_batch_size,
         batch_wait_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
         max_queue_wait_s=args.max_queue_wait_s, poll_repository_s=args.poll_repository,
+        autoscale=args.autoscale,
     )  # fmt: skip
     try:
         _secure_environment(args)
@@ -55,6 +56,26 @@ def _serve(args: argparse.Namespace) -> int:
     except (DeployError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    """`--autoscale MIN:MAX`: whole numbers, 1 <= MIN <= MAX.
+
+    Raises:
+        argparse.ArgumentTypeError: with a plain message, which argparse prints.
+    """
+    low, sep, high = text.partition(":")
+    try:
+        bounds = (int(low), int(high)) if sep else None
+    except ValueError:
+        bounds = None
+    if bounds is None:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX, two whole numbers such as 1:4, not {text!r}")
+    if bounds[0] < 1:
+        raise argparse.ArgumentTypeError(f"MIN must be at least 1 (no scale to zero), not {bounds[0]}")
+    if bounds[1] < bounds[0]:
+        raise argparse.ArgumentTypeError(f"MAX ({bounds[1]}) must be at least MIN ({bounds[0]})")
+    return bounds
 
 
 def _client(args: argparse.Namespace):
@@ -267,6 +288,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-wait-s", type=float, help="override the admitted queue wait for every model")
     p.add_argument("--poll-repository", type=float, metavar="SECONDS", help="watch the model repository "
                    "every SECONDS for versions added or removed (0: off)")  # fmt: skip
+    p.add_argument("--autoscale", type=replica_range, metavar="MIN:MAX", help="autoscale every "
+                   "application between MIN and MAX replicas (over the file's replica sizing)")  # fmt: skip
     p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this PEM certificate (chain) "
                    "[$ATTNSERVE_TLS_CERT]")  # fmt: skip
     p.add_argument("--tls-key", type=Path, help="the certificate's PEM private key [$ATTNSERVE_TLS_KEY]")

@@ -5,9 +5,9 @@
   environment (`local_ray.py`) and the `attnserve serve` supervisor (`supervisor.py`)
 - the servicer (`servicer.py`: the attnserve.v1 rpcs over engines) and the proto mapping
   (`grpc_mapping.py`; `grpc_services.py` registers the services)
-- security: TLS settings (`tls.py`), bearer tokens (`auth.py`), the TLS front on Ray's HAProxy
-  (`tls_front.py`, `attnserve-haproxy`) and loopback binds for Ray's plaintext servers
-  (`private_binds.py`)
+- security: TLS settings (`tls.py`), bearer tokens (`auth.py`), the front on Ray's HAProxy
+  (`tls_front.py`, `attnserve-haproxy`: TLS, and UNAVAILABLE instead of Ray's NOT_FOUND while
+  no application is deployed) and loopback binds for Ray's plaintext servers (`private_binds.py`)
 - Prometheus metrics (`metrics.py`)
 - the client SDK (`client.py`)
 - attention pictures (`plotting.py`, the `plot` extra)

@@ -39,6 +39,9 @@ SERVICE_NAME = "attnserve.v1.Translator"
 GAUGE_PERIOD_S = 5
 HEALTH_POLL_S = 0.5
 GIL_SWITCH_INTERVAL_S = 0.001  # Python's default is 0.005
+# How often a stopping replica counts its calls in flight (Ray's default is 2 s): it stops soon
+# after its last call finishes instead of up to 2 s later (scale-down, redeploy).
+SHUTDOWN_WAIT_LOOP_S = 0.25
 
 
 class RayObserver:
@@ -212,7 +215,16 @@ class Attnserve:
         return not self.models.busy
 
     def __del__(self):
-        """Stops the engine threads when Serve removes the replica."""
+        """Stops the engine threads when Serve removes the replica.
+
+        No accepted call is cut here: Ray Serve 2.60 runs this last in a replica's graceful
+        shutdown (ray/serve/_private/replica.py, `_perform_graceful_shutdown`), after the
+        replica is out of routing, its calls in flight (every gRPC call, streams included,
+        counts from arrival until its handler returns) have finished, and its gRPC server has
+        stopped, waiting for late arrivals. What an engine still holds then belongs to callers
+        already gone. Only a shutdown running past graceful_shutdown_timeout_s (ReplicaArgs)
+        cuts calls, and then Ray kills the actor without calling this.
+        """
         models = getattr(self, "models", None)
         if models is not None:
             models.close(timeout_s=0)
@@ -284,9 +296,15 @@ def app_builder(args: dict | AppArgs) -> Application:
     for path in chosen.values():  # a broken entry fails the deploy here, not in every replica
         Manifest.load(path)
     r = args.replica
+    if r.autoscaling is not None:  # Ray refuses num_replicas beside autoscaling_config
+        sizing = {"autoscaling_config": r.autoscaling.ray_config(args.serving.defaults.max_batch_size)}
+    else:
+        sizing = {"num_replicas": r.num_replicas}
     return Attnserve.options(
-        num_replicas=r.num_replicas,
+        **sizing,
         max_ongoing_requests=r.max_ongoing_requests,
+        graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
         user_config=args.serving.model_dump(mode="json"),
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
     ).bind(str(repository), args.models, args.runtime.runtime_config(), args.serving.model_dump(mode="json"))

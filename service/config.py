@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray.serve.schema import ServeDeploySchema
 
 from attnserve.core.onnx_model import RuntimeConfig
@@ -112,14 +112,82 @@ class ServingConfig(_Frozen):
         return self.for_model(name).engine_config()
 
 
+class AutoscalingArgs(_Frozen):
+    """Ray Serve autoscaling of the serving deployment (its `autoscaling_config`): Ray keeps
+    between min_replicas and max_replicas replicas, adding one when the calls in flight per
+    replica (queued in an engine or decoding) stay above target_ongoing_requests, and removing
+    one when they stay below it.
+
+    The defaults suit engines that answer in milliseconds to a few hundred: a replica is busy
+    enough, not yet overloaded, when its engines hold about a full running batch, so the target
+    defaults to the serving defaults' max_batch_size (None). Beyond that, calls wait in the
+    engine's queue and their latency grows with every batch ahead of them, until admission
+    (max_queue_wait_s, 2 s by default) refuses them. So scale up after a short 5 s above target
+    (Ray's own default is 30 s): Ray already smooths the load (each replica reports it every
+    10 s, averaged over a 30 s look-back window), so a burst of a second or two does not add a
+    replica, and more delay only means more refused calls. Scale down only after 5 minutes
+    below target (Ray's default is 10): a new replica costs a model load and warm-up (on
+    Kubernetes possibly a new pod), so a downscale undone a minute later costs more than an
+    idle replica.
+
+    min_replicas is at least 1, no scale to zero. Ray 2.60 is built to wake a deployment with
+    no replicas: HAProxy hands the call to Serve's fallback proxy (its backup server), whose
+    queued call makes the controller add a replica. But that call, and every one behind it,
+    then waits for a replica to load and warm up every model of its group (seconds; on
+    Kubernetes minutes if a pod must start too), past the engines' admission budget and most
+    callers' deadlines; and health checks (compose's, the worker pods' readiness probes) would
+    themselves wake it, or fail while no replica serves.
+    """
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float | None = Field(None, gt=0)  # None: serving.defaults.max_batch_size
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingArgs:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"autoscaling: max_replicas ({self.max_replicas}) must be at least "
+                f"min_replicas ({self.min_replicas})"
+            )
+        return self
+
+    def ray_config(self, max_batch_size: int) -> dict[str, Any]:
+        """Ray Serve's `autoscaling_config` (ray.serve.config.AutoscalingConfig fields), the
+        target defaulting to max_batch_size."""
+        target = self.target_ongoing_requests or float(max_batch_size)
+        return self.model_dump() | {"target_ongoing_requests": target}
+
+
 class ReplicaArgs(_Frozen):
-    """Resources of the serving deployment's replicas (each holds every model of its group)."""
+    """Resources of the serving deployment's replicas (each holds every model of its group).
+
+    num_replicas: a fixed number of replicas; or autoscaling, to let Ray Serve choose between
+        bounds (not both).
+    graceful_shutdown_timeout_s: how long a stopping replica (scale-down, redeploy, `serve
+        delete`) may take: Ray stops routing calls to it, waits for the ones in flight, then
+        runs its `__del__`; past this Ray kills it, cutting any call still running. It must
+        exceed every model's max_queue_wait_s, the longest an admitted call is expected to wait.
+    """
 
     num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingArgs | None = None
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     # Ray's own bound on calls in a replica; admission control in the engines decides first.
     max_ongoing_requests: int = Field(4096, ge=1)
+    graceful_shutdown_timeout_s: float = Field(20.0, gt=0)  # Ray's default
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> ReplicaArgs:
+        if self.autoscaling is not None and self.num_replicas > 1:
+            raise ValueError(
+                f"replica: set num_replicas ({self.num_replicas}) or autoscaling, not both; with "
+                "autoscaling, Ray Serve runs between min_replicas and max_replicas replicas"
+            )
+        return self
 
 
 class AppArgs(_Frozen):
@@ -133,6 +201,22 @@ class AppArgs(_Frozen):
     runtime: RuntimeArgs = RuntimeArgs()
     replica: ReplicaArgs = ReplicaArgs()
     serving: ServingConfig = ServingConfig()
+
+    @model_validator(mode="after")
+    def _stops_after_admitted_calls(self) -> AppArgs:
+        longest = self.serving.defaults.max_queue_wait_s
+        for name in self.serving.models:
+            try:
+                longest = max(longest, self.serving.for_model(name).max_queue_wait_s)
+            except ValidationError:  # an invalid override fails where it is used, with its own message
+                continue
+        if self.replica.graceful_shutdown_timeout_s <= longest:
+            raise ValueError(
+                f"replica: graceful_shutdown_timeout_s ({self.replica.graceful_shutdown_timeout_s:g}) "
+                f"must exceed the longest max_queue_wait_s ({longest:g}), or a stopping replica "
+                "could be killed with admitted calls still running"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -155,6 +239,7 @@ class LocalOptions:
     batch_wait_s: float | None = None
     max_queue_wait_s: float | None = None
     poll_repository_s: float | None = None  # watch the repository for versions (every replica)
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas of every application
 
 
 def load_serve_config(options: LocalOptions) -> ServeDeploySchema:
@@ -208,11 +293,17 @@ def apply_overrides(raw: dict[str, Any], options: LocalOptions) -> dict[str, Any
             "poll_repository_s": options.poll_repository_s,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
+        if options.autoscale is not None:  # instead of the file's num_replicas or autoscaling bounds
+            replica = args["replica"]
+            low, high = options.autoscale
+            bounds = {"min_replicas": low, "max_replicas": high}
+            replica.update(num_replicas=1, autoscaling={**(replica["autoscaling"] or {}), **bounds})
         if overrides:  # every model, here and in the file's user_config
             args["serving"] = _override_serving(args["serving"], overrides)
             for deployment in app.get("deployments", []):
                 if "user_config" in deployment:
                     deployment["user_config"] = _override_serving(deployment["user_config"], overrides)
+        AppArgs.model_validate(args)  # the overrides too: refused here, not later in Ray's build
         app["args"] = args
     return config
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from attnserve.service import private_binds
+from attnserve.service import private_binds, worker_setup
 from attnserve.service.tls import ServerTls
 
 log = logging.getLogger("attnserve")
@@ -78,7 +78,11 @@ def set_local_environment() -> None:
 
     HAProxy's files go to a folder of this run, so leftover HAProxy processes can be found by it,
     and the ports Ray Serve would take at fixed defaults are free ones of this run, so two
-    services on one host neither collide nor serve each other's calls.
+    services on one host neither collide nor serve each other's calls. While no application is
+    deployed (start-up, a redeploy) calls get UNAVAILABLE "attnserve is starting or redeploying;
+    retry" instead of Ray's NOT_FOUND: HAProxy runs through `attnserve-haproxy` (tls_front.py,
+    which also terminates TLS), and Serve's fallback proxy is changed by Ray's worker process
+    setup hook (worker_setup.py).
     """
     for key, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
@@ -88,8 +92,14 @@ def set_local_environment() -> None:
         os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(run / "admin.sock"))
         os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(run))
         os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(run / "server-state"))
+    wrapper = _haproxy_wrapper()
+    if wrapper:
+        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+    else:
+        log.warning("attnserve-haproxy is not installed: calls made while starting get Ray's NOT_FOUND")
+    os.environ.setdefault(worker_setup.SETUP_HOOK_ENV, worker_setup.SETUP_HOOK)
     if ServerTls.from_env():
-        _secure_environment()
+        _secure_environment(wrapper)
     for low, high in LOCAL_PORTS:
         if low not in os.environ:
             base = free_ports(PORT_BLOCK if high else 1, *LOCAL_RANGE)
@@ -98,14 +108,17 @@ def set_local_environment() -> None:
                 os.environ[high] = str(base + PORT_BLOCK - 1)
 
 
-def _secure_environment() -> None:
-    """With TLS: Ray's HAProxy runs through `attnserve-haproxy` (TLS on the gRPC port, its other
-    listeners on loopback), and Serve's plaintext gRPC servers bind loopback (private_binds)."""
+def _haproxy_wrapper() -> str | None:
+    """`attnserve-haproxy` beside this Python, else on PATH; None if it is not installed."""
     wrapper = Path(sys.executable).with_name("attnserve-haproxy")
-    found = str(wrapper) if wrapper.exists() else shutil.which("attnserve-haproxy")
-    if not found:
+    return str(wrapper) if wrapper.exists() else shutil.which("attnserve-haproxy")
+
+
+def _secure_environment(wrapper: str | None) -> None:
+    """With TLS: Ray's HAProxy must run through `attnserve-haproxy` (TLS on the gRPC port, its other
+    listeners on loopback), and Serve's plaintext gRPC servers bind loopback (private_binds)."""
+    if not wrapper:
         raise RuntimeError("attnserve-haproxy is not installed beside attnserve (pip install attnserve)")
-    os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", found)
     for key, value in private_binds.local_environment().items():
         os.environ.setdefault(key, value)
 

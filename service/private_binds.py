@@ -3,9 +3,9 @@
 Ray Serve 2.60 binds two gRPC servers that answer attnserve's rpcs in plaintext to `[::]`, with
 no setting to narrow them: each replica's direct-ingress server (HAProxy's backend) and the
 fallback proxy (HAProxy's backup server). Behind a TLS front they must not be reachable from
-outside the host. `attnserve serve` (a local, single-node Ray) names `apply` as Ray's worker
-process setup hook, so every Ray worker runs it at start-up, before Serve binds anything. HAProxy
-reaches replicas on its own node through the loopback address, so nothing else changes.
+outside the host. In `attnserve serve` (a local, single-node Ray) every Ray worker runs `apply`
+at start-up, from Ray's worker process setup hook (worker_setup.py), before Serve binds anything.
+HAProxy reaches replicas on its own node through the loopback address, so nothing else changes.
 
 A multi-node cluster (KubeRay) cannot use this: HAProxy reaches replicas on other nodes by their
 node address. There the pod network and a NetworkPolicy keep those ports private (deploy/kubernetes).
@@ -16,10 +16,6 @@ from __future__ import annotations
 import os
 
 PRIVATE_HOST_ENV = "ATTNSERVE_PRIVATE_HOST"  # e.g. 127.0.0.1; unset: Ray's own binds
-# Ray's worker process setup hook, as `ray.init(runtime_env={"worker_process_setup_hook": ...})`
-# passes it to workers; set in the environment of the local Ray, every worker process inherits it.
-SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
-SETUP_HOOK = "attnserve.service.private_binds.apply"
 WILDCARD = "[::]:"
 
 
@@ -44,5 +40,5 @@ def apply() -> None:
 
 
 def local_environment(host: str = "127.0.0.1") -> dict[str, str]:
-    """The environment that turns this on for a local Ray's workers."""
-    return {PRIVATE_HOST_ENV: host, SETUP_HOOK_ENV: SETUP_HOOK}
+    """The environment that turns this on for a local Ray's workers (with worker_setup's hook)."""
+    return {PRIVATE_HOST_ENV: host}

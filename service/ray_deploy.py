@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass
 
+import grpc
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 from ray.serve._private import api as serve_api  # the path `serve run config.yaml` takes
 from ray.serve._private.common import DeploymentStatus
@@ -72,6 +75,8 @@ def start(options: LocalOptions) -> Endpoints:
             answer_proxy_errors_as_unavailable()
         client.deploy_apps(config)
         _wait_until_running(config)
+        if local and not ServerTls.from_env():
+            _wait_until_answering(f"127.0.0.1:{config.grpc_options.port}")
     except BaseException:
         stop(Endpoints("", None, tuple(a.name for a in config.applications), local))
         raise
@@ -134,6 +139,20 @@ def _wait_until_running(config: ServeDeploySchema) -> None:
             return
         time.sleep(1)
     raise DeployError(f"applications {names} not running after {DEPLOY_TIMEOUT_S} s")
+
+
+def _wait_until_answering(address: str, timeout_s: float = 30.0) -> None:
+    """Checks health through the gRPC port until it says SERVING: "up" then means answering, and
+    the ingress's connection to the replica is open before the first real call."""
+    deadline, serving = time.monotonic() + timeout_s, health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):  # UNAVAILABLE while the ingress learns of the replica
+                if check(health_pb2.HealthCheckRequest(), timeout=2).status == serving:
+                    return
+            time.sleep(0.1)
+    log.warning("the gRPC port %s did not answer health checks within %.0f s", address, timeout_s)
 
 
 def _last_line(message: str) -> str:

@@ -1,17 +1,37 @@
-"""`attnserve-haproxy`: Ray's HAProxy with TLS on the public gRPC port, everything else on loopback.
+"""`attnserve-haproxy`: Ray's HAProxy with honest start-up answers, and TLS on the public gRPC port.
 
-Ray Serve 2.60 renders HAProxy's configuration itself and offers no TLS setting, but it runs the
-binary named by RAY_SERVE_HAPROXY_BINARY_PATH. Pointed at this command, every HAProxy that Ray
-starts (and every reload) gets Ray's configuration rewritten first:
+Ray Serve 2.60 renders HAProxy's configuration itself and offers no setting for either, but it
+runs the binary named by RAY_SERVE_HAPROXY_BINARY_PATH. Pointed at this command (a local
+`attnserve serve` always does it, the KubeRay manifests too), every HAProxy that Ray starts (and
+every reload) gets Ray's configuration rewritten first, then the real HAProxy is exec'd in this
+process (Ray tracks and signals its pid).
+
+Start-up (`answer_starting_as_unavailable`, always): from the moment HAProxy binds the gRPC port
+until the application is deployed (about 4 s, and again whenever no application is deployed),
+Ray's configuration answers every call itself with NOT_FOUND "Application metadata not set. Ping
+/ray.serve.RayServeAPIService/ListApplications ..." (its `default_grpc_backend`). NOT_FOUND is
+untrue and not retryable, and the text is Ray's. The rewrite makes it UNAVAILABLE "attnserve is
+starting or redeploying; retry" (STARTING_PAGE) with a `grpc-retry-pushback-ms` hint, which gRPC
+clients with a retry policy (the SDK's) retry after that delay. Why in HAProxy's configuration:
+that is where the answer is made, the change is a few lines of it, and it reaches every HAProxy
+that runs through this command, KubeRay's included, with no Ray code patched; keeping the port
+closed until the deploy ends would instead refuse connections without a message, and could not
+cover a redeploy on a running HAProxy. Serve's Python fallback proxy, HAProxy's backup server
+before a replica joins, says the same NOT_FOUND while it does not know the application, but in
+HTTP/2 trailers, which HAProxy cannot rewrite: the frontend rule here catches it only when it
+comes as a trailers-only answer, and a local Ray's worker setup hook changes the proxy itself
+(worker_setup.py). With several applications, a call that names none or an unknown one keeps
+Ray's NOT_FOUND, which is true there (the SDK finds the model's application on it).
+
+TLS (`rewrite`, when $ATTNSERVE_TLS_CERT is set):
 
 - the gRPC frontend's bind line gains `ssl crt <cert+key> alpn h2`, and with a client CA
   `ca-file <ca> verify required` (mutual TLS); it listens on $ATTNSERVE_TLS_HOST if set;
-- every other listener (HTTP frontend, stats page, Prometheus exporter) binds 127.0.0.1 only;
+- every other listener (HTTP frontend, stats page, Prometheus exporter) binds 127.0.0.1 only.
 
-then the real HAProxy is exec'd in this process (Ray tracks and signals its pid). TLS terminates
-in the HAProxy that already forwards gRPC to the replica: no extra hop. A forked watcher pushes
-renewed certificate and CA files into the running HAProxy through its admin socket (`set ssl
-cert` / `commit ssl cert`), so a renewal needs no restart; it exits with its HAProxy.
+TLS terminates in the HAProxy that already forwards gRPC to the replica: no extra hop. A forked
+watcher pushes renewed certificate and CA files into the running HAProxy through its admin socket
+(`set ssl cert` / `commit ssl cert`), so a renewal needs no restart; it exits with its HAProxy.
 """
 
 from __future__ import annotations
@@ -34,6 +54,74 @@ LOOPBACK = "127.0.0.1"
 _BIND = re.compile(r"^(\s*bind\s+)(\S*?):(\d+)(.*)$")
 _SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|peers|resolvers|userlist)\b(.*)$")
 _SOCKET = re.compile(r"^\s*stats socket\s+(\S+)")
+# Start-up answers (answer_starting_as_unavailable): a gRPC trailers-only UNAVAILABLE, as a whole
+# HTTP response in a file (HAProxy's `http-request return` sends no content-type without a body,
+# and gRPC clients other than grpcio read such an answer as UNKNOWN). Neither Ray nor NOT_FOUND.
+STARTING_MESSAGE = "attnserve is starting or redeploying; retry"
+RETRY_PUSHBACK_MS = 2000  # gRPC retries after this (gRFC A6): the SDK's 5 attempts span ~8 s
+STARTING_PAGE = (
+    "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 14\r\n"
+    f"grpc-message: {STARTING_MESSAGE}\r\ngrpc-retry-pushback-ms: {RETRY_PUSHBACK_MS}\r\n"
+    "content-length: 0\r\n\r\n"
+)
+STARTING_PAGE_FILE = "attnserve-starting.http"  # beside the configuration
+# Ray's "Application ... not found. Ping /ray.serve.RayServeAPIService/ListApplications for
+# available applications.", from its HAProxy configuration and from its Python proxy alike.
+RAY_NOT_FOUND = "RayServeAPIService/ListApplications for available applications"
+_NO_APP_BACKEND, _FALLBACK_BACKEND = "default_grpc_backend", "grpc_fallback_backend"  # Ray's names
+_ROUTE = re.compile(r"^\s*(?:use_backend|default_backend)\s+(\S+)")
+_NOT_FOUND_RETURN = re.compile(r"^(\s*)http-request return .*grpc-status 5 ")
+
+
+def _section(line: str) -> tuple[str, str] | None:
+    """(keyword, name) of a section header line, else None."""
+    header = _SECTION.match(line)
+    return (header.group(1), header.group(2).strip()) if header else None
+
+
+def answer_starting_as_unavailable(config: str, page: Path) -> str:
+    """Ray's HAProxy configuration, with the answers it gives while no application is deployed
+    (NOT_FOUND in Ray's words) turned into `page` (STARTING_PAGE: UNAVAILABLE, a plain message).
+
+    - With no gRPC application at all, `default_grpc_backend` answers `page` to every call
+      instead of NOT_FOUND (with one or more applications it is left as it is).
+    - The gRPC frontend answers `page` instead of a server's trailers-only NOT_FOUND in Ray's
+      words: HAProxy routes a call to Serve's fallback proxy only for an application it knows, so
+      that answer means the proxy has not learnt of the application yet. (The proxy answers
+      streaming rpcs trailers-only; its unary answers end in trailers, out of HAProxy's reach:
+      worker_setup.py changes those.) A replica's own NOT_FOUND (an unknown model) has other
+      words and passes unchanged.
+
+    A configuration without a gRPC frontend is returned unchanged.
+    """
+    answer = f'status 200 errorfile "{page}"'
+    lines = config.splitlines()
+    sections = [(i, header) for i, header in enumerate(map(_section, lines)) if header]
+    frontend = next((i for i, header in sections if header == ("frontend", "grpc_frontend")), None)
+    if frontend is None:
+        return config
+    end = next((i for i, _ in sections if i > frontend), len(lines))
+    routed = {m.group(1) for m in map(_ROUTE.match, lines[frontend:end]) if m}
+    applications = routed - {_NO_APP_BACKEND, _FALLBACK_BACKEND}
+    out, section, replaced = [], None, False
+    for i, line in enumerate(lines):
+        section = _section(line) or section
+        not_found = _NOT_FOUND_RETURN.match(line)
+        if not applications and section == ("backend", _NO_APP_BACKEND) and not_found:
+            if not replaced:  # one answer, with or without `application` metadata
+                indent = not_found.group(1)
+                out.append(f"{indent}# attnserve: no application deployed yet (starting or redeploying)")
+                out.append(f"{indent}http-request return {answer}")
+                replaced = True
+            continue
+        out.append(line)
+        if i == frontend:
+            out.append("    # attnserve: Serve's fallback proxy has not learnt of the application yet")
+            out.append(
+                f"    http-response return {answer} if {{ res.hdr(grpc-status) -m str 5 }} "
+                f'{{ res.hdr(grpc-message) -m sub "{RAY_NOT_FOUND}" }}'
+            )
+    return "\n".join(out) + "\n"
 
 
 def rewrite(
@@ -149,22 +237,27 @@ def real_binary() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Runs HAProxy with the given arguments, its `-f` configuration secured as above."""
+    """Runs HAProxy with the given arguments, its `-f` configuration rewritten as above."""
     args = list(sys.argv[1:] if argv is None else argv)
     binary = real_binary()
-    tls = ServerTls.from_env()
-    if tls is None or "-f" not in args:
+    if "-f" not in args:
         os.execv(binary, [binary, *args])
+    tls = ServerTls.from_env()
     config_path = Path(args[args.index("-f") + 1])
     folder = config_path.parent
-    pem, ca_path = bundle(tls, folder)
     config = config_path.read_text()
-    secured = config_path.with_name(config_path.stem + ".tls.cfg")
-    twin = int(os.environ.get(PLAINTEXT_TWIN_ENV) or 0) or None
-    write_private(secured, rewrite(config, pem, ca_path, os.environ.get(HOST_ENV), twin).encode())
-    args[args.index("-f") + 1] = str(secured)
+    page = folder / STARTING_PAGE_FILE
+    write_private(page, STARTING_PAGE.encode())
+    served = answer_starting_as_unavailable(config, page)
+    if tls is not None:
+        pem, ca_path = bundle(tls, folder)
+        twin = int(os.environ.get(PLAINTEXT_TWIN_ENV) or 0) or None
+        served = rewrite(served, pem, ca_path, os.environ.get(HOST_ENV), twin)
+    rewritten = config_path.with_name(config_path.stem + ".attnserve.cfg")
+    write_private(rewritten, served.encode())
+    args[args.index("-f") + 1] = str(rewritten)
     found = next((m for m in map(_SOCKET.match, config.splitlines()) if m), None)
-    if found and os.fork() == 0:  # the watcher; the parent becomes HAProxy
+    if tls is not None and found and os.fork() == 0:  # the watcher; the parent becomes HAProxy
         try:
             watch(tls, folder, found.group(1), os.getppid())
         finally:

@@ -84,8 +84,8 @@ def served_repository(tmp_path_factory) -> Path:
     return repo
 
 
-def start_service(serve_config: Path, *options: str) -> RunningService:
-    """`attnserve serve` with a serve config and options, on free local ports; waits until it is up.
+def launch_service(serve_config: Path, *options: str) -> RunningService:
+    """`attnserve serve` with a serve config and options, on free local ports; returns at once.
 
     It runs in a session of its own, so a test can signal the service's whole process group.
     """
@@ -102,6 +102,13 @@ def start_service(serve_config: Path, *options: str) -> RunningService:
     )
     running = RunningService(proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics")
     threading.Thread(target=_pump, args=(proc.stdout, running.lines), daemon=True).start()
+    return running
+
+
+def start_service(serve_config: Path, *options: str) -> RunningService:
+    """`attnserve serve` as launch_service starts it; waits until it says it is up."""
+    running = launch_service(serve_config, *options)
+    proc = running.process
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not any("attnserve is up" in line for line in running.lines):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -109,6 +116,21 @@ def start_service(serve_config: Path, *options: str) -> RunningService:
             pytest.fail("attnserve did not start:\n" + "".join(running.lines[-40:]))
         time.sleep(0.5)
     return running
+
+
+def stop_service(running: RunningService, timeout_s: float = 60) -> int | None:
+    """SIGTERM to the service, then SIGKILL to whatever of it is left; its exit status."""
+    children = running.descendants()
+    running.process.send_signal(signal.SIGTERM)
+    try:
+        code = running.process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        running.process.kill()
+        code = None
+    for child in children:
+        if child.is_running():
+            child.kill()
+    return code
 
 
 @pytest.fixture(scope="session")

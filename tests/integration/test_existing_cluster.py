@@ -1,4 +1,5 @@
-"""`attnserve serve` with RAY_ADDRESS deploys onto a running Ray cluster and leaves it running."""
+"""`attnserve serve` with RAY_ADDRESS deploys onto a running Ray cluster and leaves it running; a
+user_config edit applied there swaps model versions in place."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
+import yaml
 
 from attnserve.service.client import Client
+from attnserve.v1 import translator_pb2 as pb
+from attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
+from tests.helpers import add_version
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -102,3 +111,155 @@ def test_serve_deploys_onto_an_existing_cluster_and_leaves_it_running(ray_cluste
         [sys.executable, "-c", list_apps], capture_output=True, text=True, timeout=120, env=cluster_env
     )
     assert apps.stdout.strip().splitlines()[-1] == "[]", apps.stdout + apps.stderr
+
+
+APPLY_CONFIG = """
+import sys
+import ray
+from ray.serve._private import api as serve_api
+from attnserve.service.config import LocalOptions, load_serve_config
+ray.init(address=sys.argv[1], log_to_driver=False)
+options = LocalOptions(serve_config=sys.argv[2], model_repository=sys.argv[3], grpc_port=int(sys.argv[4]),
+                       http_port=int(sys.argv[5]))
+serve_api.serve_start().deploy_apps(load_serve_config(options))  # what `serve deploy` sends
+"""
+
+
+def _serve_config(path: Path, user_config: dict) -> Path:
+    """The shipped CPU config with one model version in `args` and `user_config` as given."""
+    raw = yaml.safe_load((ROOT / "deploy/serve/attnserve.yaml").read_text())
+    (app,) = raw["applications"]
+    app["args"]["serving"]["versions"] = {"versions": [1]}
+    app["deployments"][0]["user_config"] = {**app["args"]["serving"], **user_config}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@dataclass
+class Callers:
+    """Closed-loop callers of Translate: `sdk` through the Client (its retries), the rest raw grpcio."""
+
+    address: str
+    raw: int
+    sdk: int = 0
+    outcomes: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: {"raw": [], "sdk": []})
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _raw(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:  # no retry policy
+            stub = pb_grpc.TranslatorStub(channel)
+            while not self.stop.is_set():
+                try:
+                    r = stub.Translate(pb.TranslateRequest(model="g2p-bahdanau", text="rollout"), timeout=10)
+                    self.outcomes["raw"].append(("OK", r.model_version))
+                except grpc.RpcError as e:
+                    self.outcomes["raw"].append((e.code().name, e.details()))
+
+    def _sdk(self) -> None:
+        with Client(self.address, timeout_s=30) as client:
+            while not self.stop.is_set():
+                try:
+                    self.outcomes["sdk"].append(
+                        ("OK", client.translate("g2p-bahdanau", "rollout").model_version)
+                    )
+                except grpc.RpcError as e:
+                    self.outcomes["sdk"].append((e.code().name, e.details()))
+
+    @contextlib.contextmanager
+    def running(self):
+        threads = [threading.Thread(target=self._raw, daemon=True) for _ in range(self.raw)]
+        threads += [threading.Thread(target=self._sdk, daemon=True) for _ in range(self.sdk)]
+        for t in threads:
+            t.start()
+        try:
+            yield self
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join(40)
+
+    def codes(self, kind: str) -> Counter:
+        return Counter(code for code, _ in self.outcomes[kind])
+
+    def versions(self, kind: str) -> Counter:
+        return Counter(v for code, v in self.outcomes[kind] if code == "OK")
+
+
+@contextlib.contextmanager
+def _service_on(address: str, cluster_env: dict, serve_config: Path, repository: Path):
+    """`attnserve serve` onto the cluster; yields (its gRPC address, its ports)."""
+    grpc_port, http_port = free_port(), free_port()
+    env = {**cluster_env, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+    cmd = [str(BIN / "attnserve"), "serve", "--serve-config", str(serve_config), "--repository",
+           str(repository), "--grpc-port", str(grpc_port), "--http-port", str(http_port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if "attnserve is up" in line or proc.poll() is not None:
+                break
+        yield f"127.0.0.1:{grpc_port}", (grpc_port, http_port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+
+
+def _apply(address: str, cluster_env: dict, serve_config: Path, repository: Path, ports) -> None:
+    """Deploys an edited config onto the cluster the way `serve deploy` does."""
+    edit = [sys.executable, "-c", APPLY_CONFIG, address, str(serve_config), str(repository), *map(str, ports)]
+    applied = subprocess.run(edit, capture_output=True, text=True, timeout=120, env=cluster_env)
+    assert applied.returncode == 0, applied.stderr[-2000:]
+
+
+@pytest.fixture
+def two_versions(tmp_path) -> Path:
+    repository = tmp_path / "repository"
+    for version in (1, 2):
+        add_version(repository, BUNDLED_REPOSITORY / "g2p-bahdanau" / "1", version)
+    return repository
+
+
+def test_a_user_config_edit_swaps_versions_in_place_under_load_with_no_failed_call(
+    ray_cluster, tmp_path, two_versions
+):
+    address, _, cluster_env = ray_cluster
+    before = _serve_config(tmp_path / "before.yaml", {"versions": {"versions": [1]}})
+    after = _serve_config(
+        tmp_path / "after.yaml", {"versions": {"all": True}, "traffic": {"g2p-bahdanau": {2: 1}}}
+    )
+    with (
+        _service_on(address, cluster_env, before, two_versions) as (target, ports),
+        Callers(target, raw=8).running() as callers,
+    ):
+        time.sleep(2)
+        _apply(address, cluster_env, after, two_versions, ports)
+        _wait_for(lambda: "2" in callers.versions("raw"), 60, "version 2 to take the calls")
+        time.sleep(1)
+    print(f"\nuser_config edit: {dict(callers.codes('raw'))}, by version {dict(callers.versions('raw'))}")
+    assert set(callers.codes("raw")) == {"OK"} and callers.versions("raw")["1"]
+
+
+def test_a_rolling_update_fails_no_sdk_call_and_raw_calls_see_only_unavailable(
+    ray_cluster, tmp_path, two_versions
+):
+    address, _, cluster_env = ray_cluster
+    before = _serve_config(tmp_path / "before.yaml", {})
+    raw = yaml.safe_load(before.read_text())
+    raw["applications"][0]["args"]["runtime"]["intra_op_threads"] = 1  # args change: new replicas
+    after = tmp_path / "after.yaml"
+    after.write_text(yaml.safe_dump(raw))
+    with (
+        _service_on(address, cluster_env, before, two_versions) as (target, ports),
+        Callers(target, raw=4, sdk=4).running() as callers,
+    ):
+        time.sleep(2)
+        started = len(callers.outcomes["raw"])
+        _apply(address, cluster_env, after, two_versions, ports)
+        time.sleep(25)  # the rollout: a new replica loads and warms up, the old one drains
+    print(
+        f"\nrolling update: raw {dict(callers.codes('raw'))} (from {started} calls before it), "
+        f"SDK {dict(callers.codes('sdk'))}"
+    )
+    assert set(callers.codes("sdk")) == {"OK"}, callers.outcomes["sdk"][-5:]
+    assert set(callers.codes("raw")) <= {"OK", "UNAVAILABLE"}, [
+        o for o in callers.outcomes["raw"] if o[0] != "OK"
+    ][:5]

@@ -95,7 +95,7 @@ def test_a_local_service_gets_ports_and_haproxy_files_of_its_own(monkeypatch):
     names = [n for pair in local_ray.LOCAL_PORTS for n in pair if n] + [
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
-        *local_ray.SERVE_ENVIRONMENT,
+        "RAY_SERVE_HAPROXY_BINARY_PATH", local_ray.worker_setup.SETUP_HOOK_ENV, *local_ray.SERVE_ENVIRONMENT,
     ]  # fmt: skip
     for name in names:
         monkeypatch.setenv(name, "")  # undone after the test
@@ -110,3 +110,7 @@ def test_a_local_service_gets_ports_and_haproxy_files_of_its_own(monkeypatch):
     socket_path = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
     assert len(str(socket_path.parent)) + 1 + 56 + 1 + len(socket_path.name) <= 97  # + Ray's node id
     assert all(os.environ[k] == v for k, v in local_ray.SERVE_ENVIRONMENT.items())
+    # Start-up answers UNAVAILABLE: HAProxy runs through attnserve-haproxy (service/tls_front.py),
+    # and Serve's fallback proxy is changed by the workers' setup hook (service/worker_setup.py).
+    assert Path(os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]).name == "attnserve-haproxy"
+    assert os.environ[local_ray.worker_setup.SETUP_HOOK_ENV] == local_ray.worker_setup.SETUP_HOOK

@@ -1,4 +1,5 @@
-"""attnserve-haproxy's rewrite of the configuration Ray renders, and the loopback binds of a local Ray."""
+"""attnserve-haproxy's rewrites of the configuration Ray renders (start-up answers, TLS), and the
+loopback binds of a local Ray."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from attnserve.service import tls_front
 from attnserve.service.private_binds import private_address
-from attnserve.service.tls_front import rewrite
+from attnserve.service.tls_front import RAY_NOT_FOUND, STARTING_PAGE, answer_starting_as_unavailable, rewrite
 
 PEM, CA = Path("/run/x/server.pem"), Path("/run/x/ca.pem")
 
 
-def _ray_config(folder: Path) -> str:
-    """The configuration Ray 2.60 itself renders for a gRPC service on all interfaces."""
-    from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+def _ray_config(folder: Path, applications: tuple[str, ...] = ()) -> str:
+    """The configuration Ray 2.60 itself renders for a gRPC service on all interfaces, with these
+    applications served by Serve's fallback proxy (before a replica joins)."""
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     grpc = gRPCOptions(
@@ -22,7 +26,14 @@ def _ray_config(folder: Path) -> str:
     )
     cfg = HAProxyConfig(http_options=HTTPOptions(host="0.0.0.0", port=8000), grpc_options=grpc,
                         socket_path=str(folder / "admin.sock"))  # fmt: skip
-    HAProxyApi(cfg, config_file_path=str(folder / "haproxy.cfg"))._generate_config_file_internal()
+    api = HAProxyApi(cfg, config_file_path=str(folder / "haproxy.cfg"))
+    fallback = ServerConfig("fallback", "127.0.0.1", 9500)
+    api.set_backend_configs({
+        f"grpc-{app}": BackendConfig(f"grpc-{app}", "/", app_name=app, fallback_server=fallback,
+                                     protocol=RequestProtocol.GRPC)
+        for app in applications
+    })  # fmt: skip
+    api._generate_config_file_internal()
     return (folder / "haproxy.cfg").read_text()
 
 
@@ -62,3 +73,95 @@ def test_a_config_without_a_grpc_frontend_is_refused():
 def test_only_wildcard_grpc_addresses_move_to_the_private_host():
     assert private_address("[::]:9000", "127.0.0.1") == "127.0.0.1:9000"
     assert private_address("10.0.0.1:9000", "127.0.0.1") == "10.0.0.1:9000"
+
+
+PAGE = Path("/run/x/attnserve-starting.http")
+STARTING = f'http-request return status 200 errorfile "{PAGE}"'
+
+
+def _section(config: str, header: str) -> list[str]:
+    """The stripped lines of one section (without its header)."""
+    lines, inside = [], False
+    for line in config.splitlines():
+        if line and not line[0].isspace():
+            inside = line.strip() == header
+        elif inside and line.strip():
+            lines.append(line.strip())
+    return lines
+
+
+def test_with_no_application_every_grpc_call_is_answered_unavailable(tmp_path):
+    config = _ray_config(tmp_path)
+    assert sum("grpc-status 5" in line for line in _section(config, "backend default_grpc_backend")) == 2
+    backend = _section(answer_starting_as_unavailable(config, PAGE), "backend default_grpc_backend")
+    assert STARTING in backend and not any("grpc-status 5" in line for line in backend)
+
+
+@pytest.mark.parametrize("applications", [("attnserve",), ("words", "images")])
+def test_with_applications_rays_routing_is_left_alone(tmp_path, applications):
+    config = _ray_config(tmp_path, applications)
+    served = answer_starting_as_unavailable(config, PAGE).splitlines()
+    at = served.index("frontend grpc_frontend") + 1
+    assert served[at + 1].strip().startswith("http-response return")  # after a comment: all that is added
+    assert served[:at] + served[at + 2 :] == config.splitlines()
+
+
+@pytest.mark.parametrize("applications", [(), ("attnserve",), ("words", "images")])
+def test_the_fallback_proxys_not_found_in_rays_words_becomes_unavailable(tmp_path, applications):
+    frontend = _section(answer_starting_as_unavailable(_ray_config(tmp_path, applications), PAGE),
+                        "frontend grpc_frontend")  # fmt: skip
+    (rule,) = [line for line in frontend if line.startswith("http-response return")]
+    assert f'errorfile "{PAGE}"' in rule and "res.hdr(grpc-status) -m str 5" in rule and RAY_NOT_FOUND in rule
+
+
+def test_rays_python_proxy_says_not_found_in_the_words_the_rule_matches():
+    import asyncio
+    import types
+
+    import grpc
+    from ray.serve._private.proxy import gRPCProxy
+
+    async def answers(app_name: str):
+        return [a async for a in gRPCProxy.not_found_response(None, types.SimpleNamespace(app_name=app_name))]
+
+    for app_name in ("", "attnserve"):
+        (status,) = asyncio.run(answers(app_name))
+        assert status.code == grpc.StatusCode.NOT_FOUND and RAY_NOT_FOUND in status.message
+
+
+def test_the_starting_page_is_a_grpc_unavailable_in_plain_words():
+    head, _, body = STARTING_PAGE.partition("\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+    assert body == "" and headers["content-type"] == "application/grpc" and headers["grpc-status"] == "14"
+    assert "Ray" not in headers["grpc-message"] and int(headers["grpc-retry-pushback-ms"]) > 0
+
+
+def test_a_config_without_grpc_is_left_alone():
+    config = "frontend http_frontend\n    bind *:8000\n"
+    assert answer_starting_as_unavailable(config, PAGE) == config
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_wrapper_runs_haproxy_on_the_rewritten_config(tmp_path, monkeypatch, tls):
+    (tmp_path / "haproxy.cfg").write_text(_ray_config(tmp_path))
+    for name in ("ATTNSERVE_TLS_CERT", "ATTNSERVE_TLS_KEY", "ATTNSERVE_TLS_CLIENT_CA", "ATTNSERVE_TLS_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    if tls:
+        from attnserve.cli.certs import issue
+
+        issued = issue("localhost", issue("ca"), ("localhost",))
+        (tmp_path / "s.crt").write_bytes(issued.cert)
+        (tmp_path / "s.key").write_bytes(issued.key)
+        monkeypatch.setenv("ATTNSERVE_TLS_CERT", str(tmp_path / "s.crt"))
+        monkeypatch.setenv("ATTNSERVE_TLS_KEY", str(tmp_path / "s.key"))
+        monkeypatch.setattr(tls_front.os, "fork", lambda: 1)  # no certificate watcher
+    monkeypatch.setenv(tls_front.REAL_BINARY_ENV, "/bin/haproxy")
+    ran = []
+    monkeypatch.setattr(tls_front.os, "execv", lambda binary, argv: ran.append(argv))
+    tls_front.main(["-db", "-f", str(tmp_path / "haproxy.cfg"), "-sf", "12"])
+    ((binary, *args),) = ran
+    assert binary == "/bin/haproxy" and args[:2] == ["-db", "-f"] and args[3:] == ["-sf", "12"]
+    served = Path(args[2]).read_text()
+    page = tmp_path / tls_front.STARTING_PAGE_FILE
+    assert page.read_bytes().decode() == STARTING_PAGE and f'errorfile "{page}"' in served
+    assert any(" ssl crt " in line for line in _section(served, "frontend grpc_frontend")) == tls
