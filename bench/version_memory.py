@@ -25,21 +25,22 @@ from attnserve.service.model_set import ModelSet
 ONE, BOTH = VersionPolicy(versions=(1,)), VersionPolicy(all=True)
 
 
-def _copy_as(entry: Path, repository: Path, version: int) -> None:
-    """The entry as `version` of its model in `repository`."""
+def copy_as_version(entry: Path, repository: Path, version: int) -> Path:
+    """A copy of a repository entry as `version` of its model in `repository`; returns its folder."""
     manifest = json.loads((entry / "manifest.json").read_text())
     folder = repository / manifest["name"] / str(version)
     shutil.copytree(entry, folder)
     manifest["version"] = version
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
 
 
 def measure(entry: Path, cycles: int) -> dict:
     """RSS (MiB) after one settling cycle, after `cycles` more, and with both versions loaded."""
     repository = Path(tempfile.mkdtemp(prefix="attnserve-versions-"))
     try:
-        _copy_as(entry, repository, 1)
-        _copy_as(entry, repository, 2)
+        copy_as_version(entry, repository, 1)
+        copy_as_version(entry, repository, 2)
         models = ModelSet(drain_s=5)
         process = psutil.Process()
 

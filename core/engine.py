@@ -8,12 +8,13 @@ request the moment it finishes, so a short request never waits for long ones (st
 "continuous", batching). With `step_batching` off it behaves as a request-level batcher: a batch
 is taken only when the previous one has finished.
 
-Admission is decided in `submit()` without waiting: the queue is bounded by count and by the
-wait the engine expects (from the measured time requests spend decoding and how many rows are
-free), so an overloaded model says no in microseconds instead of queueing for longer than a
-client would wait. A request whose deadline passes or whose caller cancels it while queued is
-dropped without decoding; one cancelled while decoding (a stream whose client went away) frees
-its rows at the next step. No Ray, no protos.
+What to admit, which requests join at each step and which to drop is decided by the engine's
+`Scheduler` (core/scheduler.py) as plain data; the engine holds the lock and the thread and
+carries those decisions out. Admission is decided in `submit()` without waiting, so an
+overloaded model says no in microseconds instead of queueing for longer than a client would
+wait. A request whose deadline passes or whose caller cancels it while queued is dropped
+without decoding; one cancelled while decoding (a stream whose client went away) frees its rows
+at the next step. No Ray, no protos.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""What several test modules share: answers to prepared requests as the engine serves them, and
-model versions written into a repository."""
+"""What several test modules share: answers to prepared requests as the engine serves them."""
 
 from __future__ import annotations
-
-import json
-import shutil
-from pathlib import Path
 
 from attnserve.core.engine import Engine, answer_all
 from attnserve.core.errors import RequestError
@@ -21,13 +16,3 @@ def answers(runner: ModelRunner, requests: list[PreparedRequest]) -> list[Answer
     """Each request's answer, or its error, from an engine over `runner` that decodes them together."""
     with Engine(runner, TOGETHER) as engine:
         return list(answer_all(engine, requests))
-
-
-def add_version(repository: Path, entry: Path, version: int) -> Path:
-    """A copy of a repository entry as another version of the same model; returns its folder."""
-    manifest = json.loads((entry / "manifest.json").read_text())
-    folder = repository / manifest["name"] / str(version)
-    shutil.copytree(entry, folder)
-    manifest["version"] = version
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder

@@ -19,11 +19,11 @@ import psutil
 import pytest
 import yaml
 
+from attnserve.bench.version_memory import copy_as_version
 from attnserve.service.client import Client
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
-from tests.helpers import add_version
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -214,7 +214,7 @@ def _apply(address: str, cluster_env: dict, serve_config: Path, repository: Path
 def two_versions(tmp_path) -> Path:
     repository = tmp_path / "repository"
     for version in (1, 2):
-        add_version(repository, BUNDLED_REPOSITORY / "g2p-bahdanau" / "1", version)
+        copy_as_version(BUNDLED_REPOSITORY / "g2p-bahdanau" / "1", repository, version)
     return repository
 
 

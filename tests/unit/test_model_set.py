@@ -7,20 +7,20 @@ import time
 
 import pytest
 
+from attnserve.bench.version_memory import copy_as_version
 from attnserve.core.errors import ErrorCode, RequestError
 from attnserve.core.requests import AttentionMode
 from attnserve.core.scheduler import EngineConfig
 from attnserve.core.versions import VersionPolicy, scan, wanted
 from attnserve.service.model_set import ModelSet
 from tests.conftest import BUNDLED_ENTRY
-from tests.helpers import add_version
 
 MODEL = "g2p-bahdanau"
 SETTINGS = EngineConfig(max_batch_size=8)
 
 
 def _add_version(repository, version: int) -> None:
-    add_version(repository, BUNDLED_ENTRY, version)
+    copy_as_version(BUNDLED_ENTRY, repository, version)
 
 
 @pytest.fixture
