@@ -84,10 +84,7 @@ class ModelSet:
 
     def loaded(self) -> dict[str, tuple[int, ...]]:
         """The versions of each model taking calls now, ascending."""
-        versions: dict[str, list[int]] = {}
-        for name, version in sorted(self._engines):
-            versions.setdefault(name, []).append(version)
-        return {name: tuple(v) for name, v in versions.items()}
+        return _versions(self._engines)
 
     def route(self, name: str, version: str = "") -> Engine:
         """The engine that answers a call naming `name` and `version` ("" for the default).
@@ -95,8 +92,8 @@ class ModelSet:
         Raises:
             RequestError: NOT_FOUND for an unknown model or version.
         """
-        engines = self._engines
-        return engines[(name, route(name, version, self.loaded(), self.weights, self.rng))]
+        engines = self._engines  # one snapshot: a reconcile may replace the dict meanwhile
+        return engines[(name, route(name, version, _versions(engines), self.weights, self.rng))]
 
     def submit(
         self,
@@ -112,15 +109,14 @@ class ModelSet:
         Raises:
             RequestError: from routing, validation or admission.
         """
-        for attempt in range(2):
-            engine = self.route(name, version)
-            try:
-                return engine, engine.submit(prepare(engine), deadline, on_token)
-            except RequestError as e:
-                retired = engine not in self._engines.values()
-                if attempt or e.code is not ErrorCode.UNAVAILABLE or not retired:
-                    raise
-        raise AssertionError("unreachable")
+        engine = self.route(name, version)
+        try:
+            return engine, engine.submit(prepare(engine), deadline, on_token)
+        except RequestError as e:
+            if e.code is not ErrorCode.UNAVAILABLE or engine in self._engines.values():
+                raise
+        engine = self.route(name, version)  # it left between routing and submitting
+        return engine, engine.submit(prepare(engine), deadline, on_token)
 
     def states(self) -> list[tuple[Manifest, str, Engine | None]]:
         """Every version this replica holds: (manifest, LOADING / READY / UNLOADING, its engine)."""
@@ -215,6 +211,14 @@ class ModelSet:
         """Stops every engine."""
         for engine in [*self._engines.values(), *self._leaving.values()]:
             engine.close(timeout_s)
+
+
+def _versions(engines: Mapping[Key, Engine]) -> dict[str, tuple[int, ...]]:
+    """The versions of each model among `engines`, ascending."""
+    versions: dict[str, list[int]] = {}
+    for name, version in sorted(engines):
+        versions.setdefault(name, []).append(version)
+    return {name: tuple(v) for name, v in versions.items()}
 
 
 def _give_back_memory() -> None:
