@@ -16,8 +16,8 @@ configuration for a while). NOT_FOUND would be untrue and is not retried. HAProx
 are rewritten in its configuration (`tls_front.answer_starting_as_unavailable`), but the proxy
 sends its status in HTTP/2 trailers, which HAProxy 2.8 cannot rewrite: so it is changed here.
 The patch waits for Serve's proxy module to be imported (Serve's own processes import it
-anyway), so a worker that never runs Serve does not pay for importing it. A KubeRay cluster
-does not run this hook; there only the configuration rewrite applies.
+anyway), so a worker that never runs Serve does not pay for importing it. The KubeRay
+manifests (deploy/kubernetes/rayservice.template.yaml) set the same hook on every Ray container.
 """
 
 from __future__ import annotations
