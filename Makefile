@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration lint format bench bench-overload bench-step-batching bench-versions bench-batch bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration cluster-test lint format bench bench-overload bench-burst bench-step-batching bench-versions bench-batch bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, the Fashion-MNIST images the captioner is trained and scored on, and Noto CJK fonts so that
 # attention pictures draw Korean, Japanese, Cyrillic and accented labels.
@@ -49,6 +49,9 @@ test-unit: $(DEV_STAMP)
 test-integration: $(DEV_STAMP) system-deps
 	$(BIN)/pytest -m integration
 
+cluster-test: $(DEV_STAMP)  ## 2 Ray nodes on this host: serve, lose a node under load, rejoin, batch; prints figures (~7 min)
+	$(BIN)/pytest -m cluster -s tests/integration/test_cluster.py
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -62,6 +65,9 @@ bench: $(DEV_STAMP)  ## every model at c=1/8/32: Ray path, plain gRPC, in-proces
 
 bench-overload: $(DEV_STAMP)  ## 3x capacity open loop on en-fr-transformer (Ray path); bench/results/overload.json
 	$(BIN)/attnserve bench --overload
+
+bench-burst: $(DEV_STAMP)  ## 3,000 calls at once at concurrency 1,500 over 30 connections, then 1 (Ray path, en-fr); bench/results/burst.json
+	$(BIN)/attnserve bench --burst
 
 bench-step-batching: $(DEV_STAMP)  ## step-level vs request-level batching, Poisson load; bench/results/batching.json
 	$(BIN)/attnserve bench --step-batching

@@ -1,4 +1,5 @@
-"""`attnserve bench`: the serving benchmarks (closed-loop paths, --overload, --step-batching, --tls)."""
+"""`attnserve bench`: the serving benchmarks (closed-loop paths, --overload, --burst, --step-batching,
+--tls)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,22 @@ def _bench(args: argparse.Namespace) -> int:
         run_batching(
             BatchingConfig(models=models, repository=args.repository, out=args.out or BatchingConfig.out)
         )
+        return 0
+    if args.burst:
+        from attnserve.bench.burst import BurstConfig, run_burst
+
+        if args.model and len(args.model) > 1:
+            print("error: --burst runs one --model", file=sys.stderr)
+            return 2
+        run_burst(
+            BurstConfig(
+                model=args.model[0] if args.model else BurstConfig.model, repository=args.repository,
+                serve_config=args.serve_config or BurstConfig.serve_config, target=args.target,
+                calls=args.burst_calls, concurrency=args.burst_concurrency,
+                connections=tuple(args.burst_connections), deadline_s=args.deadline,
+                haproxy_socket=args.haproxy_socket, out=args.out or BurstConfig.out,
+            )
+        )  # fmt: skip
         return 0
     if args.overload:
         from attnserve.bench.overload import OverloadConfig, run_overload
@@ -62,9 +79,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=1000, help="calls per model and concurrency at most")
     p.add_argument("--max-seconds", type=float, default=6.0, help="time per model and concurrency at most")
-    p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json or overload.json)")
+    p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json, overload.json, ...)")
     p.add_argument("--overload", action="store_true", help="open-loop arrivals at a multiple of capacity "
                    "instead, on the Ray path (default model en-fr-transformer)")  # fmt: skip
+    p.add_argument("--burst", action="store_true", help="N calls at once at concurrency C over K "
+                   "connections, then over one (Ray path, en-fr-transformer): each status's count and "
+                   "time to answer; bench/results/burst.json")  # fmt: skip
+    p.add_argument("--burst-calls", type=int, default=3000, help="burst: calls (3000)")
+    p.add_argument("--burst-concurrency", type=int, default=1500, help="burst: calls in flight (1500)")
+    p.add_argument("--burst-connections", type=int, nargs="+", default=[30, 1],
+                   help="burst: one burst per entry, over that many HTTP/2 connections (30 1)")  # fmt: skip
+    p.add_argument("--haproxy-socket", help="burst with --target: HAProxy's admin socket, for its counters")
     p.add_argument("--step-batching", action="store_true",
                    help="step-level against request-level batching in-process under Poisson load "
                    "(en-fr-transformer, g2p-bahdanau, dates-luong)")  # fmt: skip
@@ -72,5 +97,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "side (default model g2p-bahdanau); bench/results/tls.json")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
     p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
-    p.add_argument("--deadline", type=float, default=10.0, help="overload: each call's deadline (10 s)")
+    p.add_argument("--deadline", type=float, default=10.0, help="overload, burst: a call's deadline (10 s)")
     p.set_defaults(handler=_bench)

@@ -6,8 +6,10 @@
 - the servicer (`servicer.py`: the attnserve.v1 rpcs over engines) and the proto mapping
   (`grpc_mapping.py`; `grpc_services.py` registers the services)
 - security: TLS settings (`tls.py`), bearer tokens (`auth.py`), the front on Ray's HAProxy
-  (`tls_front.py`, `attnserve-haproxy`: TLS, and UNAVAILABLE instead of Ray's NOT_FOUND while
-  no application is deployed) and loopback binds for Ray's plaintext servers (`private_binds.py`)
+  (`tls_front.py`, `attnserve-haproxy`: TLS, UNAVAILABLE instead of Ray's NOT_FOUND while no
+  application is deployed, and a bound on the calls each replica holds, beyond which HAProxy
+  answers RESOURCE_EXHAUSTED itself) and loopback binds for Ray's plaintext servers
+  (`private_binds.py`)
 - Prometheus metrics (`metrics.py`)
 - the client SDK (`client.py`)
 - attention pictures (`plotting.py`, the `plot` extra)

@@ -35,8 +35,10 @@ RETRY_SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    # CANCELLED: a burst can make gRPC's core drop a new call before the server
-                    # ran anything for it; the calls are idempotent, so retrying is safe.
+                    # CANCELLED: gRPC's core in a server cancels new calls at random once more
+                    # than 1000 wait for the server to take them (grpc.server.max_pending_requests);
+                    # HAProxy keeps attnserve's replicas below that (tls_front.py), but another
+                    # server may not. The calls are idempotent, so retrying is safe.
                     "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }

@@ -1,6 +1,7 @@
-"""`attnserve-haproxy`: Ray's HAProxy with honest start-up answers, and TLS on the public gRPC port.
+"""`attnserve-haproxy`: Ray's HAProxy with honest start-up answers, a bound on the calls each replica
+holds, and TLS on the public gRPC port.
 
-Ray Serve 2.60 renders HAProxy's configuration itself and offers no setting for either, but it
+Ray Serve 2.60 renders HAProxy's configuration itself and offers no setting for these, but it
 runs the binary named by RAY_SERVE_HAPROXY_BINARY_PATH. Pointed at this command (a local
 `attnserve serve` always does it, the KubeRay manifests too), every HAProxy that Ray starts (and
 every reload) gets Ray's configuration rewritten first, then the real HAProxy is exec'd in this
@@ -22,6 +23,20 @@ HTTP/2 trailers, which HAProxy cannot rewrite: the frontend rule here catches it
 comes as a trailers-only answer, and a local Ray's worker setup hook changes the proxy itself
 (worker_setup.py). With several applications, a call that names none or an unknown one keeps
 Ray's NOT_FOUND, which is true there (the SDK finds the model's application on it).
+
+Admission before the replica (`bound_replica_calls`, always; FACTS.md "Bursts"): Ray forwards
+every call to the replica at once, and a burst of thousands then waits inside the replica's gRPC
+server for its one event loop, which takes them one by one (~1 ms each on 2 cores): the replica's
+own admission answered RESOURCE_EXHAUSTED only after 1-2 s, and gRPC's C core, holding more than
+1000 calls its server had not taken yet (`grpc.server.max_pending_requests`), cancelled some of
+them at random (a bare CANCELLED). The rewrite gives each replica server line `maxconn` (calls in
+flight per replica, $ATTNSERVE_HAPROXY_REPLICA_MAXCONN, default REPLICA_MAXCONN; 0 turns the
+bound off), and HAProxy answers a call that finds every replica at that bound itself, at once,
+with RESOURCE_EXHAUSTED in plain words (EXHAUSTED_PAGE) instead of queueing it; health checks
+are never refused (they wait for a free slot). It also raises the calls one client connection
+may carry at once (HTTP/2 streams; Ray's default is 100, and a client's calls beyond it wait in
+the client, unseen by admission) to $ATTNSERVE_HAPROXY_STREAMS_PER_CONNECTION (default
+STREAMS_PER_CONNECTION).
 
 TLS (`rewrite`, when $ATTNSERVE_TLS_CERT is set):
 
@@ -71,12 +86,42 @@ RAY_NOT_FOUND = "RayServeAPIService/ListApplications for available applications"
 _NO_APP_BACKEND, _FALLBACK_BACKEND = "default_grpc_backend", "grpc_fallback_backend"  # Ray's names
 _ROUTE = re.compile(r"^\s*(?:use_backend|default_backend)\s+(\S+)")
 _NOT_FOUND_RETURN = re.compile(r"^(\s*)http-request return .*grpc-status 5 ")
+# Admission before the replica (bound_replica_calls).
+REPLICA_MAXCONN_ENV = "ATTNSERVE_HAPROXY_REPLICA_MAXCONN"
+# Calls in flight per replica: above what a replica's engines admit from a burst (a 2 s queue:
+# 150-290 calls of en-fr-transformer on 2 cores) and below the 1000 calls gRPC's core holds for
+# a server before it cancels some. The replica's own refusals then wait behind at most this many
+# calls (0.5-0.65 s at p99 on 2 cores; `make bench-burst`), HAProxy's behind none.
+REPLICA_MAXCONN = 384
+STREAMS_ENV = "ATTNSERVE_HAPROXY_STREAMS_PER_CONNECTION"
+STREAMS_PER_CONNECTION = 1000
+EXHAUSTED_MESSAGE = "attnserve is overloaded (every replica holds its limit of calls); retry with backoff"
+EXHAUSTED_PAGE = (
+    "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 8\r\n"
+    f"grpc-message: {EXHAUSTED_MESSAGE}\r\ncontent-length: 0\r\n\r\n"
+)
+EXHAUSTED_PAGE_FILE = "attnserve-exhausted.http"  # beside the configuration
+HEALTH_PATH = "/grpc.health.v1.Health/"  # never refused: a probe must not fail under load
+_SERVER = re.compile(r"^\s*server\s+\S+\s+\S+")
+_FE_STREAMS = re.compile(r"^(\s*)tune\.h2\.fe\.max-concurrent-streams\s+\d+\s*$")
 
 
 def _section(line: str) -> tuple[str, str] | None:
     """(keyword, name) of a section header line, else None."""
     header = _SECTION.match(line)
     return (header.group(1), header.group(2).strip()) if header else None
+
+
+def _application_backends(lines: list[str]) -> tuple[int | None, set[str]]:
+    """(line of the gRPC frontend's header or None, the backends it routes to that serve
+    applications: all but Ray's no-application and fallback-proxy backends)."""
+    sections = [(i, header) for i, header in enumerate(map(_section, lines)) if header]
+    frontend = next((i for i, header in sections if header == ("frontend", "grpc_frontend")), None)
+    if frontend is None:
+        return None, set()
+    end = next((i for i, _ in sections if i > frontend), len(lines))
+    routed = {m.group(1) for m in map(_ROUTE.match, lines[frontend:end]) if m}
+    return frontend, routed - {_NO_APP_BACKEND, _FALLBACK_BACKEND}
 
 
 def answer_starting_as_unavailable(config: str, page: Path) -> str:
@@ -96,13 +141,9 @@ def answer_starting_as_unavailable(config: str, page: Path) -> str:
     """
     answer = f'status 200 errorfile "{page}"'
     lines = config.splitlines()
-    sections = [(i, header) for i, header in enumerate(map(_section, lines)) if header]
-    frontend = next((i for i, header in sections if header == ("frontend", "grpc_frontend")), None)
+    frontend, applications = _application_backends(lines)
     if frontend is None:
         return config
-    end = next((i for i, _ in sections if i > frontend), len(lines))
-    routed = {m.group(1) for m in map(_ROUTE.match, lines[frontend:end]) if m}
-    applications = routed - {_NO_APP_BACKEND, _FALLBACK_BACKEND}
     out, section, replaced = [], None, False
     for i, line in enumerate(lines):
         section = _section(line) or section
@@ -122,6 +163,69 @@ def answer_starting_as_unavailable(config: str, page: Path) -> str:
                 f'{{ res.hdr(grpc-message) -m sub "{RAY_NOT_FOUND}" }}'
             )
     return "\n".join(out) + "\n"
+
+
+def bound_replica_calls(
+    config: str, page: Path, maxconn: int = REPLICA_MAXCONN, streams: int = STREAMS_PER_CONNECTION
+) -> str:
+    """Ray's HAProxy configuration with admission before the replicas: at most `maxconn` calls in
+    flight per replica, a call that finds every replica full answered `page` (EXHAUSTED_PAGE:
+    RESOURCE_EXHAUSTED, a plain message) at once, and `streams` calls at once per client
+    connection.
+
+    - In each backend that serves an application (what the gRPC frontend routes to, but Ray's
+      no-application and fallback-proxy backends), every replica's `server` line gains `maxconn`
+      (Serve's fallback proxy, a `backup` server, is left unbounded), and a rule refuses a call
+      when no replica has a free slot (`be_conn_free` is 0; with no server up, HAProxy's own 503
+      still answers: Ray's error page, as before). Health checks are exempt: they wait for a slot.
+    - `tune.h2.fe.max-concurrent-streams` becomes `streams`.
+
+    maxconn 0 leaves the backends as Ray rendered them; a configuration without a gRPC frontend
+    is returned unchanged.
+    """
+    lines = config.splitlines()
+    frontend, applications = _application_backends(lines)
+    if frontend is None:
+        return config
+    out, section = [], None
+    for line in lines:
+        header = _section(line)
+        section = header or section
+        bounded = (
+            maxconn > 0 and section is not None and section[0] == "backend" and section[1] in applications
+        )
+        streams_line = _FE_STREAMS.match(line)
+        if streams_line and streams > 0:
+            line = f"{streams_line.group(1)}tune.h2.fe.max-concurrent-streams {streams}"
+        elif bounded and header is None and _SERVER.match(line):
+            words = line.split()
+            if "backup" not in words and "maxconn" not in words:
+                line = f"{line} maxconn {maxconn}"
+        out.append(line)
+        if bounded and header is not None:
+            out.append(
+                f"    # attnserve: at most {maxconn} calls in flight per replica; a call finding every"
+            )
+            out.append("    # replica full is refused here at once, not queued in the replica")
+            out.append(
+                f'    http-request return status 200 errorfile "{page}" if {{ be_conn_free eq 0 }} '
+                f"{{ nbsrv gt 0 }} !{{ path_beg {HEALTH_PATH} }}"
+            )
+    return "\n".join(out) + "\n"
+
+
+def _setting(name: str, default: int) -> int:
+    """A non-negative integer from the environment, else the default.
+
+    Raises:
+        ValueError: if it is set to anything else.
+    """
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"${name} must be a whole number >= 0, got {value!r}")
+    return int(value)
 
 
 def rewrite(
@@ -249,6 +353,14 @@ def main(argv: list[str] | None = None) -> None:
     page = folder / STARTING_PAGE_FILE
     write_private(page, STARTING_PAGE.encode())
     served = answer_starting_as_unavailable(config, page)
+    exhausted = folder / EXHAUSTED_PAGE_FILE
+    write_private(exhausted, EXHAUSTED_PAGE.encode())
+    served = bound_replica_calls(
+        served,
+        exhausted,
+        _setting(REPLICA_MAXCONN_ENV, REPLICA_MAXCONN),
+        _setting(STREAMS_ENV, STREAMS_PER_CONNECTION),
+    )
     if tls is not None:
         pem, ca_path = bundle(tls, folder)
         twin = int(os.environ.get(PLAINTEXT_TWIN_ENV) or 0) or None

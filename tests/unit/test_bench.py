@@ -159,6 +159,61 @@ def test_bench_command_line():
     assert args.overload and args.overload_factor == 2 and args.model is None
     args = parse(["bench", "--overload", "--model", "a", "--model", "b"])
     assert args.handler(args) == 2  # an overload runs one model
+    args = parse(["bench", "--burst"])
+    assert args.burst and (args.burst_calls, args.burst_concurrency, args.burst_connections) == (
+        3000,
+        1500,
+        [30, 1],
+    )
+    args = parse(["bench", "--burst", "--burst-connections", "4", "--model", "a", "--model", "b"])
+    assert args.burst_connections == [4] and args.handler(args) == 2  # a burst runs one model
+
+
+def test_a_burst_keeps_concurrency_calls_in_flight_and_sends_every_call():
+    from attnserve.bench.burst import Call, fire
+
+    in_flight, peak = 0, 0
+
+    async def call(i: int) -> Call:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01 if i % 2 else 0.001)
+        in_flight -= 1
+        return Call(0.01, "OK" if i % 2 else "RESOURCE_EXHAUSTED", "")
+
+    answered = asyncio.run(fire(call, 100, 40))
+    assert len(answered) == 100 and peak == 40
+
+
+def test_burst_report_times_each_status_and_message_and_checks_the_targets(capsys):
+    from attnserve.bench.burst import BurstRun, Call, answered_by, checks, print_run, summarise
+
+    calls = [Call(1.5, "OK", "")] * 10 + [Call(0.002, "RESOURCE_EXHAUSTED", "full; retry")] * 90
+    calls += [Call(0.8, "RESOURCE_EXHAUSTED", "overloaded (expected wait over 2 s)")] * 10
+    by_code = summarise(calls)
+    assert list(by_code) == ["RESOURCE_EXHAUSTED", "OK"]
+    refused = by_code["RESOURCE_EXHAUSTED"]
+    assert refused.count == 100 and refused.max_ms == 800
+    assert refused.messages["full; retry"].p99_ms == 2 and refused.messages["full; retry"].count == 90
+    assert checks(by_code) == {"no status but OK, RESOURCE_EXHAUSTED": True, "refusals p99 <= 1000 ms": True}
+    late = summarise([*calls, Call(0.001, "CANCELLED", "CANCELLED"), Call(1.2, "RESOURCE_EXHAUSTED", "x")])
+    assert list(checks(late).values()) == [False, True]
+    # HAProxy's access log: a call it refused itself (no server) and one a replica answered.
+    lines = [
+        "<134>Dec  5 15:30:13 haproxy[1]: 127.0.0.1:55860 [05/Dec/2026:15:30:13.884] grpc_frontend "
+        'grpc-attnserve/<NOSRV> 20/-1/-1/-1/20 200 185 - - LR-- 30/30/384/0/0 0/0 "POST /x HTTP/2.0"',
+        "<134>Dec  5 15:05:58 haproxy[1]: 127.0.0.1:38232 [05/Dec/2026:15:05:58.078] grpc_frontend "
+        'grpc-attnserve/SERVE_REPLICA_a 0/0/0/56/56 200 739 - - ---- 30/30/15/15/0 0/0 "POST /x HTTP/2.0"',
+        "<134>Dec  5 15:05:58 haproxy[1]: Server grpc-attnserve/SERVE_REPLICA_a is UP",
+    ]
+    timed = answered_by(lines)
+    assert (timed["haproxy"].count, timed["haproxy"].p50_ms) == (1, 20)
+    assert (timed["replica"].count, timed["replica"].max_ms) == (1, 56)
+    run = BurstRun(30, 110, 50, 1.0, by_code, 10.0, 1.0, 0.3, 0.0, 2.0, None, timed, checks(by_code))
+    print_run(run)
+    out = capsys.readouterr().out
+    assert "full; retry" in out and "answered by haproxy" in out and "PASS  refusals p99" in out
 
 
 def test_overload_report_counts_statuses_and_checks_the_targets(capsys):

