@@ -17,10 +17,8 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -28,9 +26,8 @@ import pytest
 import yaml
 
 from attnserve.service.client import Client
-from attnserve.v1 import translator_pb2 as pb
-from attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
+from tests.integration.callers import Callers
 from tests.integration.multinode import BIN, LocalCluster, Probe, haproxy_servers, running_replicas
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -48,69 +45,6 @@ def _serve_config(path: Path) -> Path:
     app["args"]["replica"] |= {"num_replicas": 2, "num_cpus": 1}
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-@dataclass
-class Callers:
-    """Closed-loop Translate callers: `sdk` through the Client (retries UNAVAILABLE), `raw` plain grpcio.
-    Each call is recorded as (start, end, code, details), times from time.time()."""
-
-    address: str
-    sdk: int
-    raw: int
-    calls: dict[str, list[tuple[float, float, str, str]]] = field(
-        default_factory=lambda: {"sdk": [], "raw": []}
-    )
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def _loop(self, kind: str, call) -> None:
-        while not self.stop.is_set():
-            started = time.time()
-            try:
-                call()
-                outcome = ("OK", "")
-            except grpc.RpcError as e:
-                outcome = (e.code().name, e.details() or "")
-            self.calls[kind].append((started, time.time(), *outcome))
-
-    def _sdk(self) -> None:
-        with Client(self.address, timeout_s=30) as client:
-            self._loop("sdk", lambda: client.translate(MODEL, "cluster"))
-
-    def _raw(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:  # no retry policy
-            stub = pb_grpc.TranslatorStub(channel)
-            request = pb.TranslateRequest(model=MODEL, text="cluster")
-            self._loop("raw", lambda: stub.Translate(request, timeout=10))
-
-    @contextlib.contextmanager
-    def running(self):
-        threads = [threading.Thread(target=self._sdk, daemon=True) for _ in range(self.sdk)]
-        threads += [threading.Thread(target=self._raw, daemon=True) for _ in range(self.raw)]
-        for t in threads:
-            t.start()
-        try:
-            yield self
-        finally:
-            self.stop.set()
-            for t in threads:
-                t.join(40)
-
-    def codes(self, kind: str) -> dict[str, int]:
-        return dict(Counter(code for *_, code, _ in self.calls[kind]))
-
-    def failures(self, kind: str) -> list[tuple[float, float, str, str]]:
-        return [c for c in self.calls[kind] if c[2] != "OK"]
-
-    def ok_per_s(self, start: float, end: float) -> float:
-        """Calls of both kinds answered OK per second that ended in [start, end)."""
-        done = sum(
-            1
-            for kind in self.calls
-            for _, e, code, _ in self.calls[kind]
-            if start <= e < end and code == "OK"
-        )
-        return round(done / max(end - start, 1e-9), 1)
 
 
 @contextlib.contextmanager
@@ -212,7 +146,9 @@ def test_two_nodes_serve_a_node_loss_and_rejoin_then_batch_on_both(cluster, tmp_
         replica_node = {r["id"]: _name(r["node"], head_id) for r in before["replicas"]}
         worker_replica = next(r["id"] for r in before["replicas"] if r["node"] == worker_id)
 
-        with Callers(f"127.0.0.1:{head_port}", sdk=SDK_CALLERS, raw=RAW_CALLERS).running() as callers:
+        with Callers(
+            f"127.0.0.1:{head_port}", MODEL, sdk=SDK_CALLERS, raw=RAW_CALLERS, text="cluster"
+        ).running() as callers:
             time.sleep(8)
             # Each node's HAProxy lists every replica of the cluster; the head's took the load.
             figures["ingress_servers"] = {

@@ -8,22 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 import yaml
 
 from attnserve.bench.version_memory import copy_as_version
 from attnserve.service.client import Client
-from attnserve.v1 import translator_pb2 as pb
-from attnserve.v1 import translator_pb2_grpc as pb_grpc
 from tests.conftest import BUNDLED_REPOSITORY, ROOT
+from tests.integration.callers import Callers
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -135,56 +130,6 @@ def _serve_config(path: Path, user_config: dict) -> Path:
     return path
 
 
-@dataclass
-class Callers:
-    """Closed-loop callers of Translate: `sdk` through the Client (its retries), the rest raw grpcio."""
-
-    address: str
-    raw: int
-    sdk: int = 0
-    outcomes: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: {"raw": [], "sdk": []})
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def _raw(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:  # no retry policy
-            stub = pb_grpc.TranslatorStub(channel)
-            while not self.stop.is_set():
-                try:
-                    r = stub.Translate(pb.TranslateRequest(model="g2p-bahdanau", text="rollout"), timeout=10)
-                    self.outcomes["raw"].append(("OK", r.model_version))
-                except grpc.RpcError as e:
-                    self.outcomes["raw"].append((e.code().name, e.details()))
-
-    def _sdk(self) -> None:
-        with Client(self.address, timeout_s=30) as client:
-            while not self.stop.is_set():
-                try:
-                    self.outcomes["sdk"].append(
-                        ("OK", client.translate("g2p-bahdanau", "rollout").model_version)
-                    )
-                except grpc.RpcError as e:
-                    self.outcomes["sdk"].append((e.code().name, e.details()))
-
-    @contextlib.contextmanager
-    def running(self):
-        threads = [threading.Thread(target=self._raw, daemon=True) for _ in range(self.raw)]
-        threads += [threading.Thread(target=self._sdk, daemon=True) for _ in range(self.sdk)]
-        for t in threads:
-            t.start()
-        try:
-            yield self
-        finally:
-            self.stop.set()
-            for t in threads:
-                t.join(40)
-
-    def codes(self, kind: str) -> Counter:
-        return Counter(code for code, _ in self.outcomes[kind])
-
-    def versions(self, kind: str) -> Counter:
-        return Counter(v for code, v in self.outcomes[kind] if code == "OK")
-
-
 @contextlib.contextmanager
 def _service_on(address: str, cluster_env: dict, serve_config: Path, repository: Path):
     """`attnserve serve` onto the cluster; yields (its gRPC address, its ports)."""
@@ -228,7 +173,7 @@ def test_a_user_config_edit_swaps_versions_in_place_under_load_with_no_failed_ca
     )
     with (
         _service_on(address, cluster_env, before, two_versions) as (target, ports),
-        Callers(target, raw=8).running() as callers,
+        Callers(target, "g2p-bahdanau", raw=8).running() as callers,
     ):
         time.sleep(2)
         _apply(address, cluster_env, after, two_versions, ports)
@@ -249,17 +194,15 @@ def test_a_rolling_update_fails_no_sdk_call_and_raw_calls_see_only_unavailable(
     after.write_text(yaml.safe_dump(raw))
     with (
         _service_on(address, cluster_env, before, two_versions) as (target, ports),
-        Callers(target, raw=4, sdk=4).running() as callers,
+        Callers(target, "g2p-bahdanau", sdk=4, raw=4).running() as callers,
     ):
         time.sleep(2)
-        started = len(callers.outcomes["raw"])
+        started = len(callers.calls["raw"])
         _apply(address, cluster_env, after, two_versions, ports)
         time.sleep(25)  # the rollout: a new replica loads and warms up, the old one drains
     print(
         f"\nrolling update: raw {dict(callers.codes('raw'))} (from {started} calls before it), "
         f"SDK {dict(callers.codes('sdk'))}"
     )
-    assert set(callers.codes("sdk")) == {"OK"}, callers.outcomes["sdk"][-5:]
-    assert set(callers.codes("raw")) <= {"OK", "UNAVAILABLE"}, [
-        o for o in callers.outcomes["raw"] if o[0] != "OK"
-    ][:5]
+    assert set(callers.codes("sdk")) == {"OK"}, callers.failures("sdk")[:5]
+    assert set(callers.codes("raw")) <= {"OK", "UNAVAILABLE"}, callers.failures("raw")[:5]
