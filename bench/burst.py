@@ -100,13 +100,9 @@ class Timing:
 
 
 @dataclass(frozen=True)
-class Answered:
+class Answered(Timing):
     """Calls that ended with one status: all of them, and those of each frequent message."""
 
-    count: int
-    p50_ms: float | None
-    p99_ms: float | None
-    max_ms: float | None
     messages: dict[str, Timing] = field(default_factory=dict)
 
 

@@ -17,12 +17,12 @@ def _bench(args: argparse.Namespace) -> int:
             BatchingConfig(models=models, repository=args.repository, out=args.out or BatchingConfig.out)
         )
         return 0
+    if (args.burst or args.overload) and args.model and len(args.model) > 1:
+        print(f"error: --{'burst' if args.burst else 'overload'} runs one --model", file=sys.stderr)
+        return 2
     if args.burst:
         from attnserve.bench.burst import BurstConfig, run_burst
 
-        if args.model and len(args.model) > 1:
-            print("error: --burst runs one --model", file=sys.stderr)
-            return 2
         run_burst(
             BurstConfig(
                 model=args.model[0] if args.model else BurstConfig.model, repository=args.repository,
@@ -36,9 +36,6 @@ def _bench(args: argparse.Namespace) -> int:
     if args.overload:
         from attnserve.bench.overload import OverloadConfig, run_overload
 
-        if args.model and len(args.model) > 1:
-            print("error: --overload runs one --model", file=sys.stderr)
-            return 2
         run_overload(
             OverloadConfig(
                 model=args.model[0] if args.model else OverloadConfig.model, repository=args.repository,

@@ -116,8 +116,23 @@ def route(
         raise RequestError(
             ErrorCode.NOT_FOUND, f"model {name!r} has no version {version!r} loaded; loaded versions: {shown}"
         )
-    split = {v: w for v, w in (weights or {}).get(name, {}).items() if v in versions and w > 0}
+    split = shares(versions, (weights or {}).get(name))
+    if len(split) == 1:
+        return next(iter(split))
+    choices, parts = zip(*split.items(), strict=True)
+    return (rng or random).choices(choices, parts)[0]
+
+
+def shares(versions: tuple[int, ...], weights: Mapping[int, float] | None) -> dict[int, float]:
+    """Share (0..1) of a model's calls naming no version that each loaded version answers: its
+    traffic weights over the loaded versions, or everything to the highest without any.
+
+    Args:
+        versions: the model's loaded versions (not empty).
+        weights: a traffic weight per version, or None.
+    """
+    split = {v: w for v, w in sorted((weights or {}).items()) if v in versions and w > 0}
     if not split:
-        return max(versions)
-    choices, shares = zip(*sorted(split.items()), strict=True)
-    return (rng or random).choices(choices, shares)[0]
+        return {max(versions): 1.0}
+    total = sum(split.values())
+    return {v: w / total for v, w in split.items()}

@@ -103,13 +103,9 @@ class Attnserve:
 
     def _apply(self) -> None:
         """Serves what the version policies choose from the repository now, with the engine
-        settings and traffic split of the config."""
+        settings and traffic split of the config (a version that fails to load is logged there)."""
         self.models.weights = self.config.traffic
-        change = self.models.reconcile(
-            self.config.wanted(self.repository, self.group), self.config.engine_config
-        )
-        for (name, version), why in change.failed:
-            log.warning("model %s version %d is not served: %s", name, version, why)
+        self.models.reconcile(self.config.wanted(self.repository, self.group), self.config.engine_config)
 
     def _poll_repository(self) -> None:
         """Re-reads the repository every poll_repository_s seconds (when set), as Triton's poll mode does."""

@@ -286,36 +286,35 @@ def apply_overrides(raw: dict[str, Any], options: LocalOptions) -> dict[str, Any
         if options.model_repository is not None:
             args["model_repository"] = str(options.model_repository)
         args["model_repository"] = str(Path(args["model_repository"]).resolve())
-        overrides = {
+        engine = {
             "max_batch_size": options.max_batch_size,
             "batch_wait_s": options.batch_wait_s,
             "max_queue_wait_s": options.max_queue_wait_s,
-            "poll_repository_s": options.poll_repository_s,
         }
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        engine = {k: v for k, v in engine.items() if v is not None}
+        fields = {} if options.poll_repository_s is None else {"poll_repository_s": options.poll_repository_s}
         if options.autoscale is not None:  # instead of the file's num_replicas or autoscaling bounds
             replica = args["replica"]
             low, high = options.autoscale
             bounds = {"min_replicas": low, "max_replicas": high}
             replica.update(num_replicas=1, autoscaling={**(replica["autoscaling"] or {}), **bounds})
-        if overrides:  # every model, here and in the file's user_config
-            args["serving"] = _override_serving(args["serving"], overrides)
+        if engine or fields:  # every model, here and in the file's user_config
+            args["serving"] = _override_serving(args["serving"], engine, fields)
             for deployment in app.get("deployments", []):
                 if "user_config" in deployment:
-                    deployment["user_config"] = _override_serving(deployment["user_config"], overrides)
+                    deployment["user_config"] = _override_serving(deployment["user_config"], engine, fields)
         AppArgs.model_validate(args)  # the overrides too: refused here, not later in Ray's build
         app["args"] = args
     return config
 
 
-def _override_serving(serving: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A ServingConfig dict with the overrides applied to the defaults and to every model."""
+def _override_serving(
+    serving: dict[str, Any], engine: dict[str, Any], fields: dict[str, Any]
+) -> dict[str, Any]:
+    """A ServingConfig dict with `engine` settings applied to the defaults and to every model, and
+    `fields` (ServingConfig's own) replaced."""
     config = ServingConfig.model_validate(serving)
-    poll = overrides.get("poll_repository_s")
-    engine = {k: v for k, v in overrides.items() if k != "poll_repository_s"}
-    defaults = EngineSettings.model_validate({**config.defaults.model_dump(), **engine})
+    defaults = {**config.defaults.model_dump(), **engine}
     models = {name: {**given, **engine} for name, given in config.models.items()}
-    update = {"defaults": defaults, "models": models}
-    if poll is not None:
-        update["poll_repository_s"] = poll
-    return ServingConfig.model_validate({**config.model_dump(), **update}).model_dump(mode="json")
+    merged = {**config.model_dump(), **fields, "defaults": defaults, "models": models}
+    return ServingConfig.model_validate(merged).model_dump(mode="json")

@@ -18,6 +18,7 @@ import psutil
 
 from attnserve.service import private_binds, worker_setup
 from attnserve.service.tls import ServerTls
+from attnserve.service.tls_front import grpc_page
 
 log = logging.getLogger("attnserve")
 # Ray Serve settings of the serving path (FACTS.md: "The serving path, measured"): HAProxy
@@ -137,10 +138,7 @@ def haproxy_processes(haproxy_dir: str | None) -> list[psutil.Process]:
 
 # What HAProxy answers when a replica dies mid-call and no retry can save the call: a gRPC
 # trailers-only UNAVAILABLE (Ray's page is an HTTP 500, which gRPC clients read as UNKNOWN).
-UNAVAILABLE_PAGE = (
-    "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 14\r\n"
-    "grpc-message: the serving replica is restarting; retry\r\ncontent-length: 0\r\n\r\n"
-)
+UNAVAILABLE_PAGE = grpc_page(14, "the serving replica is restarting; retry")
 
 
 def answer_proxy_errors_as_unavailable(timeout_s: float = 20.0) -> None:

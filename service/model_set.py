@@ -18,7 +18,7 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnserve.core.engine import Engine, EngineObserver, start_engine
@@ -27,7 +27,7 @@ from attnserve.core.manifest import Manifest, ManifestError
 from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.core.requests import PreparedRequest, StreamCallback
 from attnserve.core.scheduler import EngineConfig
-from attnserve.core.versions import route
+from attnserve.core.versions import route, shares
 
 log = logging.getLogger("attnserve")
 Key = tuple[str, int]  # (model name, version)
@@ -62,7 +62,7 @@ class ModelSet:
         self.runtime, self.observer, self.drain_s = runtime, observer, drain_s
         self.weights: Mapping[str, Mapping[int, float]] = {}
         self.rng = random.Random()
-        self._engines: dict[Key, Engine] = {}
+        self._serving = _Serving({})
         self._loading: dict[Key, Manifest] = {}
         self._leaving: dict[Key, Engine] = {}
         self._reconcile_lock = threading.Lock()
@@ -72,19 +72,19 @@ class ModelSet:
     def of(cls, engines: Mapping[str, Engine]) -> ModelSet:
         """A fixed set of already started engines, one per model name (tests, the bench)."""
         models = cls()
-        models._engines = {
-            (e.runner.manifest.name, int(e.runner.manifest.version)): e for e in engines.values()
-        }
+        models._serving = _Serving(
+            {(e.runner.manifest.name, int(e.runner.manifest.version)): e for e in engines.values()}
+        )
         return models
 
     @property
     def engines(self) -> dict[Key, Engine]:
         """The engines taking calls now."""
-        return self._engines
+        return self._serving.engines
 
     def loaded(self) -> dict[str, tuple[int, ...]]:
         """The versions of each model taking calls now, ascending."""
-        return _versions(self._engines)
+        return self._serving.versions
 
     def route(self, name: str, version: str = "") -> Engine:
         """The engine that answers a call naming `name` and `version` ("" for the default).
@@ -92,8 +92,8 @@ class ModelSet:
         Raises:
             RequestError: NOT_FOUND for an unknown model or version.
         """
-        engines = self._engines  # one snapshot: a reconcile may replace the dict meanwhile
-        return engines[(name, route(name, version, _versions(engines), self.weights, self.rng))]
+        serving = self._serving  # one snapshot: a reconcile may replace it meanwhile
+        return serving.engines[(name, route(name, version, serving.versions, self.weights, self.rng))]
 
     def submit(
         self,
@@ -113,7 +113,7 @@ class ModelSet:
         try:
             return engine, engine.submit(prepare(engine), deadline, on_token)
         except RequestError as e:
-            if e.code is not ErrorCode.UNAVAILABLE or engine in self._engines.values():
+            if e.code is not ErrorCode.UNAVAILABLE or engine in self.engines.values():
                 raise
         engine = self.route(name, version)  # it left between routing and submitting
         return engine, engine.submit(prepare(engine), deadline, on_token)
@@ -122,17 +122,14 @@ class ModelSet:
         """Every version this replica holds: (manifest, LOADING / READY / UNLOADING, its engine)."""
         with self._state_lock:
             held = [(m, "LOADING", None) for m in self._loading.values()]
-            held += [(e.runner.manifest, "READY", e) for e in self._engines.values()]
+            held += [(e.runner.manifest, "READY", e) for e in self.engines.values()]
             held += [(e.runner.manifest, "UNLOADING", e) for e in self._leaving.values()]
         return sorted(held, key=lambda h: (h[0].name, int(h[0].version)))
 
     def default_share(self, name: str, version: int) -> float:
         """Share of the calls naming no version of `name` that `version` answers."""
-        loaded = self.loaded().get(name, ())
-        split = {v: w for v, w in self.weights.get(name, {}).items() if v in loaded and w > 0}
-        if not split:
-            return 1.0 if loaded and version == max(loaded) else 0.0
-        return split.get(version, 0.0) / sum(split.values())
+        loaded = self.loaded().get(name)
+        return shares(loaded, self.weights.get(name)).get(version, 0.0) if loaded else 0.0
 
     def reconcile(self, wanted: Mapping[Key, Path], settings: Callable[[str], EngineConfig]) -> Change:
         """Serves exactly the `wanted` versions: loads and warms up the new ones before they take
@@ -144,7 +141,7 @@ class ModelSet:
             added: dict[Key, Engine] = {}
             failed = []
             for key, path in sorted(wanted.items()):
-                if key in self._engines:
+                if key in self.engines:
                     continue
                 try:
                     added[key] = self._load(key, Path(path), settings(key[0]))
@@ -152,10 +149,11 @@ class ModelSet:
                     log.warning("model %s version %d not loaded: %s", *key, e)
                     failed.append((key, str(e)))
             with self._state_lock:
-                leaving = sorted(k for k in self._engines if k not in wanted)
-                self._leaving.update({k: self._engines[k] for k in leaving})
-                self._engines = {**{k: e for k, e in self._engines.items() if k in wanted}, **added}
-            for key, engine in self._engines.items():
+                current = self.engines
+                leaving = sorted(k for k in current if k not in wanted)
+                self._leaving.update({k: current[k] for k in leaving})
+                self._serving = _Serving({**{k: e for k, e in current.items() if k in wanted}, **added})
+            for key, engine in self.engines.items():
                 engine.reconfigure(settings(key[0]))
             for key in leaving:  # the retiring threads reach the engines only through _leaving
                 self._leaving[key].stop_accepting()
@@ -163,7 +161,7 @@ class ModelSet:
                     target=self._retire, args=(key,), name=f"retire-{key[0]}", daemon=True
                 ).start()
             if added or leaving:
-                log.info("serving %s", ", ".join(f"{n} v{v}" for n, v in sorted(self._engines)))
+                log.info("serving %s", ", ".join(f"{n} v{v}" for n, v in sorted(self.engines)))
             return Change(tuple(sorted(added)), tuple(leaving), tuple(failed))
 
     def _load(self, key: Key, path: Path, config: EngineConfig) -> Engine:
@@ -199,26 +197,32 @@ class ModelSet:
 
     def stop_accepting(self) -> None:
         """Every engine refuses new calls with UNAVAILABLE (the replica drains)."""
-        for engine in self._engines.values():
+        for engine in self.engines.values():
             engine.stop_accepting()
 
     @property
     def busy(self) -> bool:
         """True while any engine has calls queued or decoding."""
-        return any(e.busy for e in [*self._engines.values(), *self._leaving.values()])
+        return any(e.busy for e in [*self.engines.values(), *self._leaving.values()])
 
     def close(self, timeout_s: float = 0.0) -> None:
         """Stops every engine."""
-        for engine in [*self._engines.values(), *self._leaving.values()]:
+        for engine in [*self.engines.values(), *self._leaving.values()]:
             engine.close(timeout_s)
 
 
-def _versions(engines: Mapping[Key, Engine]) -> dict[str, tuple[int, ...]]:
-    """The versions of each model among `engines`, ascending."""
-    versions: dict[str, list[int]] = {}
-    for name, version in sorted(engines):
-        versions.setdefault(name, []).append(version)
-    return {name: tuple(v) for name, v in versions.items()}
+@dataclass(frozen=True)
+class _Serving:
+    """The engines taking calls and, derived once from them, each model's versions (ascending)."""
+
+    engines: dict[Key, Engine]
+    versions: dict[str, tuple[int, ...]] = field(init=False)
+
+    def __post_init__(self):
+        versions: dict[str, list[int]] = {}
+        for name, version in sorted(self.engines):
+            versions.setdefault(name, []).append(version)
+        object.__setattr__(self, "versions", {name: tuple(v) for name, v in versions.items()})
 
 
 def _give_back_memory() -> None:

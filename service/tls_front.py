@@ -74,11 +74,19 @@ _SOCKET = re.compile(r"^\s*stats socket\s+(\S+)")
 # and gRPC clients other than grpcio read such an answer as UNKNOWN). Neither Ray nor NOT_FOUND.
 STARTING_MESSAGE = "attnserve is starting or redeploying; retry"
 RETRY_PUSHBACK_MS = 2000  # gRPC retries after this (gRFC A6): the SDK's 5 attempts span ~8 s
-STARTING_PAGE = (
-    "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 14\r\n"
-    f"grpc-message: {STARTING_MESSAGE}\r\ngrpc-retry-pushback-ms: {RETRY_PUSHBACK_MS}\r\n"
-    "content-length: 0\r\n\r\n"
-)
+
+
+def grpc_page(status: int, message: str, *headers: str) -> str:
+    """A whole HTTP response that gRPC clients read as a trailers-only answer: `status` (a
+    grpc-status number) with `message`, and any further header lines."""
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return (
+        "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n"
+        f"grpc-status: {status}\r\ngrpc-message: {message}\r\n{extra}content-length: 0\r\n\r\n"
+    )
+
+
+STARTING_PAGE = grpc_page(14, STARTING_MESSAGE, f"grpc-retry-pushback-ms: {RETRY_PUSHBACK_MS}")
 STARTING_PAGE_FILE = "attnserve-starting.http"  # beside the configuration
 # Ray's "Application ... not found. Ping /ray.serve.RayServeAPIService/ListApplications for
 # available applications.", from its HAProxy configuration and from its Python proxy alike.
@@ -96,10 +104,7 @@ REPLICA_MAXCONN = 384
 STREAMS_ENV = "ATTNSERVE_HAPROXY_STREAMS_PER_CONNECTION"
 STREAMS_PER_CONNECTION = 1000
 EXHAUSTED_MESSAGE = "attnserve is overloaded (every replica holds its limit of calls); retry with backoff"
-EXHAUSTED_PAGE = (
-    "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 8\r\n"
-    f"grpc-message: {EXHAUSTED_MESSAGE}\r\ncontent-length: 0\r\n\r\n"
-)
+EXHAUSTED_PAGE = grpc_page(8, EXHAUSTED_MESSAGE)
 EXHAUSTED_PAGE_FILE = "attnserve-exhausted.http"  # beside the configuration
 HEALTH_PATH = "/grpc.health.v1.Health/"  # never refused: a probe must not fail under load
 _SERVER = re.compile(r"^\s*server\s+\S+\s+\S+")
