@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration cluster-test lint format bench bench-overload bench-burst bench-step-batching bench-versions bench-batch bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration cluster-test autoscale-test lint format bench bench-overload bench-burst bench-step-batching bench-versions bench-batch bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, the Fashion-MNIST images the captioner is trained and scored on, and Noto CJK fonts so that
 # attention pictures draw Korean, Japanese, Cyrillic and accented labels.
@@ -51,6 +51,9 @@ test-integration: $(DEV_STAMP) system-deps
 
 cluster-test: $(DEV_STAMP)  ## 2 Ray nodes on this host: serve, lose a node under load, rejoin, batch; prints figures (~7 min)
 	$(BIN)/pytest -m cluster -s tests/integration/test_cluster.py
+
+autoscale-test: $(DEV_STAMP)  ## --autoscale 1:2 under closed-loop load: grows to 2 replicas, shrinks back, no failed call; prints figures (~3 min)
+	$(BIN)/pytest -m slow -s tests/integration/test_autoscaling.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
