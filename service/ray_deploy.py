@@ -14,9 +14,10 @@ import grpc
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
+from ray._common.constants import HEAD_NODE_RESOURCE_NAME  # in the resources of the head node only
 from ray.serve._private import api as serve_api  # the path `serve run config.yaml` takes
 from ray.serve._private.common import DeploymentStatus
-from ray.serve.config import gRPCOptions
+from ray.serve.config import ProxyLocation, gRPCOptions
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from attnserve.service.app import DEPLOYMENT
@@ -30,6 +31,7 @@ DEPLOY_TIMEOUT_S = 300
 SHUTDOWN_TIMEOUT_S = 30
 DRAIN_GRACE_S = 5.0  # accepted calls get this long to finish after SIGTERM
 LAME_DUCK_S = 1.0  # then the ports stay open this long, refusing calls cleanly while balancers look away
+WORKER_GRPC_PORT_ENV = "RAY_SERVE_WORKER_PROXY_GRPC_PORT"  # a worker node's own ingress port (Ray 2.60)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Endpoints:
     metrics: str | None
     applications: tuple[str, ...]
     local: bool
+    # On a cluster, each node's gRPC ingress, the head's first: (the node's IP, where it listens).
+    ingresses: tuple[tuple[str, str], ...] = ()
 
 
 class DeployError(RuntimeError):
@@ -61,6 +65,8 @@ def start(options: LocalOptions) -> Endpoints:
         set_local_environment()
         init_args |= {"num_cpus": options.num_cpus, "_metrics_export_port": options.metrics_port}
         config = _secured(config)
+    else:
+        config = on_every_node(config)
     # "local": a new Ray even when `ray start` ran on this machine (without it, ray.init joins
     # the cluster in /tmp/ray/ray_current_cluster, or hangs when that cluster is gone).
     ray.init(address="local" if local else address, **init_args)
@@ -74,8 +80,12 @@ def start(options: LocalOptions) -> Endpoints:
             _check_local_gpus(config)
         client.deploy_apps(config)
         _wait_until_running(config)
-        if local and not ServerTls.from_env():
-            _wait_until_answering(f"127.0.0.1:{config.grpc_options.port}")
+        ingresses = () if local else node_ingresses(config.http_options.host, config.grpc_options.port)
+        if not ServerTls.from_env():
+            here = ray.util.get_node_ip_address()
+            for node, address in ingresses or ((here, f"127.0.0.1:{config.grpc_options.port}"),):
+                if node == here or not _loopback(address):  # another node's loopback is out of reach
+                    _wait_until_answering(address)
     except BaseException:
         stop(Endpoints("", None, tuple(a.name for a in config.applications), local))
         raise
@@ -84,7 +94,66 @@ def start(options: LocalOptions) -> Endpoints:
         metrics=f"http://127.0.0.1:{options.metrics_port}/metrics" if local else None,
         applications=tuple(a.name for a in config.applications),
         local=local,
+        ingresses=ingresses,
     )
+
+
+def on_every_node(config: ServeDeploySchema) -> ServeDeploySchema:
+    """The config as it is deployed onto a cluster: an ingress (HAProxy, or Serve's proxy) on every
+    node (`proxy_location: EveryNode`), whatever the file says, so each node answers gRPC on its own
+    address and a lost node takes only its own ingress with it."""
+    if config.proxy_location != ProxyLocation.EveryNode:
+        log.warning("proxy_location %s -> EveryNode: a cluster gets an ingress on every node",
+                    config.proxy_location.value)  # fmt: skip
+    return config.model_copy(update={"proxy_location": ProxyLocation.EveryNode})
+
+
+def node_ingresses(host: str | None, port: int) -> tuple[tuple[str, str], ...]:
+    """Each alive node's gRPC ingress, the head's first: (the node's IP, "host:port" where it listens).
+
+    HAProxy binds the gRPC port on `http_options.host`: on a wildcard host the node's own IP, else
+    that host (127.0.0.1: reachable from that node only; a warning says so). Every node binds the
+    serve config's port, except a worker node whose Ray was started with
+    $RAY_SERVE_WORKER_PROXY_GRPC_PORT (several nodes on one host): Ray reads it in the node's own
+    processes, so a zero-CPU task pinned to each node reads it there.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def worker_port() -> str | None:
+        return os.environ.get(WORKER_GRPC_PORT_ENV)
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    nodes.sort(key=lambda n: HEAD_NODE_RESOURCE_NAME not in n["Resources"])
+    pinned = [
+        worker_port.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote()
+        for n in nodes
+    ]
+    ready, _ = ray.wait(pinned, num_returns=len(pinned), timeout=30)
+    ports: list[str | None] = []
+    for ref in pinned:  # a node that does not answer keeps the config's port
+        try:
+            ports.append(ray.get(ref) if ref in ready else None)
+        except ray.exceptions.RayError:
+            ports.append(None)
+    wildcard = host in (None, "", "0.0.0.0", "::")
+    if not wildcard and _loopback(f"{host}:0") and len(nodes) > 1:
+        log.warning("every node's gRPC ingress listens on %s only (http_options.host): clients "
+                    "on other machines cannot reach it; serve with --host 0.0.0.0", host)  # fmt: skip
+    found = []
+    for node, own in zip(nodes, ports, strict=True):
+        ip = node["NodeManagerAddress"]
+        bound = port if HEAD_NODE_RESOURCE_NAME in node["Resources"] or not own else own
+        found.append((ip, f"{ip if wildcard else host}:{bound}"))
+    return tuple(found)
+
+
+def _loopback(address: str) -> bool:
+    """Whether a "host:port" address is on the loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _secured(config: ServeDeploySchema) -> ServeDeploySchema:

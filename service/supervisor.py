@@ -91,6 +91,10 @@ def _serve_child(options: LocalOptions) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop_requested.set())
         print(f"attnserve is up: gRPC {endpoints.grpc} (attnserve.v1.Translator)", flush=True)
+        if endpoints.ingresses:
+            where = [f"{address} (node {node}{', head' if i == 0 else ''})"
+                     for i, (node, address) in enumerate(endpoints.ingresses)]  # fmt: skip
+            print(f"gRPC ingress on every node: {', '.join(where)}", flush=True)
         if endpoints.metrics:
             print(f"Prometheus metrics: {endpoints.metrics}", flush=True)
         print("Stop with Ctrl-C.", flush=True)

@@ -1,9 +1,10 @@
 """More than one machine, simulated on this one with `ray start`: a head node and a worker node
 (1 CPU) form one Ray cluster (multinode.py); `attnserve serve --address` runs 2 replicas there, one
-per node, with an ingress (HAProxy) on each node. Under closed-loop load (8 SDK callers, 4 raw grpcio
-callers) the worker node is lost: killed (its raylet and every process of it SIGKILLed) or frozen
-(SIGSTOPped: a hung or cut-off machine). Ray Serve replaces its replica, the node starts again
-and rejoins; then `attnserve batch --address --actors 2` runs an actor on each node.
+per node, with an ingress (HAProxy) on each node that `serve --address` places there itself (the
+serve config asks for the head only) and whose addresses it prints. Under closed-loop load (8 SDK
+callers, 4 raw grpcio callers) the worker node is lost: killed (its raylet and every process of it
+SIGKILLed) or frozen (SIGSTOPped: a hung or cut-off machine). Ray Serve replaces its replica, the
+node starts again and rejoins; then `attnserve batch --address --actors 2` runs an actor on each node.
 `make cluster-test` runs the three cases (~7 min) and prints their figures.
 
 With 1 CPU per node and 1 CPU per replica the surviving node has no room for the replacement, which
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -37,9 +39,10 @@ BATCH_ROWS = 3000
 
 
 def _serve_config(path: Path) -> Path:
-    """The shipped CPU config with one model, 2 replicas of 1 CPU, and an ingress on every node."""
+    """The shipped CPU config with one model and 2 replicas of 1 CPU, its proxies on the head only:
+    `attnserve serve --address` itself places an ingress on every node."""
     raw = yaml.safe_load((ROOT / "deploy/serve/attnserve.yaml").read_text())
-    raw["proxy_location"] = "EveryNode"
+    raw["proxy_location"] = "HeadOnly"
     (app,) = raw["applications"]
     app["args"]["models"] = [MODEL]
     app["args"]["replica"] |= {"num_replicas": 2, "num_cpus": 1}
@@ -47,9 +50,13 @@ def _serve_config(path: Path) -> Path:
     return path
 
 
+INGRESSES = "gRPC ingress on every node: "
+
+
 @contextlib.contextmanager
 def _service(cluster: LocalCluster, serve_config: Path, log: Path):
-    """`attnserve serve --address` onto the cluster; yields (the process, its gRPC port)."""
+    """`attnserve serve --address` onto the cluster; yields (the process, its gRPC port, the
+    ingress addresses it printed, the head's first)."""
     grpc_port = cluster.port()
     cmd = [str(BIN / "attnserve"), "serve", "--address", cluster.address, "--serve-config", str(serve_config),
            "--repository", str(BUNDLED_REPOSITORY), "--grpc-port", str(grpc_port),
@@ -64,7 +71,8 @@ def _service(cluster: LocalCluster, serve_config: Path, log: Path):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("attnserve serve did not start:\n" + log.read_text()[-3000:])
             time.sleep(0.5)
-        yield proc, grpc_port
+        (line,) = [line for line in log.read_text().splitlines() if line.startswith(INGRESSES)]
+        yield proc, grpc_port, re.findall(r"(\S+:\d+) \(node", line)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -130,7 +138,7 @@ def test_two_nodes_serve_a_node_loss_and_rejoin_then_batch_on_both(cluster, tmp_
     serve_config = _serve_config(tmp_path / "serve-2-replicas.yaml")
     deploy_started = time.monotonic()
     with (
-        _service(cluster, serve_config, tmp_path / "serve.log") as (serve_proc, head_port),
+        _service(cluster, serve_config, tmp_path / "serve.log") as (serve_proc, head_port, printed),
         Probe(cluster.address, cluster.env) as probe,
     ):
         figures["deploy_s"] = round(time.monotonic() - deploy_started, 1)
@@ -141,6 +149,8 @@ def test_two_nodes_serve_a_node_loss_and_rejoin_then_batch_on_both(cluster, tmp_
         probe.wait_for(lambda line: line.get("proxies", {}).get(worker_id) == "HEALTHY", 60, "worker ingress")
         ingress = {"head": head_port, "worker": worker.grpc_port}
         figures["ingress_ports"] = ingress
+        # The file asked for the head only; serve --address put one on each node and says where.
+        assert printed == [f"127.0.0.1:{head_port}", f"127.0.0.1:{worker.grpc_port}"], printed
         figures["list_models_per_ingress"] = {node: _list_models(port) for node, port in ingress.items()}
         assert all(models == [MODEL] for models in figures["list_models_per_ingress"].values())
         replica_node = {r["id"]: _name(r["node"], head_id) for r in before["replicas"]}
