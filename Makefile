@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration cluster-test autoscale-test lint format bench bench-overload bench-burst bench-step-batching bench-versions bench-batch bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration cluster-test autoscale-test lint format bench bench-overload bench-burst bench-replicas bench-step-batching bench-versions bench-batch bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, the Fashion-MNIST images the captioner is trained and scored on, and Noto CJK fonts so that
 # attention pictures draw Korean, Japanese, Cyrillic and accented labels.
@@ -71,6 +71,9 @@ bench-overload: $(DEV_STAMP)  ## 3x capacity open loop on en-fr-transformer (Ray
 
 bench-burst: $(DEV_STAMP)  ## 3,000 calls at once at concurrency 1,500 over 30 connections, then 1 (Ray path, en-fr); bench/results/burst.json
 	$(BIN)/attnserve bench --burst
+
+bench-replicas: $(DEV_STAMP)  ## the Ray service with 1 replica, then 2, then 1 again: g2p and en-fr at c=32/64; bench/results/replicas.json
+	$(BIN)/attnserve bench --replicas 1 2
 
 bench-step-batching: $(DEV_STAMP)  ## step-level vs request-level batching, Poisson load; bench/results/batching.json
 	$(BIN)/attnserve bench --step-batching

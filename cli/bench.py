@@ -1,5 +1,5 @@
 """`attnserve bench`: the serving benchmarks (closed-loop paths, --overload, --burst, --step-batching,
---tls)."""
+--tls, --replicas)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,18 @@ from pathlib import Path
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.replicas:
+        from attnserve.bench.replicas import ReplicasConfig, run_replicas
+
+        run_replicas(
+            ReplicasConfig(
+                counts=tuple(args.replicas), models=tuple(args.model or ReplicasConfig.models),
+                repository=args.repository, serve_config=args.serve_config or ReplicasConfig.serve_config,
+                concurrency=tuple(args.concurrency or ReplicasConfig.concurrency),
+                out=args.out or ReplicasConfig.out,
+            )
+        )  # fmt: skip
+        return 0
     if args.step_batching:
         from attnserve.bench.batching import BatchingConfig, run_batching
 
@@ -56,7 +68,8 @@ def _bench(args: argparse.Namespace) -> int:
         BenchConfig(
             models=tuple(args.model or ()), kinds=tuple(args.kind or KINDS), repository=args.repository,
             serve_config=args.serve_config or BenchConfig.serve_config, target=args.target,
-            concurrency=tuple(args.concurrency), requests=args.requests, max_seconds=args.max_seconds,
+            concurrency=tuple(args.concurrency or BenchConfig.concurrency), requests=args.requests,
+            max_seconds=args.max_seconds,
             out=out,
         )
     )  # fmt: skip
@@ -73,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve-config", type=Path, help="the service and every path's engine settings "
                    "(deploy/serve/attnserve.yaml)")  # fmt: skip
     p.add_argument("--target", help="measure this running service (HOST:PORT) instead of starting Ray")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--concurrency", type=int, nargs="+", help="calls in flight (1 8 32; --replicas: 32 64)")
     p.add_argument("--requests", type=int, default=1000, help="calls per model and concurrency at most")
     p.add_argument("--max-seconds", type=float, default=6.0, help="time per model and concurrency at most")
     p.add_argument("--out", type=Path, help="JSON results (bench/results/bench.json, overload.json, ...)")
@@ -94,5 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "side (default model g2p-bahdanau); bench/results/tls.json")  # fmt: skip
     p.add_argument("--overload-factor", type=float, default=3.0, help="arrival rate / capacity (3)")
     p.add_argument("--overload-seconds", type=float, default=20.0, help="length of the storm (20 s)")
+    p.add_argument("--replicas", type=int, nargs="+", help="the Ray service with each of these numbers of "
+                   "replicas in turn, side by side (e.g. 1 2; g2p-bahdanau, en-fr-transformer); "
+                   "bench/results/replicas.json")  # fmt: skip
     p.add_argument("--deadline", type=float, default=10.0, help="overload, burst: a call's deadline (10 s)")
     p.set_defaults(handler=_bench)

@@ -154,7 +154,10 @@ def test_bench_command_line():
     parse = build_parser().parse_args
     args = parse(["bench", "--model", "a", "--model", "b", "--kind", "plain"])
     assert (args.model, args.kind, args.overload) == (["a", "b"], ["plain"], False)
-    assert args.concurrency == [1, 8, 32] and args.requests == 1000
+    assert (
+        args.concurrency is None and args.requests == 1000
+    )  # each bench's own default (BenchConfig: 1 8 32)
+    assert parse(["bench", "--replicas", "1", "2", "--concurrency", "32"]).replicas == [1, 2]
     args = parse(["bench", "--overload", "--overload-factor", "2"])
     assert args.overload and args.overload_factor == 2 and args.model is None
     args = parse(["bench", "--overload", "--model", "a", "--model", "b"])
