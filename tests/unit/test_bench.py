@@ -9,6 +9,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+import yaml
 
 from attnserve.bench import loadgen
 from attnserve.bench.inputs import load_workload
@@ -249,3 +250,16 @@ def test_loop_lag_samples_until_stopped():
 
     lags = asyncio.run(run())
     assert 5 <= len(lags) <= 25 and all(lag >= 0 for lag in lags)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_the_replicas_bench_serves_the_shipped_config_with_that_many_replicas(tmp_path, replicas):
+    from attnserve.bench.replicas import with_replicas
+    from attnserve.service.config import app_args
+
+    shipped = yaml.safe_load((ROOT / "deploy/serve/attnserve.yaml").read_text())
+    shipped["applications"][0]["args"]["replica"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 3}
+    (tmp_path / "autoscaled.yaml").write_text(yaml.safe_dump(shipped))
+    args = app_args(with_replicas(tmp_path / "autoscaled.yaml", replicas, tmp_path))
+    assert (args.replica.num_replicas, args.replica.num_cpus, args.replica.autoscaling) == (replicas, 1, None)
+    assert args.serving == app_args(ROOT / "deploy/serve/attnserve.yaml").serving
