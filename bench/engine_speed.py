@@ -2,13 +2,15 @@
 
 This engine is the project's decode loop (`greedy_decode`) over `OnnxSeq2Seq`, at fp32 and with
 the entry's int8 variant; CTranslate2 runs a model converted from the same entry's ONNX
-initializers (bench/ctranslate2_model.py), fp32 with `CT2_PACKED_GEMM=0` on 2 threads (its packed
-GEMM stalls on thread wake-ups on small hosts; OpenMP threads wait passively) and int8 on 1
-thread (its fastest here). Greedy,
-the same batches of real held-out sentences in the same order, the same length limits
-(CTranslate2: beam_size 1, min_decoding_length 0, max_decoding_length = the manifest's
-max_tokens). Each engine and batch size runs in a fresh process, one after another, so thread
-pools never share the CPU; take ratios from one run (the host is shared and noisy).
+initializers (bench/ctranslate2_model.py) in each of its settings that can be fastest on a small
+host: fp32 with packed and with unpacked GEMM (`CT2_PACKED_GEMM`) on 2 threads, int8 on 1 and
+on 2 threads (OpenMP threads wait passively). Each ratio compares this engine with the faster
+CTranslate2 setting at that batch size. Greedy, the same batches of real held-out sentences in
+the same order, the same length limits (CTranslate2: beam_size 1, min_decoding_length 0,
+max_decoding_length = the manifest's max_tokens). Each engine and batch size runs in a fresh
+process, one after another, so thread pools never share the CPU; each run records the load
+average it started under. Take ratios from one run on a quiet host: CTranslate2's OpenMP threads
+lose far more than ONNX Runtime's when other work shares the cores.
 
 Run: `make bench-engine` (or `python -m attnserve.bench.engine_speed --help`).
 """
@@ -20,14 +22,35 @@ import json
 import multiprocessing
 import os
 import platform
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ENGINES = ("ort-fp32", "ort-int8", "ct2-fp32", "ct2-int8")
-PAIRS = {"ort-fp32": "ct2-fp32", "ort-int8": "ct2-int8"}  # compared like for like
+
+@dataclass(frozen=True)
+class EngineSetting:
+    """How one engine runs: which library, precision, threads, and CTranslate2's packed GEMM."""
+
+    kind: str  # "ort" or "ct2"
+    precision: str  # "fp32" or "int8"
+    threads: int  # 0: the config's ort_threads
+    packed_gemm: bool = False
+
+
+SETTINGS = {
+    "ort-fp32": EngineSetting("ort", "fp32", 0),
+    "ort-int8": EngineSetting("ort", "int8", 0),
+    "ort-int8-1t": EngineSetting("ort", "int8", 1),  # as served: one ONNX Runtime thread per model
+    "ct2-fp32": EngineSetting("ct2", "fp32", 2),
+    "ct2-fp32-packed": EngineSetting("ct2", "fp32", 2, packed_gemm=True),
+    "ct2-int8": EngineSetting("ct2", "int8", 1),
+    "ct2-int8-2t": EngineSetting("ct2", "int8", 2),
+}
+ENGINES = tuple(SETTINGS)
+PAIRS = {"ort-fp32": "ct2-fp32", "ort-int8": "ct2-int8"}  # ratio names: this engine / CTranslate2
 
 
 @dataclass(frozen=True)
@@ -35,12 +58,11 @@ class EngineSpeedConfig:
     """What to measure."""
 
     entry: Path = Path("model_repository/en-fr-transformer/1")
-    sentences: int = 512
+    sentences: int = 256
     batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
     engines: tuple[str, ...] = ENGINES
     ort_threads: int = 2
-    ct2_fp32_threads: int = 2
-    ct2_int8_threads: int = 1
+    rounds: int = 3  # passes per run; the median counts
     out: Path = Path("bench/results/engine_speed.json")
 
 
@@ -54,14 +76,16 @@ class Run:
     seconds: float
     tokens: int
     tokens_per_s: float
+    load_average_before: float  # 1-minute load average when the run started
 
 
 def _batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _run_ort(entry: str, precision: str, threads: int, ids: list, size: int, max_tokens: int):
-    """Decodes every sentence in batches of `size`; returns (seconds, outputs as token id lists)."""
+def _run_ort(entry: str, precision: str, threads: int, ids: list, size: int, max_tokens: int, rounds: int):
+    """Decodes every sentence in batches of `size`; returns (median seconds of `rounds` passes,
+    outputs as token id lists)."""
     from attnserve.core.decoding import greedy_decode
     from attnserve.core.manifest import Manifest
     from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
@@ -75,21 +99,35 @@ def _run_ort(entry: str, precision: str, threads: int, ids: list, size: int, max
         hyps = greedy_decode(model, SourceBatch.from_ids(batch), bos, eos, [max_tokens] * len(batch))
         return [h.token_ids for h in hyps]
 
-    decode(ids[:size])  # warm-up: first-run allocations and kernel choices
-    start = time.perf_counter()
-    outputs = [out for batch in _batches(ids, size) for out in decode(batch)]
-    return time.perf_counter() - start, outputs
+    return _median_run(decode, ids, size, rounds)
 
 
-def _run_ct2(model_dir: str, compute: str, threads: int, tokens: list, size: int, max_tokens: int, vocab):
+def _median_run(decode, sources: list, size: int, rounds: int) -> tuple[float, list]:
+    """One warm-up batch, then `rounds` passes over every source in batches of `size`: the median
+    pass's seconds and the outputs."""
+    decode(sources[:size])  # first-run allocations and kernel choices
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        outputs = [out for batch in _batches(sources, size) for out in decode(batch)]
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), outputs
+
+
+def _run_ct2(
+    model_dir: str, setting: EngineSetting, tokens: list, size: int, max_tokens: int, vocab, rounds: int
+):
     """As _run_ort for CTranslate2; outputs mapped to target ids."""
-    os.environ["CT2_PACKED_GEMM"] = "0"  # read when the library loads, in this fresh process
+    os.environ["CT2_PACKED_GEMM"] = str(int(setting.packed_gemm))  # read when the library loads
     # GNU OpenMP's spin-waiting collapses on shared cores (2 threads, B=8, host load ~6: 75 tokens/s
     # spinning, 540 passive); passive waiting is CTranslate2's better case here. Override by env.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import ctranslate2
 
-    translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute, intra_threads=threads)
+    compute = "float32" if setting.precision == "fp32" else "int8"
+    translator = ctranslate2.Translator(
+        model_dir, device="cpu", compute_type=compute, intra_threads=setting.threads
+    )
     index = {t: i for i, t in enumerate(vocab)}
     options = dict(beam_size=1, min_decoding_length=0, max_decoding_length=max_tokens)
 
@@ -97,10 +135,7 @@ def _run_ct2(model_dir: str, compute: str, threads: int, tokens: list, size: int
         results = translator.translate_batch(batch, max_batch_size=len(batch), **options)
         return [[index[t] for t in r.hypotheses[0]] for r in results]
 
-    decode(tokens[:size])
-    start = time.perf_counter()
-    outputs = [out for batch in _batches(tokens, size) for out in decode(batch)]
-    return time.perf_counter() - start, outputs
+    return _median_run(decode, tokens, size, rounds)
 
 
 def _inputs(entry: Path, count: int):
@@ -139,20 +174,22 @@ def run_engine_speed(cfg: EngineSpeedConfig) -> dict:
         )
         for size in cfg.batch_sizes:
             for engine in cfg.engines:
-                kind, precision = engine.split("-")
-                if kind == "ort":
-                    threads = cfg.ort_threads
-                    job = (_run_ort, str(cfg.entry), precision, threads, ids, size, max_tokens)
+                e = SETTINGS[engine]
+                if e.kind == "ort":
+                    threads = e.threads or cfg.ort_threads
+                    job = (_run_ort, str(cfg.entry), e.precision, threads, ids, size, max_tokens, cfg.rounds)
                 else:
-                    threads = cfg.ct2_fp32_threads if precision == "fp32" else cfg.ct2_int8_threads
-                    job = (_run_ct2, ct2_dir, "float32" if precision == "fp32" else "int8", threads, tokens,
-                           size, max_tokens, vocab)  # fmt: skip
+                    threads = e.threads
+                    job = (_run_ct2, ct2_dir, e, tokens, size, max_tokens, vocab, cfg.rounds)
+                load = os.getloadavg()[0]
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process per run
                     seconds, out = pool.submit(*job).result()
                 generated = sum(len(o) for o in out)
-                runs.append(Run(engine, size, threads, seconds, generated, generated / seconds))
+                runs.append(Run(engine, size, threads, seconds, generated, generated / seconds, load))
                 outputs[engine, size] = out
-                print(f"  {engine} B={size}: {generated / seconds:,.0f} tokens/s", flush=True)
+                print(
+                    f"  {engine} B={size}: {generated / seconds:,.0f} tokens/s, load {load:.2f}", flush=True
+                )
     result = _summarise(cfg, runs, outputs)
     # Other processes on the host: CTranslate2's OpenMP threads suffer most when cores are shared.
     result["host"]["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
@@ -163,13 +200,20 @@ def run_engine_speed(cfg: EngineSpeedConfig) -> dict:
 
 
 def _summarise(cfg: EngineSpeedConfig, runs: list[Run], outputs: dict) -> dict:
-    """Runs, ratios of like-for-like engines, and how many outputs two engines share."""
+    """Runs, ratios against the faster CTranslate2 setting of each precision, and how many outputs
+    two engines share."""
     speed = {(r.engine, r.batch_size): r.tokens_per_s for r in runs}
-    ratios = {
-        f"{mine}/{theirs}": {str(b): speed[mine, b] / speed[theirs, b] for b in cfg.batch_sizes}
-        for mine, theirs in PAIRS.items()
-        if mine in cfg.engines and theirs in cfg.engines
-    }
+    ratios = {}
+    for mine, theirs in PAIRS.items():
+        peers = [
+            e
+            for e in cfg.engines
+            if SETTINGS[e].kind == "ct2" and SETTINGS[e].precision == SETTINGS[mine].precision
+        ]
+        if mine in cfg.engines and peers:
+            ratios[f"{mine}/{theirs}"] = {
+                str(b): speed[mine, b] / max(speed[p, b] for p in peers) for b in cfg.batch_sizes
+            }
     pairs = [*PAIRS.items(), ("ort-fp32", "ort-int8"), ("ct2-fp32", "ct2-int8")]
     identical = {
         f"{a} = {b}": {
@@ -203,7 +247,8 @@ def format_table(result: dict) -> str:
         cells = [f"{speed[e, b]['tokens_per_s']:,.0f}" for b in sizes]
         lines.append(f"| {e} ({speed[e, sizes[0]]['threads']}) | " + " | ".join(cells) + " |")
     for name, by_size in result["ratios"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{by_size[str(b)]:.2f}x" for b in sizes) + " |")
+        cells = " | ".join(f"**{by_size[str(b)]:.2f}x**" for b in sizes)
+        lines.append(f"| {name} (the faster CTranslate2 setting) | {cells} |")
     n = result["sentences"]
     for name, by_size in result["identical_outputs"].items():
         lines.append(f"| identical {name} | " + " | ".join(f"{by_size[str(b)]}/{n}" for b in sizes) + " |")
@@ -217,14 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--entry", type=Path, default=defaults.entry, help="a Transformer repository entry")
     p.add_argument("--sentences", type=int, default=defaults.sentences)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(defaults.batch_sizes))
-    p.add_argument("--engine", action="append", choices=ENGINES, help="repeatable; default: all four")
+    p.add_argument("--engine", action="append", choices=ENGINES, help="repeatable; default: all")
     p.add_argument("--ort-threads", type=int, default=defaults.ort_threads)
+    p.add_argument("--rounds", type=int, default=defaults.rounds, help="passes per run; the median counts")
     p.add_argument("--out", type=Path, default=defaults.out)
     args = p.parse_args(argv)
     run_engine_speed(
         EngineSpeedConfig(
             entry=args.entry, sentences=args.sentences, batch_sizes=tuple(args.batch_sizes),
-            engines=tuple(args.engine or ENGINES), ort_threads=args.ort_threads, out=args.out,
+            engines=tuple(args.engine or ENGINES), ort_threads=args.ort_threads, rounds=args.rounds,
+            out=args.out,
         )
     )  # fmt: skip
     return 0
