@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from attnserve.core.alignment import DEFAULT_THRESHOLD, AlignmentMode
 from attnserve.core.errors import invalid
 from attnserve.core.images import decode_image
 from attnserve.core.manifest import Manifest
@@ -47,6 +48,10 @@ class SourceCodec:
         beam_size: int = 1,
         length_penalty: float = 0.0,
         locale: str = "",
+        scores: bool = False,
+        num_hypotheses: int = 0,
+        alignment: AlignmentMode = AlignmentMode.NONE,
+        alignment_threshold: float = 0.0,
     ) -> PreparedRequest:
         """Validates and tokenises one request.
 
@@ -58,6 +63,10 @@ class SourceCodec:
             length_penalty: GNMT alpha for ranking beam hypotheses, 0..MAX_LENGTH_PENALTY.
             locale: the text's CLDR locale, for models that read one (others ignore it); a
                 locale the model was not trained on is read as unknown.
+            scores: return the score and each output token's log-probability.
+            num_hypotheses: 0 or 1 for the best only; up to beam_size for an n-best list.
+            alignment: HARD or SOFT to return the output's alignment with the source tokens.
+            alignment_threshold: SOFT's least link weight in (0, 1]; 0 means DEFAULT_THRESHOLD.
 
         Raises:
             RequestError: INVALID_ARGUMENT for empty text, text over the model's maximum
@@ -81,11 +90,17 @@ class SourceCodec:
             shown = ", ".join(repr(t) for t in unknown[:10])
             raise invalid(f"model {m.name!r} cannot read {shown}; {self._alphabet}")
         limit, beam_size = self._options(attention, max_output_tokens, beam_size, length_penalty)
+        if num_hypotheses > beam_size:
+            raise invalid(f"num_hypotheses {num_hypotheses} is more than beam_size {beam_size}")
+        if not 0 <= alignment_threshold <= 1:  # also rejects NaN
+            raise invalid(f"alignment_threshold must be between 0 and 1, got {alignment_threshold}")
         if m.reads_locale:
             tokens = (locale_token(locale, m.source_vocab), *tokens)
         return PreparedRequest(
-            tokens, tuple(m.source_vocab.encode(tokens)), limit, attention, beam_size, length_penalty
-        )
+            tokens, tuple(m.source_vocab.encode(tokens)), limit, attention, beam_size, length_penalty,
+            scores=scores, num_hypotheses=max(num_hypotheses, 1), alignment=alignment,
+            alignment_threshold=alignment_threshold or DEFAULT_THRESHOLD,
+        )  # fmt: skip
 
     def prepare_image(
         self,
@@ -94,8 +109,10 @@ class SourceCodec:
         max_output_tokens: int = 0,
         beam_size: int = 1,
         length_penalty: float = 0.0,
+        scores: bool = False,
     ) -> PreparedRequest:
-        """Validates and decodes one image request (options as for `prepare`).
+        """Validates and decodes one image request (options as for `prepare`; n-best lists and
+        alignments are for text).
 
         Raises:
             RequestError: INVALID_ARGUMENT for a text model, an image that is not a small PNG
@@ -106,7 +123,7 @@ class SourceCodec:
             raise invalid(f"model {m.name!r} translates text; call Translate")
         pixels = decode_image(data, m.image)  # (C, H, W)
         limit, beam_size = self._options(attention, max_output_tokens, beam_size, length_penalty)
-        return PreparedRequest((), (), limit, attention, beam_size, length_penalty, pixels)
+        return PreparedRequest((), (), limit, attention, beam_size, length_penalty, pixels, scores=scores)
 
     def _options(
         self, attention: AttentionMode, max_output_tokens: int, beam_size: int, length_penalty: float

@@ -19,7 +19,7 @@ V target vocabulary, Tmax the most tokens any row may emit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -55,15 +55,24 @@ class StepModel(Protocol):
 class Hypothesis:
     """One decoded sequence: token ids (without </s>), its attention (T, S_src), and any extra
     attention asked for by name: per-step outputs stacked to (T, ...) (a growing last axis is
-    zero-padded to T), encoder outputs as they are for this row."""
+    zero-padded to T), encoder outputs as they are for this row.
+
+    Scored jobs and beams also carry each token's natural-log probability (T,) and `score`, their
+    sum plus that of </s> when the sequence ended with it; a beam job asking for n-best carries
+    its next-best hypotheses, best first, in `alternatives`.
+    """
 
     token_ids: list[int]
     attention: np.ndarray
     finished: bool
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    token_logprobs: np.ndarray | None = None
+    score: float | None = None
+    alternatives: tuple[Hypothesis, ...] = ()
 
 
-TokenCallback = Callable[[int, np.ndarray], None]  # token id, its attention row (S_src,)
+Logp = np.ndarray | None  # (n,) natural-log probability of each row's chosen token
+TokenCallback = Callable[[int, np.ndarray, float | None], None]  # token id, attention row (S_src,), log-prob
 
 
 @dataclass(eq=False)
@@ -80,6 +89,8 @@ class DecodeJob:
     extras: tuple[str, ...] = ()
     on_token: TokenCallback | None = None
     tag: object = None
+    scores: bool = False  # record each token's log-probability (beams always do)
+    num_hypotheses: int = 1  # hypotheses to return, best first (beam jobs)
     # Filled by the running batch.
     columns: slice = field(default_factory=lambda: slice(None))
     slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -217,6 +228,9 @@ class RunningBatch:
         ]
         slot["source_len"][first : first + new] = lengths[rows]
         slot["limit"][first : first + new] = [jobs[r].max_steps for r in rows]
+        slot["beam"][first : first + new] = [jobs[r].beam_size > 1 for r in rows]
+        slot["scored"][first : first + new] = [jobs[r].scores for r in rows]
+        slot["eos_logprob"][first : first + new] = 0.0
         scores = np.zeros(new)
         for start in np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]):
             scores[start + 1 : start + repeats[rows[start]]] = -np.inf  # one live beam at first
@@ -249,7 +263,11 @@ class RunningBatch:
                 "done": np.zeros(capacity, bool),
                 "ended": np.zeros(capacity, bool),  # the row emitted </s>
                 "watched": np.zeros(capacity, bool),  # its job streams tokens or collects extras
-                "score": np.zeros(capacity, np.float64),
+                "score": np.zeros(capacity, np.float64),  # a beam row's total log-probability
+                "beam": np.zeros(capacity, bool),  # the row belongs to a beam job
+                "scored": np.zeros(capacity, bool),  # its job asked for log-probabilities
+                "eos_logprob": np.zeros(capacity, np.float64),  # of </s>, when the row chose it
+                "logprob": np.zeros((capacity, self.max_steps), np.float32),  # of each emitted token
                 "source_len": np.zeros(capacity, np.int64),
                 "tokens": np.zeros((capacity, self.max_steps), np.int64),
                 "attention": np.zeros((capacity, self.max_steps, self._src_cap), np.float32),
@@ -327,14 +345,18 @@ class RunningBatch:
                 columns[buffer.shape] = _cache_columns(buffer.shape, position)
             buffer.reshape(-1, buffer.shape[-1])[columns[buffer.shape]] = new.reshape(-1, new.shape[-1])
         logits, weights = out[spec.logits_output], out[spec.attention_output]  # (n, V), (n, S_cap)
-        token, parent = self._choose(logits, rows)
+        token, parent, logp = self._choose(logits, rows)
         if parent is not rows and (parent != rows).any():
             self._reorder(parent, n)
             weights = weights[parent]
         live = ~slot["done"][:n]
         grow = live & (token != self.eos_id)
-        slot["ended"][:n] |= live & (token == self.eos_id)
+        ending = live & (token == self.eos_id)
+        slot["ended"][:n] |= ending
         emit = np.flatnonzero(grow)
+        if logp is not None:
+            slot["logprob"][emit, slot["length"][emit]] = logp[emit]
+            slot["eos_logprob"][:n][ending] = logp[ending]
         if weights.shape[1] > slot["attention"].shape[2]:  # images: the grid's width, known now
             slot["attention"] = _resize(slot["attention"], 2, weights.shape[1])
         slot["tokens"][emit, slot["length"][emit]] = token[emit]
@@ -344,33 +366,42 @@ class RunningBatch:
         for i in watched:
             job = self._owner[i]
             if job.on_token is not None and job.beam_size == 1:
-                job.on_token(int(token[i]), weights[i, job.columns])
+                job.on_token(int(token[i]), weights[i, job.columns], None if logp is None else float(logp[i]))
         slot["length"][:n] += grow
         slot["done"][:n] |= (token == self.eos_id) | (slot["length"][:n] >= slot["limit"][:n])
         slot["prev"][:n] = np.where(slot["done"][:n], self.eos_id, token)
         slot["position"][:n] += 1
         return self._retire()
 
-    def _choose(self, logits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Next token (n,) and parent slot (n,) of every row: argmax for greedy rows, beam search
-        within each beam job's rows; the parent is `rows` itself when no row has a beam."""
+    def _choose(self, logits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, Logp]:
+        """Next token (n,), parent slot (n,) and the token's log-probability (n,) of every row:
+        argmax for greedy rows, beam search within each beam job's rows. The parent is `rows`
+        itself when no row has a beam; log-probabilities are None when no row needs them, and
+        computed only for the rows that do (scored greedy rows and beams)."""
         slot = self._slot
+        n = len(rows)
         token = logits.argmax(axis=1).astype(np.int64, copy=False)
         beams = [job for job in self.jobs if job.beam_size > 1] if self._beams else []
         parent = rows.copy() if beams else rows
+        scored = np.flatnonzero(slot["scored"][:n] & ~slot["beam"][:n])
+        logp = np.zeros(n) if beams or len(scored) else None
+        if len(scored):
+            chosen = logits[scored].astype(np.float64)  # (k, V)
+            logp[scored] = _log_softmax(chosen)[np.arange(len(scored)), token[scored]]
         for job in beams:
             s = job.slots  # (K,)
-            logp = _log_softmax(logits[s].astype(np.float64))  # (K, V)
+            step = _log_softmax(logits[s].astype(np.float64))  # (K, V)
             finished = slot["done"][s]
-            logp[finished] = -np.inf
-            logp[finished, self.eos_id] = 0.0  # finished hypotheses carry their score unchanged
-            vocab = logp.shape[1]
-            total = (slot["score"][s][:, None] + logp).ravel()  # (K*V,)
+            step[finished] = -np.inf
+            step[finished, self.eos_id] = 0.0  # finished hypotheses carry their score unchanged
+            vocab = step.shape[1]
+            total = (slot["score"][s][:, None] + step).ravel()  # (K*V,)
             best = np.argsort(-total, kind="stable")[: job.beam_size]
             parent[s] = s[best // vocab]
             token[s] = best % vocab
+            logp[s] = total[best] - slot["score"][parent[s]]
             slot["score"][s] = total[best]
-        return token, parent
+        return token, parent, logp
 
     def _reorder(self, parent: np.ndarray, n: int) -> None:
         """Copies each beam row's parent state into it (state, history and extras)."""
@@ -410,7 +441,7 @@ class RunningBatch:
                 hyp = self._hypothesis(job)
                 if job.on_token is not None and job.beam_size > 1:  # a beam's tokens are final only now
                     for t, token in enumerate(hyp.token_ids):
-                        job.on_token(token, hyp.attention[t])
+                        job.on_token(token, hyp.attention[t], float(hyp.token_logprobs[t]))
                 finished.append((job, hyp))
             else:
                 keep.append(job)
@@ -423,24 +454,37 @@ class RunningBatch:
         return finished
 
     def _hypothesis(self, job: DecodeJob) -> Hypothesis:
-        """The job's result: its best row's tokens, attention and extras."""
+        """The job's result: its best row's tokens, attention, extras and scores, with the next
+        best rows as alternatives when the job asks for more than one hypothesis."""
         slot = self._slot
-        s = job.slots
-        pick = s[0]
+        ranked = list(job.slots)
         if job.beam_size > 1:
-            pick = max(
-                s,
-                key=lambda i: length_normalised(slot["score"][i], int(slot["length"][i]), job.length_penalty),
+            ranked.sort(
+                key=lambda i: -length_normalised(slot["score"][i], int(slot["length"][i]), job.length_penalty)
             )
-        length = int(slot["length"][pick])
+            ranked = [i for i in ranked if np.isfinite(slot["score"][i])] or ranked[:1]
+        best, *others = ranked[: max(job.num_hypotheses, 1)]
         extras = dict(job.encoder_extras)
-        if self._steps[pick] is not None:
-            extras.update({k: _stack_steps(v) for k, v in self._steps[pick].items()})
+        if self._steps[best] is not None:
+            extras.update({k: _stack_steps(v) for k, v in self._steps[best].items()})
+        alternatives = tuple(self._row_hypothesis(job, i, {}) for i in others)
+        return replace(self._row_hypothesis(job, best, extras), alternatives=alternatives)
+
+    def _row_hypothesis(self, job: DecodeJob, row: int, extras: dict[str, np.ndarray]) -> Hypothesis:
+        """One row's tokens, attention and (for scored jobs and beams) log-probabilities."""
+        slot = self._slot
+        length = int(slot["length"][row])
+        logprobs, score = None, None
+        if job.scores or job.beam_size > 1:
+            logprobs = slot["logprob"][row, :length].copy()
+            score = float(logprobs.astype(np.float64).sum() + slot["eos_logprob"][row])
         return Hypothesis(
-            token_ids=slot["tokens"][pick, :length].tolist(),
-            attention=slot["attention"][pick, :length, job.columns].copy(),
-            finished=bool(slot["ended"][pick]),
+            token_ids=slot["tokens"][row, :length].tolist(),
+            attention=slot["attention"][row, :length, job.columns].copy(),
+            finished=bool(slot["ended"][row]),
             extras=extras,
+            token_logprobs=logprobs,
+            score=score,
         )
 
     def _compact(self, free: np.ndarray) -> None:
@@ -519,6 +563,8 @@ def decode(
     beam_size: int = 1,
     length_penalty: float = 0.0,
     extras: tuple[str, ...] = (),
+    scores: bool = False,
+    num_hypotheses: int = 1,
 ) -> list[Hypothesis]:
     """Decodes a batch of sources to the end (greedy for beam_size 1, else beam search).
 
@@ -531,6 +577,8 @@ def decode(
             by length-normalised log-probability is returned with its own attention.
         length_penalty: GNMT alpha; 0 ranks by total log-probability.
         extras: extra attention outputs to collect by name (e.g. "cross_heads", "encoder_self").
+        scores: record every token's log-probability (beams always do).
+        num_hypotheses: beam hypotheses to return per row, best first (in `alternatives`).
 
     Returns:
         One hypothesis per row, in input order.
@@ -538,7 +586,10 @@ def decode(
     Raises:
         ValueError: if the model does not return a requested extra attention.
     """
-    jobs = [DecodeJob(limit, beam_size, length_penalty, extras) for limit in max_steps]
+    jobs = [
+        DecodeJob(limit, beam_size, length_penalty, extras, scores=scores, num_hypotheses=num_hypotheses)
+        for limit in max_steps
+    ]
     batch = RunningBatch(model, bos_id, eos_id, max(max_steps, default=0))
     results = {id(job): hyp for job, hyp in batch.run(jobs, source)}
     return [results[id(job)] for job in jobs]

@@ -159,8 +159,9 @@ class Engine:
         Args:
             request: a validated request.
             deadline: time.monotonic() by which the caller needs the answer, or None.
-            on_token: called on the engine thread with each output token and its attention row
-                (or None) as soon as it is chosen (a beam request's tokens come when it ends).
+            on_token: called on the engine thread with each output token, its attention row (or
+                None) and its log-probability (or None) as soon as it is chosen (a beam request's
+                tokens come when it ends).
 
         Returns:
             A future of the Answer; it raises RequestError if decoding fails or the request

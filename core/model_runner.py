@@ -10,11 +10,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from attnserve.core.alignment import AlignmentMode, links, pharaoh, word_links
 from attnserve.core.codec import SourceCodec
-from attnserve.core.decoding import DecodeJob, Hypothesis, RunningBatch
+from attnserve.core.decoding import DecodeJob, Hypothesis, RunningBatch, length_normalised
 from attnserve.core.manifest import Manifest
 from attnserve.core.onnx_model import OnnxSeq2Seq, RuntimeConfig
-from attnserve.core.requests import Answer, AttentionMode, HeadAttention, PreparedRequest, StreamCallback
+from attnserve.core.requests import (
+    Answer,
+    AttentionMode,
+    Candidate,
+    HeadAttention,
+    PreparedRequest,
+    Scores,
+    StreamCallback,
+)
 from attnserve.core.sources import SourceBatch
 
 _MATRIX_MODES = (AttentionMode.NONE, AttentionMode.CROSS)  # served without per-head outputs
@@ -51,19 +60,22 @@ class ModelRunner:
         self, request: PreparedRequest, tag: object = None, on_token: StreamCallback | None = None
     ) -> DecodeJob:
         """The decoding job of a request; `on_token` sees each output token (special tokens
-        skipped) with its attention row when the request asked for cross attention."""
+        skipped) with its attention row when the request asked for cross attention, and its
+        log-probability when it asked for scores."""
         extras = () if request.attention in _MATRIX_MODES else (request.attention.value,)
         callback = None
         if on_token is not None:
             vocab, cross = self.manifest.target_vocab, request.attention is AttentionMode.CROSS
+            scored = request.scores
 
-            def callback(token_id: int, row: np.ndarray) -> None:
+            def callback(token_id: int, row: np.ndarray, logprob: float | None) -> None:
                 if token_id not in vocab.special_ids:
-                    on_token(vocab.tokens[token_id], row if cross else None)
+                    on_token(vocab.tokens[token_id], row if cross else None, logprob if scored else None)
 
         return DecodeJob(
-            request.max_output_tokens, request.beam_size, request.length_penalty, extras, callback, tag
-        )
+            request.max_output_tokens, request.beam_size, request.length_penalty, extras, callback, tag,
+            scores=request.scores, num_hypotheses=request.num_hypotheses,
+        )  # fmt: skip
 
     def source_batch(self, requests: Sequence[PreparedRequest]) -> SourceBatch:
         """Token ids, or pixels for an image model, of the requests as one encoder batch."""
@@ -72,11 +84,17 @@ class ModelRunner:
         return SourceBatch.from_images(np.stack([r.image for r in requests]))
 
     def result(self, request: PreparedRequest, hyp: Hypothesis, batch_size: int) -> Answer:
-        """The request's answer from its hypothesis (special tokens dropped with their attention rows)."""
-        vocab = self.manifest.target_vocab
-        keep = [i for i, t in enumerate(hyp.token_ids) if t not in vocab.special_ids]
-        tokens = tuple(vocab.tokens[hyp.token_ids[i]] for i in keep)
+        """The request's answer from its hypothesis (special tokens dropped with their attention
+        rows and log-probabilities), with the scores, n-best list and alignment it asked for."""
+        keep, tokens = self._kept(hyp)
         mode = request.attention
+        candidates = (hyp, *hyp.alternatives) if request.num_hypotheses > 1 else ()
+        alignment = word_alignment = ""
+        if request.alignment is not AlignmentMode.NONE:
+            found = links(hyp.attention[keep], request.alignment, request.alignment_threshold)
+            alignment = pharaoh(found)
+            if self.codec.subwords is not None:
+                word_alignment = pharaoh(word_links(found, request.source_tokens, tokens))
         return Answer(
             output_tokens=tokens,
             text=self.codec.detokenize(tokens),
@@ -86,7 +104,31 @@ class ModelRunner:
             heads=()
             if mode in _MATRIX_MODES
             else self._heads(mode, hyp, keep, tokens, request.source_tokens),
+            scores=self._scores(request, hyp, keep) if request.scores else None,
+            hypotheses=tuple(self._candidate(request, h) for h in candidates),
+            alignment=alignment,
+            word_alignment=word_alignment,
         )
+
+    def _kept(self, hyp: Hypothesis) -> tuple[list[int], tuple[str, ...]]:
+        """Indexes and text of a hypothesis's output tokens that are not special tokens."""
+        vocab = self.manifest.target_vocab
+        keep = [i for i, t in enumerate(hyp.token_ids) if t not in vocab.special_ids]
+        return keep, tuple(vocab.tokens[hyp.token_ids[i]] for i in keep)
+
+    @staticmethod
+    def _scores(request: PreparedRequest, hyp: Hypothesis, keep: list[int]) -> Scores:
+        """A hypothesis's score, its kept tokens' log-probabilities, and the length-normalised score."""
+        normalised = None
+        if request.length_penalty:
+            normalised = length_normalised(hyp.score, len(hyp.token_ids), request.length_penalty)
+        return Scores(hyp.score, tuple(hyp.token_logprobs[keep].tolist()), normalised)
+
+    def _candidate(self, request: PreparedRequest, hyp: Hypothesis) -> Candidate:
+        """One n-best entry."""
+        keep, tokens = self._kept(hyp)
+        attention = hyp.attention[keep] if request.attention is AttentionMode.CROSS else None
+        return Candidate(tokens, self.codec.detokenize(tokens), self._scores(request, hyp, keep), attention)
 
     def _heads(self, mode, hyp: Hypothesis, keep: list[int], tokens, source) -> tuple[HeadAttention, ...]:
         """Per layer and head matrices of a per-head mode, labelled."""

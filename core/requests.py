@@ -8,7 +8,10 @@ from enum import Enum
 
 import numpy as np
 
-StreamCallback = Callable[[str, np.ndarray | None], None]  # output token, its attention row or None
+from attnserve.core.alignment import DEFAULT_THRESHOLD, AlignmentMode
+
+# Output token, its attention row (or None), its log-probability (or None when not asked for).
+StreamCallback = Callable[[str, np.ndarray | None, float | None], None]
 
 
 class AttentionMode(Enum):
@@ -32,6 +35,10 @@ class PreparedRequest:
     beam_size: int = 1
     length_penalty: float = 0.0
     image: np.ndarray | None = None  # (C, H, W) pixels for image models
+    scores: bool = False  # return the score and each token's log-probability
+    num_hypotheses: int = 1  # n-best: beam hypotheses to return, best first
+    alignment: AlignmentMode = AlignmentMode.NONE
+    alignment_threshold: float = DEFAULT_THRESHOLD  # SOFT alignment's least weight
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,32 @@ class HeadAttention:
 
 
 @dataclass(frozen=True)
+class Scores:
+    """Log-probabilities of an output: each token's, their sum with that of end-of-sequence when the
+    output ended with it, and (with a length penalty) the length-normalised sum."""
+
+    score: float
+    token_logprobs: tuple[float, ...]
+    normalized_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One hypothesis of an n-best list. attention: (output tokens, source tokens) or None."""
+
+    output_tokens: tuple[str, ...]
+    text: str
+    scores: Scores
+    attention: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class Answer:
-    """What one request (text or image) decodes to. attention: (output tokens, source tokens) or None."""
+    """What one request (text or image) decodes to. attention: (output tokens, source tokens) or None.
+
+    scores is set when asked for; hypotheses (best first, the first being this answer) when more
+    than one was asked for; alignments are Pharaoh text, empty when not asked for.
+    """
 
     output_tokens: tuple[str, ...]
     text: str
@@ -56,3 +87,7 @@ class Answer:
     attention: np.ndarray | None
     batch_size: int
     heads: tuple[HeadAttention, ...] = ()
+    scores: Scores | None = None
+    hypotheses: tuple[Candidate, ...] = ()
+    alignment: str = ""
+    word_alignment: str = ""

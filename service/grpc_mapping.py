@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from attnserve.core.alignment import AlignmentMode
 from attnserve.core.errors import invalid
 from attnserve.core.manifest import Manifest
-from attnserve.core.requests import Answer, AttentionMode
+from attnserve.core.requests import Answer, AttentionMode, Scores
 from attnserve.v1 import translator_pb2 as pb
 
 _ATTENTION_FROM_PB = {
@@ -25,8 +26,34 @@ def attention_from_pb(value: int) -> AttentionMode:
         raise invalid(f"unknown attention mode {value}") from None
 
 
+_ALIGNMENT_FROM_PB = {
+    pb.ALIGNMENT_MODE_NONE: AlignmentMode.NONE,
+    pb.ALIGNMENT_MODE_HARD: AlignmentMode.HARD,
+    pb.ALIGNMENT_MODE_SOFT: AlignmentMode.SOFT,
+}
+
+
+def alignment_from_pb(value: int) -> AlignmentMode:
+    """Domain alignment mode; an enum value this server does not know is INVALID_ARGUMENT."""
+    try:
+        return _ALIGNMENT_FROM_PB[value]
+    except KeyError:
+        raise invalid(f"unknown alignment mode {value}") from None
+
+
+def _set_scores(message, scores: Scores | None) -> None:
+    """Fills a response's or hypothesis's score, normalized_score and token_logprobs."""
+    if scores is None:
+        return
+    message.score = scores.score
+    message.token_logprobs.extend(scores.token_logprobs)
+    if scores.normalized_score is not None:
+        message.normalized_score = scores.normalized_score
+
+
 def translation_to_pb(result: Answer, manifest: Manifest) -> pb.TranslateResponse:
-    """TranslateResponse for one result; attention as a labelled row-major matrix."""
+    """TranslateResponse for one result; attention as a labelled row-major matrix; scores, n-best
+    list and alignments where asked for."""
     response = pb.TranslateResponse(
         text=result.text,
         output_tokens=result.output_tokens,
@@ -34,7 +61,15 @@ def translation_to_pb(result: Answer, manifest: Manifest) -> pb.TranslateRespons
         model=manifest.name,
         model_version=manifest.version,
         batch_size=result.batch_size,
+        alignment=result.alignment,
+        word_alignment=result.word_alignment,
     )
+    _set_scores(response, result.scores)
+    for h in result.hypotheses:
+        hypothesis = response.hypotheses.add(text=h.text, output_tokens=h.output_tokens)
+        _set_scores(hypothesis, h.scores)
+        if h.attention is not None:
+            hypothesis.attention.CopyFrom(_matrix(h.attention, h.output_tokens, result.source_tokens))
     if result.attention is not None:
         response.attention.CopyFrom(_matrix(result.attention, result.output_tokens, result.source_tokens))
     for h in result.heads:
@@ -70,6 +105,7 @@ def caption_to_pb(result: Answer, manifest: Manifest) -> pb.CaptionResponse:
         input_height=image.height,
         input_width=image.width,
     )
+    _set_scores(response, result.scores)
     if result.attention is not None:
         response.attention.CopyFrom(
             pb.AttentionMaps(

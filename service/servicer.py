@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from attnserve.core.engine import Engine
-from attnserve.core.errors import ErrorCode, RequestError
+from attnserve.core.errors import ErrorCode, RequestError, invalid
 from attnserve.core.requests import PreparedRequest
 from attnserve.service.auth import TokenStore
 from attnserve.service.grpc_mapping import (
+    alignment_from_pb,
     attention_from_pb,
     caption_to_pb,
     model_info_to_pb,
@@ -190,8 +191,8 @@ class Servicer:
         tokens: asyncio.Queue = asyncio.Queue()
         future = None
 
-        def on_token(token: str, row) -> None:  # on the engine thread
-            message = chunk(token=token, attention=() if row is None else row.tolist())
+        def on_token(token: str, row, logprob: float | None) -> None:  # on the engine thread
+            message = chunk(token=token, attention=() if row is None else row.tolist(), token_logprob=logprob)
             loop.call_soon_threadsafe(tokens.put_nowait, message)
 
         async def start():
@@ -267,7 +268,8 @@ def _text_request(request: pb.TranslateRequest) -> Callable[[Engine], PreparedRe
         o = request.options
         return engine.runner.codec.prepare(
             request.text, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
-            o.length_penalty, request.locale,
+            o.length_penalty, request.locale, scores=o.return_scores, num_hypotheses=o.num_hypotheses,
+            alignment=alignment_from_pb(o.alignment), alignment_threshold=o.alignment_threshold,
         )  # fmt: skip
 
     return prepare
@@ -278,9 +280,11 @@ def _image_request(request: pb.CaptionRequest) -> Callable[[Engine], PreparedReq
 
     def prepare(engine: Engine) -> PreparedRequest:
         o = request.options
+        if o.num_hypotheses > 1 or o.alignment:
+            raise invalid("num_hypotheses and alignment are Translate options; Caption returns one caption")
         return engine.runner.codec.prepare_image(
             request.image, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
-            o.length_penalty,
+            o.length_penalty, scores=o.return_scores,
         )  # fmt: skip
 
     return prepare

@@ -282,7 +282,7 @@ def test_streamed_tokens_are_the_answer_with_its_attention(runner):
     engine = Engine(runner, EngineConfig(max_batch_size=8))
     streams = {w: [] for w in WORDS[:6]}
     futures = {
-        w: engine.submit(_prepare(runner, w), on_token=lambda t, row, w=w: streams[w].append((t, row)))
+        w: engine.submit(_prepare(runner, w), on_token=lambda t, row, logprob, w=w: streams[w].append((t, row)))
         for w in streams
     }
     for word, future in futures.items():
