@@ -137,7 +137,7 @@ def open_loop(runner: ModelRunner, requests: list, cfg: BatchingConfig, step: bo
         t0 = time.perf_counter()
         future = engine.submit(
             requests[i % len(requests)],
-            on_token=lambda token, row, logprob, i=i: first.setdefault(i, time.perf_counter()),
+            on_token=lambda token, i=i: first.setdefault(i, time.perf_counter()),
         )
         future.add_done_callback(stamp)
         sent.append((t0, future))

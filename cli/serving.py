@@ -120,17 +120,19 @@ def _translate_stream(args: argparse.Namespace) -> int:
         return 1
     with client:
         stream = client.translate_stream(args.model, args.text, args.attention, args.max_output_tokens,
-                                         args.beam, args.length_penalty, args.locale,
-                                         version=args.version)  # fmt: skip
+                                         args.beam, args.length_penalty, args.locale, version=args.version,
+                                         **_answer_options(args))  # fmt: skip
         try:
             for chunk in stream:
                 if chunk.HasField("response"):
-                    print(f"\n{chunk.response.text}")
-                elif args.attention:
+                    print()
+                    _print_answer(args, chunk.response, text=args.tokens or args.attention)
+                elif args.attention or args.tokens:  # one line per token
                     weights = " ".join(f"{w:.2f}" for w in chunk.attention)
-                    print(f"{chunk.token}\t{weights}", flush=True)
+                    logprob = f"\t{chunk.token_logprob:.3f}" if chunk.HasField("token_logprob") else ""
+                    print(f"{chunk.token}{logprob}\t{weights}".rstrip(), flush=True)
                 else:
-                    print(chunk.token, end=" ", flush=True)
+                    print(chunk.text, end="", flush=True)  # the text as it arrives
         except grpc.RpcError as e:
             print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -167,10 +169,10 @@ def _translate(args: argparse.Namespace) -> int:
         return 2
     response = _call(args, "translate", args.model, args.text, args.attention or bool(args.plot),
                      args.max_output_tokens, args.beam, args.length_penalty, args.locale,
-                     version=args.version)  # fmt: skip
+                     version=args.version, **_answer_options(args))  # fmt: skip
     if response is None:
         return 1
-    print(response.text)
+    _print_answer(args, response)
     _plot(response, args.plot)
     if args.attention:
         print(
@@ -179,6 +181,34 @@ def _translate(args: argparse.Namespace) -> int:
         )
         print(format_attention(response.attention))
     return 0
+
+
+def _answer_options(args: argparse.Namespace) -> dict:
+    """The client keywords for --scores, --nbest and --align."""
+    from attnserve.v1 import translator_pb2 as pb
+
+    align = {"": pb.ALIGNMENT_MODE_NONE, "hard": pb.ALIGNMENT_MODE_HARD, "soft": pb.ALIGNMENT_MODE_SOFT}
+    return dict(scores=args.scores, num_hypotheses=args.nbest, alignment=align[args.align or ""])
+
+
+def _print_answer(args: argparse.Namespace, response, text: bool = True) -> None:
+    """The text (unless already streamed), then the scores, n-best list and alignment asked for."""
+    if text:
+        print(response.text)
+    if response.HasField("score"):
+        line = f"score {response.score:.4f}"
+        if response.HasField("normalized_score"):
+            line += f", normalized {response.normalized_score:.4f}"
+        print(line)
+        print("token log-probs: " + " ".join(
+            f"{t}:{p:.3f}" for t, p in zip(response.output_tokens, response.token_logprobs, strict=True)
+        ))  # fmt: skip
+    for i, h in enumerate(response.hypotheses, start=1):
+        print(f"{i}. {h.score:9.4f}  {h.text}")
+    if response.alignment:
+        print(f"alignment (source-output tokens): {response.alignment}")
+    if response.word_alignment:
+        print(f"alignment (source-output words): {response.word_alignment}")
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -313,7 +343,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "translate":
             p.add_argument("text")
             p.add_argument("--locale", default="", help="the text's CLDR locale, e.g. de_DE (date models)")
-            p.add_argument("--stream", action="store_true", help="print each output token as it is decoded")
+            p.add_argument("--stream", action="store_true", help="print the text as it is decoded")
+            p.add_argument("--tokens", action="store_true", help="with --stream: one output token per line")
+            p.add_argument("--scores", action="store_true", help="print the score and each token's log-prob")
+            p.add_argument(
+                "--nbest",
+                type=int,
+                default=0,
+                metavar="N",
+                help="print the N best hypotheses (needs --beam N or more)",
+            )
+            p.add_argument("--align", choices=("hard", "soft"), help="print the alignment of output and "
+                           "source tokens (and words)")  # fmt: skip
         elif name == "caption":
             p.add_argument("image", type=Path, help="a PNG or JPEG file")
         if name == "health":

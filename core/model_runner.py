@@ -23,6 +23,7 @@ from attnserve.core.requests import (
     PreparedRequest,
     Scores,
     StreamCallback,
+    StreamToken,
 )
 from attnserve.core.sources import SourceBatch
 
@@ -60,17 +61,25 @@ class ModelRunner:
         self, request: PreparedRequest, tag: object = None, on_token: StreamCallback | None = None
     ) -> DecodeJob:
         """The decoding job of a request; `on_token` sees each output token (special tokens
-        skipped) with its attention row when the request asked for cross attention, and its
-        log-probability when it asked for scores."""
+        skipped) with the text it adds, its attention row when the request asked for cross
+        attention, and its log-probability when it asked for scores."""
         extras = () if request.attention in _MATRIX_MODES else (request.attention.value,)
         callback = None
         if on_token is not None:
             vocab, cross = self.manifest.target_vocab, request.attention is AttentionMode.CROSS
-            scored = request.scores
+            tokens: list[str] = []
+            shown = [""]  # the text streamed so far
 
             def callback(token_id: int, row: np.ndarray, logprob: float | None) -> None:
-                if token_id not in vocab.special_ids:
-                    on_token(vocab.tokens[token_id], row if cross else None, logprob if scored else None)
+                if token_id in vocab.special_ids:
+                    return
+                tokens.append(vocab.tokens[token_id])
+                text = self.codec.detokenize(tuple(tokens))
+                # A piece that completes nothing yet (a split character) adds no text until one does.
+                added = text[len(shown[0]) :] if text.startswith(shown[0]) else ""
+                shown[0] += added
+                scored = logprob if request.scores else None
+                on_token(StreamToken(tokens[-1], added, row if cross else None, scored))
 
         return DecodeJob(
             request.max_output_tokens, request.beam_size, request.length_penalty, extras, callback, tag,

@@ -10,8 +10,19 @@ import numpy as np
 
 from attnserve.core.alignment import DEFAULT_THRESHOLD, AlignmentMode
 
-# Output token, its attention row (or None), its log-probability (or None when not asked for).
-StreamCallback = Callable[[str, np.ndarray | None, float | None], None]
+
+@dataclass(frozen=True)
+class StreamToken:
+    """One output token as a stream sees it: the token, the text it adds to the output, and its
+    attention row and log-probability when the request asked for them."""
+
+    token: str
+    text: str
+    attention: np.ndarray | None = None
+    logprob: float | None = None
+
+
+StreamCallback = Callable[[StreamToken], None]
 
 
 class AttentionMode(Enum):

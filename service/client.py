@@ -132,8 +132,14 @@ class Client:
         length_penalty: float = 0.0,
         locale: str = "",
         version: str = "",
+        *,
+        scores: bool = False,
+        num_hypotheses: int = 0,
+        alignment: int = pb.ALIGNMENT_MODE_NONE,
     ) -> pb.TranslateResponse:
-        """Calls Translate; `version` names a loaded version of the model ("" for its default).
+        """Calls Translate; `version` names a loaded version of the model ("" for its default);
+        `scores`, `num_hypotheses` (n-best, at most beam_size) and `alignment` (an AlignmentMode)
+        ask for those fields of the response.
 
         Raises:
             grpc.RpcError: with the server's status code and message.
@@ -141,6 +147,7 @@ class Client:
         request = text_request(
             model, text, attention, max_output_tokens, beam_size, length_penalty, locale, version
         )
+        _answer_options(request.options, scores, num_hypotheses, alignment)
         return self._call(self.stub.Translate, request, model)
 
     def translate_stream(
@@ -153,10 +160,15 @@ class Client:
         length_penalty: float = 0.0,
         locale: str = "",
         version: str = "",
+        *,
+        scores: bool = False,
+        num_hypotheses: int = 0,
+        alignment: int = pb.ALIGNMENT_MODE_NONE,
     ) -> Iterator[pb.TranslateChunk]:
         """Calls TranslateStream: a chunk per output token as it is decoded (with its attention
-        row when `attention`), the last one carrying the whole response. Call `cancel()` on the
-        returned iterator to stop the decoding. `version` as for `translate`.
+        row when `attention` and log-probability when `scores`), the last one carrying the whole
+        response. Call `cancel()` on the returned iterator to stop the decoding. The other
+        arguments as for `translate`.
 
         Raises:
             grpc.RpcError: while iterating, with the server's status code and message.
@@ -164,6 +176,7 @@ class Client:
         request = text_request(
             model, text, attention, max_output_tokens, beam_size, length_penalty, locale, version
         )
+        _answer_options(request.options, scores, num_hypotheses, alignment)
         return self.stub.TranslateStream(request, timeout=self.timeout_s, metadata=self._metadata(model))
 
     def caption(
@@ -175,8 +188,10 @@ class Client:
         beam_size: int = 0,
         length_penalty: float = 0.0,
         version: str = "",
+        *,
+        scores: bool = False,
     ) -> pb.CaptionResponse:
-        """Calls Caption with encoded PNG or JPEG bytes; `version` as for `translate`.
+        """Calls Caption with encoded PNG or JPEG bytes; `version` and `scores` as for `translate`.
 
         Raises:
             grpc.RpcError: with the server's status code and message.
@@ -184,6 +199,7 @@ class Client:
         request = caption_request(
             model, image, attention, max_output_tokens, beam_size, length_penalty, version
         )
+        request.options.return_scores = scores
         return self._call(self.stub.Caption, request, model)
 
     def list_models(self) -> pb.ListModelsResponse:
@@ -246,6 +262,11 @@ def _options(attention: bool, max_output_tokens: int, beam_size: int, length_pen
         beam_size=beam_size,
         length_penalty=length_penalty,
     )
+
+
+def _answer_options(options: pb.TranslateOptions, scores: bool, num_hypotheses: int, alignment: int) -> None:
+    """Sets the options that ask for scores, an n-best list and an alignment."""
+    options.return_scores, options.num_hypotheses, options.alignment = scores, num_hypotheses, alignment
 
 
 def attention_maps(maps: pb.AttentionMaps) -> np.ndarray:

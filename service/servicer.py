@@ -18,7 +18,7 @@ from typing import Protocol
 
 from attnserve.core.engine import Engine
 from attnserve.core.errors import ErrorCode, RequestError, invalid
-from attnserve.core.requests import PreparedRequest
+from attnserve.core.requests import PreparedRequest, StreamToken
 from attnserve.service.auth import TokenStore
 from attnserve.service.grpc_mapping import (
     alignment_from_pb,
@@ -191,8 +191,9 @@ class Servicer:
         tokens: asyncio.Queue = asyncio.Queue()
         future = None
 
-        def on_token(token: str, row, logprob: float | None) -> None:  # on the engine thread
-            message = chunk(token=token, attention=() if row is None else row.tolist(), token_logprob=logprob)
+        def on_token(t: StreamToken) -> None:  # on the engine thread
+            row = () if t.attention is None else t.attention.tolist()
+            message = chunk(token=t.token, text=t.text, attention=row, token_logprob=t.logprob)
             loop.call_soon_threadsafe(tokens.put_nowait, message)
 
         async def start():

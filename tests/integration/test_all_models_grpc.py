@@ -103,6 +103,26 @@ def test_caption_accepts_jpeg_and_beam_search(client):
     assert got.text and not got.HasField("attention")
 
 
+def test_caption_scores_and_what_only_translate_answers(client):
+    scene = scenes_data.generate("test", 1, seed=5)[0]
+    got = client.caption(CAPTION, _png(scene), scores=True)
+    assert len(got.token_logprobs) == len(got.output_tokens) and got.score <= 0
+    nbest = pb.TranslateOptions(num_hypotheses=2)
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.Caption(pb.CaptionRequest(model=CAPTION, image=_png(scene), options=nbest), timeout=60)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "Translate options" in info.value.details()
+
+
+def test_subword_model_streams_text_and_aligns_words(client):
+    chunks = list(client.translate_stream(EN_FR, "backup tool", alignment=pb.ALIGNMENT_MODE_HARD))
+    response = chunks[-1].response
+    assert "".join(c.text for c in chunks[:-1]) == response.text and "\u2581" not in response.text
+    words = [tuple(map(int, pair.split("-"))) for pair in response.word_alignment.split()]
+    assert {t for _, t in words} == set(range(len(response.text.split())))
+    assert all(s in (0, 1) for s, _ in words)  # two source words
+
+
 def test_caption_rejects_what_is_not_a_usable_image(client):
     scene = scenes_data.generate("test", 1, seed=5)[0]
     cases = {

@@ -164,6 +164,59 @@ def test_unknown_attention_mode_is_invalid_argument(client):
     assert "unknown attention mode 42" in info.value.details()
 
 
+def test_scores_n_best_and_alignment_over_the_socket(client, bundled_manifest):
+    from attnserve.core.requests import AttentionMode
+
+    plain = client.translate(MODEL, "alignment", beam_size=4)
+    assert not plain.HasField("score") and not plain.token_logprobs and not plain.hypotheses
+    assert plain.alignment == ""  # nothing asked, nothing sent
+    asked = dict(scores=True, num_hypotheses=3, alignment=pb.ALIGNMENT_MODE_HARD)
+    response = client.translate(MODEL, "alignment", attention=True, beam_size=4, **asked)
+    assert response.text == plain.text  # asking for more does not change the answer
+    assert len(response.token_logprobs) == len(response.output_tokens)
+    assert all(p <= 0 for p in response.token_logprobs)
+    assert response.score <= sum(response.token_logprobs) + 1e-5  # and </s>'s log-prob
+    best = response.hypotheses[0]
+    assert (best.text, best.score) == (response.text, response.score)
+    scores = [h.score for h in response.hypotheses]
+    assert scores == sorted(scores, reverse=True)
+    assert len({h.text for h in response.hypotheses}) == len(response.hypotheses) >= 2
+    weights = attention_array(response.attention)
+    pairs = [tuple(map(int, p.split("-"))) for p in response.alignment.split()]
+    assert pairs == [(int(s), t) for t, s in enumerate(weights.argmax(axis=1))]  # HARD: its argmax
+    local = served_translator(bundled_manifest)  # the same scores as the engine in process
+    request = local.codec.prepare("alignment", AttentionMode.NONE, beam_size=4, scores=True)
+    want = answers(local, [request])[0].scores
+    assert response.score == pytest.approx(want.score, abs=1e-5)
+    np.testing.assert_allclose(response.token_logprobs, want.token_logprobs, atol=1e-5)
+
+
+def test_streamed_chunks_carry_text_and_log_probs(client):
+    chunks = list(client.translate_stream(MODEL, "streaming", scores=True))
+    tokens, last = chunks[:-1], chunks[-1].response
+    assert "".join(c.text for c in tokens) == last.text
+    assert [c.token_logprob for c in tokens] == pytest.approx(list(last.token_logprobs), abs=1e-6)
+    assert not any(c.HasField("token_logprob") for c in client.translate_stream(MODEL, "streaming"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (pb.TranslateOptions(num_hypotheses=3, beam_size=2), "num_hypotheses 3 is more than beam_size 2"),
+        (pb.TranslateOptions(alignment=7), "unknown alignment mode 7"),
+        (
+            pb.TranslateOptions(alignment=pb.ALIGNMENT_MODE_SOFT, alignment_threshold=1.5),
+            "alignment_threshold",
+        ),
+    ],
+)
+def test_bad_answer_options_are_invalid_argument(client, options, message):
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.Translate(pb.TranslateRequest(model=MODEL, text="cat", options=options), timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
 def test_list_models_reports_figures_and_providers(client, bundled_manifest):
     (info,) = [m for m in client.list_models().models if m.name == MODEL]
     assert info.name == MODEL and info.architecture == "bahdanau-gru" and info.task == "g2p"

@@ -282,13 +282,14 @@ def test_streamed_tokens_are_the_answer_with_its_attention(runner):
     engine = Engine(runner, EngineConfig(max_batch_size=8))
     streams = {w: [] for w in WORDS[:6]}
     futures = {
-        w: engine.submit(_prepare(runner, w), on_token=lambda t, row, logprob, w=w: streams[w].append((t, row)))
-        for w in streams
+        w: engine.submit(_prepare(runner, w), on_token=lambda t, w=w: streams[w].append(t)) for w in streams
     }
     for word, future in futures.items():
         result = future.result(30)
-        assert [t for t, _ in streams[word]] == list(result.output_tokens)
-        np.testing.assert_allclose(np.stack([row for _, row in streams[word]]), result.attention, atol=1e-6)
+        assert [t.token for t in streams[word]] == list(result.output_tokens)
+        assert "".join(t.text for t in streams[word]) == result.text
+        rows = np.stack([t.attention for t in streams[word]])
+        np.testing.assert_allclose(rows, result.attention, atol=1e-6)
     engine.close()
 
 

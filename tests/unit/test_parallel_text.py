@@ -132,3 +132,22 @@ def test_served_subword_model_detokenizes_and_labels_attention_with_pieces(subwo
         assert result.source_tokens == subword_translator.codec.subwords.encode(text)
         assert result.text == subword_translator.codec.subwords.decode(result.output_tokens)
         assert result.attention.shape == (len(result.output_tokens), len(request.source_tokens))
+
+
+def test_a_subword_stream_joins_into_the_text_and_aligns_words(subword_translator):
+    from attnserve.core.alignment import AlignmentMode, word_indexes
+    from attnserve.core.engine import Engine, EngineConfig
+    from attnserve.core.requests import AttentionMode
+
+    codec = subword_translator.codec
+    with Engine(subword_translator, EngineConfig(max_batch_size=4)) as engine:
+        for text in ["New Caledonia", "Ünïcode 🙂", "Portuguese (Brazil)"]:
+            request = codec.prepare(text, AttentionMode.NONE, 12, alignment=AlignmentMode.HARD)
+            streamed = []
+            result = engine.submit(request, on_token=streamed.append).result(60)
+            assert "".join(t.text for t in streamed) == result.text  # text as it arrives, not pieces
+            pairs = [tuple(map(int, p.split("-"))) for p in result.alignment.split()]
+            assert [t for _, t in pairs] == list(range(len(result.output_tokens)))
+            words = [tuple(map(int, p.split("-"))) for p in result.word_alignment.split()]
+            src, out = word_indexes(result.source_tokens), word_indexes(result.output_tokens)
+            assert {(src[s], out[t]) for s, t in pairs} == set(words)
