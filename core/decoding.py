@@ -103,6 +103,15 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def _token_logprobs(logits: np.ndarray, token: np.ndarray) -> np.ndarray:
+    """log_softmax(logits)[r, token[r]] of (k, V) logits, without the (k, V) log-softmax: one
+    exp pass in the logits' precision, sums in float64."""
+    top = logits.max(axis=1)  # (k,)
+    shifted = logits - top[:, None]  # (k, V)
+    total = np.exp(shifted, out=shifted).sum(axis=1, dtype=np.float64)  # (k,)
+    return logits[np.arange(len(token)), token] - top - np.log(total)
+
+
 def length_normalised(score: float, length: int, alpha: float) -> float:
     """GNMT length penalty: score / ((5 + length) / 6) ** alpha; alpha 0 leaves the score."""
     return score / (((5 + length) / 6) ** alpha)
@@ -386,8 +395,7 @@ class RunningBatch:
         scored = np.flatnonzero(slot["scored"][:n] & ~slot["beam"][:n])
         logp = np.zeros(n) if beams or len(scored) else None
         if len(scored):
-            chosen = logits[scored].astype(np.float64)  # (k, V)
-            logp[scored] = _log_softmax(chosen)[np.arange(len(scored)), token[scored]]
+            logp[scored] = _token_logprobs(logits[scored], token[scored])
         for job in beams:
             s = job.slots  # (K,)
             step = _log_softmax(logits[s].astype(np.float64))  # (K, V)
