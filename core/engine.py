@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,7 @@ from attnserve.core.errors import ErrorCode, RequestError
 from attnserve.core.manifest import Manifest
 from attnserve.core.model_runner import ModelRunner
 from attnserve.core.onnx_model import RuntimeConfig
+from attnserve.core.quality import AnswerQuality, answer_quality
 from attnserve.core.requests import Answer, PreparedRequest, StreamCallback
 from attnserve.core.scheduler import DecodeTime, EngineConfig, Scheduler, SchedulerOutput
 
@@ -55,6 +57,9 @@ class EngineObserver(Protocol):
     def queue_depth(self, queued: int) -> None:
         """Requests waiting after requests joined the running batch."""
 
+    def answered(self, quality: AnswerQuality) -> None:
+        """A request finished with an answer of these quality signals."""
+
 
 class _Silent:
     """An observer that records nothing."""
@@ -69,6 +74,9 @@ class _Silent:
         pass
 
     def queue_depth(self, queued: int) -> None:
+        pass
+
+    def answered(self, quality: AnswerQuality) -> None:
         pass
 
 
@@ -262,9 +270,20 @@ class Engine:
                         _fail(job.tag, RequestError(ErrorCode.INTERNAL, "the model failed on this input"))
                 tokens = int(sum(len(h.token_ids) for _, h in done if h is not None))
                 finished += [(job.tag, h) for job, h in done]
+                self._report_quality(done)
                 waits = [started - j.queued_at for j in joining]
                 self.observer.step(rows, waits, time.monotonic() - started, tokens)
             self._finish(finished, batch.jobs)
+
+    def _report_quality(self, done: list[tuple[DecodeJob, Hypothesis | None]]) -> None:
+        """The answer-quality signals of the requests a step finished (a failure to record them is
+        logged, never the requests' failure)."""
+        try:
+            for _, hyp in done:
+                if hyp is not None and (quality := answer_quality(hyp.attention, hyp.token_logprobs)):
+                    self.observer.answered(quality)
+        except Exception:
+            log.exception("engine %s could not record answer-quality signals", self.name)
 
     def _next_decision(self) -> SchedulerOutput | None:
         """Waits until the scheduler has work for the next step; None once closed."""
@@ -288,8 +307,10 @@ class Engine:
     def _join(self, batch: RunningBatch, jobs: list[_Job]) -> Finished:
         """Encodes the joining requests together and merges them into the batch; if that fails,
         each is tried alone so one bad request cannot fail the others. Returns those already done."""
+        sample = self.config.quality_sample
         for job in jobs:
             job.decode = self.runner.job(job.request, job, job.on_token)
+            job.decode.scores |= sample > 0 and random.random() < sample  # for the quality signals
         try:
             source = self.runner.source_batch([j.request for j in jobs])
             return [(d.tag, hyp) for d, hyp in batch.add([j.decode for j in jobs], source)]

@@ -34,6 +34,8 @@ class EngineConfig:
         that would join the next step is always accepted.
     step_batching: requests join and leave the running batch at every step; off, a batch is
         taken only when the previous one has finished (request-level batching, for comparison).
+    quality_sample: the share of requests whose tokens are scored for the answer-quality signals
+        even when they did not ask for scores (scoring costs about 6 % of a batch's time at B=32).
     """
 
     max_batch_size: int = 32
@@ -42,6 +44,7 @@ class EngineConfig:
     max_queued: int = 1024
     max_queue_wait_s: float = 2.0
     step_batching: bool = True
+    quality_sample: float = 0.0
 
 
 class Schedulable(Protocol):

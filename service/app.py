@@ -25,6 +25,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from attnserve.core.manifest import Manifest, ManifestError
 from attnserve.core.onnx_model import RuntimeConfig
+from attnserve.core.quality import AnswerQuality
 from attnserve.service import metrics
 from attnserve.service.auth import token_store_from_env
 from attnserve.service.config import AppArgs, ServingConfig
@@ -67,6 +68,12 @@ class RayObserver:
 
     def queue_depth(self, queued: int) -> None:
         metrics.queue_depth().set(queued, tags=self.tags)
+
+    def answered(self, quality: AnswerQuality) -> None:
+        metrics.attention_entropy().observe(quality.entropy, tags=self.tags)
+        metrics.source_coverage().observe(quality.coverage, tags=self.tags)
+        if quality.mean_logprob is not None:
+            metrics.token_nll().observe(-quality.mean_logprob, tags=self.tags)
 
 
 def _record(rpc: str, model: str, version: str, code: str, seconds: float) -> None:

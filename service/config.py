@@ -53,6 +53,7 @@ class EngineSettings(_Frozen):
     max_queued: int = Field(1024, ge=1)
     max_queue_wait_s: float = Field(2.0, gt=0, le=600)
     step_batching: bool = True
+    quality_sample: float = Field(0.05, ge=0, le=1)
 
     def engine_config(self) -> EngineConfig:
         """The core's frozen dataclass."""

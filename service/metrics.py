@@ -14,6 +14,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 TOKEN_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SHARE_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+NATS_BUCKETS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0]  # Ray's boundaries are positive
 MODEL_TAGS = ("model", "version")
 
 
@@ -128,4 +130,40 @@ def auth_failures() -> Counter:
         "attnserve_auth_failures_total",
         description="Calls answered UNAUTHENTICATED, by rpc and reason: missing, malformed, unknown.",
         tag_keys=("rpc", "reason"),
+    )
+
+
+@cache
+def attention_entropy() -> Histogram:
+    """Per answer: mean entropy of its attention rows over log(source tokens), 0 sharp to 1 uniform."""
+    return Histogram(
+        "attnserve_attention_entropy",
+        description="Per answer, the mean entropy of its cross-attention rows over log(source tokens): "
+        "0 attends to one source token, 1 spreads evenly.",
+        boundaries=SHARE_BUCKETS,
+        tag_keys=MODEL_TAGS,
+    )
+
+
+@cache
+def source_coverage() -> Histogram:
+    """Per answer: the share of source tokens its output attends to."""
+    return Histogram(
+        "attnserve_source_coverage",
+        description="Per answer, the share of source tokens whose attention summed over the output "
+        "is 0.5 or more.",
+        boundaries=SHARE_BUCKETS,
+        tag_keys=MODEL_TAGS,
+    )
+
+
+@cache
+def token_nll() -> Histogram:
+    """Per scored answer: the mean negative log-probability of its output tokens, in nats."""
+    return Histogram(
+        "attnserve_token_nll",
+        description="Per scored answer (asked for, or sampled by quality_sample), the mean negative "
+        "natural-log probability of its output tokens (0 is certain; higher is less likely).",
+        boundaries=NATS_BUCKETS,
+        tag_keys=MODEL_TAGS,
     )

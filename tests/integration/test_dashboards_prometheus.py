@@ -93,14 +93,15 @@ def prometheus(service, tmp_path):
 
 
 def _traffic(address: str, stop: threading.Event) -> None:
-    """Good requests, bad ones, an unknown model and hopeless deadlines, until told to stop."""
+    """Good requests (a third asking for scores), bad ones, an unknown model and hopeless deadlines,
+    until told to stop."""
     with Client(address, timeout_s=30) as client:
         i = 0
         while not stop.is_set():
             for model, text in (("g2p-bahdanau", f"word{'s' * (i % 5)}"), ("g2p-bahdanau", "bad!"),
                                 ("no-such-model", "x"), ("g2p-bahdanau", "prometheus")):  # fmt: skip
                 with contextlib.suppress(grpc.RpcError):
-                    client.translate(model, text, attention=i % 2 == 0)
+                    client.translate(model, text, attention=i % 2 == 0, scores=i % 3 == 0)
             client.list_models()
             # 0 ms left: refused at admission; 1 ms: admitted, then dropped before decoding (once
             # the engine has measured that a batch takes longer).

@@ -234,7 +234,7 @@ def test_dashboard_panels_have_queries_on_the_provisioned_datasource():
     assert uid == "prometheus"
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
     expected = ["Traffic", "Admission and queues", "Latency", "Batching", "Throughput", "Replicas"]
-    assert rows == [*expected, "Runtime", "Versions"]
+    assert rows == [*expected, "Runtime", "Versions", "Answer quality"]
     panels = _panels(dashboard)
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     for panel in panels:
@@ -332,6 +332,11 @@ def _healthy_traffic_series() -> list[dict]:
     out += _histogram("ray_attnserve_batch_decode_seconds", {**replica, **model}, seconds, "0.01", 30)
     out += _histogram("ray_attnserve_batch_size", {**replica, **model}, sizes, "8.0", 30)
     out.append(_series("ray_attnserve_output_tokens_total", {**replica, **model}, "0+900x40"))
+    shares = ["0.05", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "1.0"]
+    out += _histogram("ray_attnserve_attention_entropy", {**replica, **model}, shares, "0.3", 150)
+    out += _histogram("ray_attnserve_source_coverage", {**replica, **model}, shares, "0.9", 150)
+    nats = ["0.01", "0.05", "0.1", "0.2", "0.3", "0.5", "0.7", "1.0", "1.5", "2.0", "3.0", "5.0"]
+    out += _histogram("ray_attnserve_token_nll", {**replica, **model}, nats, "0.2", 8)
     provider = {**replica, **model, "provider": "CPUExecutionProvider"}
     out.append(_series("ray_attnserve_execution_provider_info", provider, "1x40"))
     # Ray Serve counts gRPC calls in the replica (direct ingress), and HAProxy's health checks.
