@@ -243,8 +243,8 @@ def _batch(args: argparse.Namespace) -> int:
         return 2
     cfg = BatchConfig(
         model=args.model, input=args.input, output=args.output, repository=args.repository,
-        attention=args.attention, format=args.format, address=args.address, actors=args.actors,
-        cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+        attention=args.attention, scores=args.scores, format=args.format, address=args.address,
+        actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
         rows_per_batch=args.rows_per_batch, serve_config=args.serve_config or DEFAULT_SERVE_CONFIG,
         num_cpus=args.num_cpus, plot_first=args.plot_first,
     )  # fmt: skip
@@ -374,6 +374,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, required=True, help="JSONL, TSV or Parquet file; a folder of images")
     p.add_argument("--output", type=Path, required=True, help="folder for the part files (new or empty)")
     p.add_argument("--attention", action="store_true", help="write each row's cross attention")
+    p.add_argument("--scores", action="store_true", help="write each row's score and token log-probabilities")
     p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")

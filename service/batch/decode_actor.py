@@ -27,6 +27,7 @@ class DecodeActorConfig:
     runtime: RuntimeConfig
     engine: EngineConfig
     attention: bool
+    scores: bool = False
 
 
 def offline(engine: EngineConfig, rows: int) -> EngineConfig:
@@ -35,7 +36,7 @@ def offline(engine: EngineConfig, rows: int) -> EngineConfig:
     return replace(engine, max_queued=max(engine.max_queued, rows), max_queue_wait_s=math.inf)
 
 
-def prepare(codec: SourceCodec, row: dict, mode: AttentionMode):
+def prepare(codec: SourceCodec, row: dict, mode: AttentionMode, scores: bool = False):
     """The engine request of an input row, validated as the gRPC servicer validates a call.
 
     Raises:
@@ -44,16 +45,18 @@ def prepare(codec: SourceCodec, row: dict, mode: AttentionMode):
     if row["error"]:
         raise invalid(row["error"])
     if codec.manifest.image is not None:
-        return codec.prepare_image(row["image"], mode)
-    return codec.prepare(row["text"], mode, locale=row["locale"] or "")
+        return codec.prepare_image(row["image"], mode, scores=scores)
+    return codec.prepare(row["text"], mode, locale=row["locale"] or "", scores=scores)
 
 
-def decode_rows(engine: Engine, rows: Iterable[dict], mode: AttentionMode) -> Iterator[Answer | RequestError]:
+def decode_rows(
+    engine: Engine, rows: Iterable[dict], mode: AttentionMode, scores: bool = False
+) -> Iterator[Answer | RequestError]:
     """Validates every row and decodes the valid ones together; yields each row's result in order."""
     prepared: list[PreparedRequest | RequestError] = []
     for row in rows:
         try:
-            prepared.append(prepare(engine.runner.codec, row, mode))
+            prepared.append(prepare(engine.runner.codec, row, mode, scores))
         except RequestError as e:
             prepared.append(e)
     answers = answer_all(engine, [r for r in prepared if not isinstance(r, RequestError)])
@@ -68,10 +71,11 @@ class DecodeActor:
         manifest = Manifest.load(Path(config.entry))
         self.engine = start_engine(manifest, config.runtime, config.engine)
         self.mode = AttentionMode.CROSS if config.attention else AttentionMode.NONE
-        self.attention = config.attention
+        self.attention, self.scores = config.attention, config.scores
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The output rows of a batch of input rows."""
         rows = batch.to_pylist()
-        results = list(decode_rows(self.engine, rows, self.mode))
-        return output_table([r["id"] for r in rows], results, self.engine.runner.manifest, self.attention)
+        results = list(decode_rows(self.engine, rows, self.mode, self.scores))
+        manifest = self.engine.runner.manifest
+        return output_table([r["id"] for r in rows], results, manifest, self.attention, self.scores)

@@ -46,6 +46,7 @@ class BatchConfig:
     output: Path
     repository: Path = Path("model_repository")
     attention: bool = False
+    scores: bool = False  # each row's score and token log-probabilities
     format: str = "jsonl"
     address: str | None = None
     actors: int = 0
@@ -91,7 +92,7 @@ def actor_config(cfg: BatchConfig, manifest: Manifest) -> DecodeActorConfig:
         args = AppArgs()
     runtime = args.runtime.runtime_config(intra_op_threads=cfg.cpus_per_actor)
     engine = offline(args.serving.engine_config(manifest.name), cfg.rows_per_batch)
-    return DecodeActorConfig(str(manifest.path.resolve()), runtime, engine, cfg.attention)
+    return DecodeActorConfig(str(manifest.path.resolve()), runtime, engine, cfg.attention, cfg.scores)
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> float:

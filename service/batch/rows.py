@@ -4,7 +4,7 @@ Input rows, whatever the file, become `{id, text, locale, image, error}`: `error
 message of a row that cannot be read (bad JSON, no text, a missing image), so it is answered with
 INVALID_ARGUMENT like any other bad request instead of stopping the job. Output rows mirror the
 gRPC responses: `attention` has the fields (and meaning) of an AttentionMatrix for text models and
-of AttentionMaps for caption models.
+of AttentionMaps for caption models; `score` and `token_logprobs` those of the responses' fields.
 """
 
 from __future__ import annotations
@@ -39,18 +39,24 @@ def input_row(row_id: str, text: str = "", locale: str = "", image: bytes | None
     return {"id": row_id, "text": text, "locale": locale, "image": image, "error": error}
 
 
-def output_schema(manifest: Manifest, attention: bool) -> pa.Schema:
-    """The output rows' schema for a model: id, output, output_tokens, error (+ attention)."""
+def output_schema(manifest: Manifest, attention: bool, scores: bool = False) -> pa.Schema:
+    """The output rows' schema for a model: id, output, output_tokens, error (+ attention, + score
+    and token_logprobs)."""
     fields = [("id", pa.string()), ("output", pa.string()), ("output_tokens", pa.list_(pa.string())),
               ("error", ERROR)]  # fmt: skip
     if attention:
         fields.append(("attention", IMAGE_ATTENTION if manifest.image else TEXT_ATTENTION))
+    if scores:
+        fields += [("score", pa.float64()), ("token_logprobs", pa.list_(pa.float32()))]
     return pa.schema(fields)
 
 
-def output_table(ids: list[str], results: list, manifest: Manifest, attention: bool) -> pa.Table:
+def output_table(
+    ids: list[str], results: list, manifest: Manifest, attention: bool, scores: bool = False
+) -> pa.Table:
     """The output rows of a batch: the text and tokens, or each row's error; attention as the gRPC
-    response has it, built column-wise from the numpy matrices (no Python float per weight)."""
+    response has it, built column-wise from the numpy matrices (no Python float per weight); the
+    score and each token's log-probability when asked for (null for a row in error)."""
     ok = [isinstance(r, Answer) for r in results]
     columns = {
         "id": pa.array(ids, pa.string()),
@@ -72,7 +78,13 @@ def output_table(ids: list[str], results: list, manifest: Manifest, attention: b
     if attention:
         matrices = [r.attention if good else None for r, good in zip(results, ok, strict=True)]
         columns["attention"] = _attention_column(results, matrices, manifest)
-    return pa.table(columns, schema=output_schema(manifest, attention))
+    if scores:
+        scored = [r.scores if good else None for r, good in zip(results, ok, strict=True)]
+        columns["score"] = pa.array([None if s is None else s.score for s in scored], pa.float64())
+        columns["token_logprobs"] = pa.array(
+            [None if s is None else list(s.token_logprobs) for s in scored], pa.list_(pa.float32())
+        )
+    return pa.table(columns, schema=output_schema(manifest, attention, scores))
 
 
 def _attention_column(results: list, matrices: list, manifest: Manifest) -> pa.StructArray:

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,3 +65,27 @@ def test_image_rows_read_files_relative_to_the_jsonl(tmp_path):
     assert rows[0]["image"] == b"png bytes" and rows[0]["error"] is None
     assert rows[1]["id"] == "1" and rows[1]["error"].startswith("cannot read image '../nope.png'")
     assert rows[2]["error"] == 'the row has no "image" path'
+
+
+def test_rows_carry_the_scores_of_the_engine_and_nulls_for_errors(bundled_manifest):
+    from attnserve.core.engine import Engine, EngineConfig
+    from attnserve.core.model_runner import ModelRunner
+    from attnserve.core.requests import AttentionMode
+    from attnserve.service.batch.decode_actor import decode_rows
+    from attnserve.service.batch.rows import input_row, output_table
+
+    runner = ModelRunner(bundled_manifest)
+    rows = [input_row("a", "attention"), input_row("b", "bad!"), input_row("c", "scores")]
+    with Engine(runner, EngineConfig()) as engine:
+        results = list(decode_rows(engine, rows, AttentionMode.NONE, scores=True))
+        alone = [
+            engine.submit(runner.codec.prepare(w, AttentionMode.NONE, scores=True))
+            for w in ("attention", "scores")
+        ]
+        alone = [future.result(30).scores for future in alone]
+    table = output_table(["a", "b", "c"], results, bundled_manifest, attention=False, scores=True).to_pylist()
+    assert table[1]["score"] is None and table[1]["token_logprobs"] is None and table[1]["error"]
+    for row, want in zip((table[0], table[2]), alone, strict=True):
+        assert row["score"] == pytest.approx(want.score, abs=1e-5)
+        assert row["token_logprobs"] == pytest.approx(list(want.token_logprobs), abs=1e-5)
+        assert len(row["token_logprobs"]) == len(row["output_tokens"])

@@ -115,8 +115,12 @@ def test_request_builders_set_version_and_keep_positional_arguments():
 
 @pytest.mark.parametrize("method", ["translate", "translate_stream", "caption"])
 def test_client_methods_take_version_last(method):
+    """Positional callers from before versions (and scores) keep working: `version` is the last
+    positional parameter, and what came after it is keyword-only."""
     parameters = list(inspect.signature(getattr(Client, method)).parameters.values())
-    assert parameters[-1].name == "version" and parameters[-1].default == ""
+    positional = [p for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert positional[-1].name == "version" and positional[-1].default == ""
+    assert all(p.default is not inspect.Parameter.empty for p in parameters[len(positional) :])
 
 
 def test_client_sends_version(stub):

@@ -279,16 +279,21 @@ def test_haproxy_accepts_every_rewrite_of_rays_configuration(tmp_path, tls):
     assert "maxconn 384" in served and "be_conn_free" in served
 
 
-def test_the_wrapper_bounds_the_replicas_as_the_environment_says(tmp_path, monkeypatch):
+def _wrapped_one_replica_config(tmp_path: Path, monkeypatch) -> str:
+    """The config the wrapper hands HAProxy for Ray's config of one replica, without TLS."""
     (tmp_path / "haproxy.cfg").write_text(_ray_config(tmp_path, ("attnserve",), replicas=1))
     monkeypatch.delenv("ATTNSERVE_TLS_CERT", raising=False)
     monkeypatch.setenv(tls_front.REAL_BINARY_ENV, "/bin/haproxy")
-    monkeypatch.setenv(tls_front.REPLICA_MAXCONN_ENV, "7")
-    monkeypatch.setenv(tls_front.STREAMS_ENV, "55")
     ran = []
     monkeypatch.setattr(tls_front.os, "execv", lambda binary, argv: ran.append(argv))
     tls_front.main(["-db", "-f", str(tmp_path / "haproxy.cfg")])
-    served = Path(ran[0][3]).read_text()
+    return Path(ran[0][3]).read_text()
+
+
+def test_the_wrapper_bounds_the_replicas_as_the_environment_says(tmp_path, monkeypatch):
+    monkeypatch.setenv(tls_front.REPLICA_MAXCONN_ENV, "7")
+    monkeypatch.setenv(tls_front.STREAMS_ENV, "55")
+    served = _wrapped_one_replica_config(tmp_path, monkeypatch)
     page = tmp_path / tls_front.EXHAUSTED_PAGE_FILE
     assert page.read_bytes().decode() == EXHAUSTED_PAGE and f'errorfile "{page}"' in served
     assert _servers(served, "grpc-attnserve")[0].endswith(" maxconn 7")
@@ -322,13 +327,7 @@ def test_the_unavailable_page_is_a_grpc_unavailable_in_plain_words():
 
 
 def test_the_wrapper_writes_the_unavailable_page_and_points_haproxys_errors_at_it(tmp_path, monkeypatch):
-    (tmp_path / "haproxy.cfg").write_text(_ray_config(tmp_path, ("attnserve",), replicas=1))
-    monkeypatch.delenv("ATTNSERVE_TLS_CERT", raising=False)
-    monkeypatch.setenv(tls_front.REAL_BINARY_ENV, "/bin/haproxy")
-    ran = []
-    monkeypatch.setattr(tls_front.os, "execv", lambda binary, argv: ran.append(argv))
-    tls_front.main(["-db", "-f", str(tmp_path / "haproxy.cfg")])
-    served = Path(ran[0][3]).read_text()
+    served = _wrapped_one_replica_config(tmp_path, monkeypatch)
     page = tmp_path / tls_front.UNAVAILABLE_PAGE_FILE
     assert page.read_bytes().decode() == UNAVAILABLE_PAGE
     assert f'errorfile 503 "{page}"' in _section(served, "defaults")
