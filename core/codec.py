@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from attnserve.core.alignment import DEFAULT_THRESHOLD, AlignmentMode
 from attnserve.core.errors import invalid
+from attnserve.core.head_selection import ALL_HEADS, MAX_ATTENTION_WEIGHTS, HeadSelection
 from attnserve.core.images import decode_image
 from attnserve.core.manifest import Manifest
 from attnserve.core.requests import AttentionMode, PreparedRequest
@@ -14,6 +15,11 @@ from attnserve.core.subwords import MODEL_FILE, Subwords, tokenize
 from attnserve.core.vocab import locale_token
 
 MAX_BEAM_SIZE = 16
+_PER_HEAD_SHAPES = {  # the (rows, cols) of each per-head mode's matrices
+    AttentionMode.CROSS_HEADS: ("output", "source"),
+    AttentionMode.ENCODER_SELF: ("source", "source"),
+    AttentionMode.DECODER_SELF: ("output", "output"),
+}
 MAX_LENGTH_PENALTY = 2.0
 
 
@@ -52,6 +58,7 @@ class SourceCodec:
         num_hypotheses: int = 0,
         alignment: AlignmentMode = AlignmentMode.NONE,
         alignment_threshold: float = 0.0,
+        selection: HeadSelection = ALL_HEADS,
     ) -> PreparedRequest:
         """Validates and tokenises one request.
 
@@ -67,6 +74,8 @@ class SourceCodec:
             num_hypotheses: 0 or 1 for the best only; up to beam_size for an n-best list.
             alignment: HARD or SOFT to return the output's alignment with the source tokens.
             alignment_threshold: SOFT's least link weight in (0, 1]; 0 means DEFAULT_THRESHOLD.
+            selection: the layers and heads of a per-head attention mode to return, and their
+                reduction; what it may return is bounded by MAX_ATTENTION_WEIGHTS.
 
         Raises:
             RequestError: INVALID_ARGUMENT for empty text, text over the model's maximum
@@ -96,10 +105,11 @@ class SourceCodec:
             raise invalid(f"alignment_threshold must be between 0 and 1, got {alignment_threshold}")
         if m.reads_locale:
             tokens = (locale_token(locale, m.source_vocab), *tokens)
+        self._check_selection(attention, selection, limit, len(tokens))
         return PreparedRequest(
             tokens, tuple(m.source_vocab.encode(tokens)), limit, attention, beam_size, length_penalty,
             scores=scores, num_hypotheses=max(num_hypotheses, 1), alignment=alignment,
-            alignment_threshold=alignment_threshold or DEFAULT_THRESHOLD,
+            alignment_threshold=alignment_threshold or DEFAULT_THRESHOLD, selection=selection,
         )  # fmt: skip
 
     def prepare_image(
@@ -124,6 +134,33 @@ class SourceCodec:
         pixels = decode_image(data, m.image)  # (C, H, W)
         limit, beam_size = self._options(attention, max_output_tokens, beam_size, length_penalty)
         return PreparedRequest((), (), limit, attention, beam_size, length_penalty, pixels, scores=scores)
+
+    def _check_selection(
+        self, attention: AttentionMode, selection: HeadSelection, limit: int, source: int
+    ) -> None:
+        """Refuses a head selection the mode or the model cannot take, and a per-head mode that
+        could return more than MAX_ATTENTION_WEIGHTS weights."""
+        if attention not in _PER_HEAD_SHAPES:
+            if not selection.everything:
+                raise invalid("layers, heads and reduction select among the matrices of a per-head attention "
+                              "mode (CROSS_HEADS, ENCODER_SELF, DECODER_SELF)")  # fmt: skip
+            return
+        config = self.manifest.raw.get("model_config", {})
+        layers = config.get(
+            "encoder_layers" if attention is AttentionMode.ENCODER_SELF else "decoder_layers", 0
+        )
+        heads = config.get("heads", 0)
+        if problem := selection.problem(layers, heads):
+            raise invalid(problem)
+        sizes = {"output": limit, "source": source}
+        rows, cols = (sizes[axis] for axis in _PER_HEAD_SHAPES[attention])
+        matrices = selection.matrices(layers, heads)
+        if matrices * rows * cols > MAX_ATTENTION_WEIGHTS:
+            raise invalid(
+                f"{attention.value} attention could return {matrices * rows * cols:,} weights ({matrices} "
+                f"matrices of up to {rows} x {cols}), over the limit of {MAX_ATTENTION_WEIGHTS:,}; choose "
+                "layers or heads, reduce them (MEAN or MAX), or lower max_output_tokens"
+            )
 
     def _options(
         self, attention: AttentionMode, max_output_tokens: int, beam_size: int, length_penalty: float

@@ -110,9 +110,7 @@ class ModelRunner:
             source_tokens=request.source_tokens,
             attention=hyp.attention[keep] if mode is AttentionMode.CROSS else None,
             batch_size=batch_size,
-            heads=()
-            if mode in _MATRIX_MODES
-            else self._heads(mode, hyp, keep, tokens, request.source_tokens),
+            heads=() if mode in _MATRIX_MODES else self._heads(request, hyp, keep, tokens),
             scores=self._scores(request, hyp, keep) if request.scores else None,
             hypotheses=tuple(self._candidate(request, h) for h in candidates),
             alignment=alignment,
@@ -139,8 +137,11 @@ class ModelRunner:
         attention = hyp.attention[keep] if request.attention is AttentionMode.CROSS else None
         return Candidate(tokens, self.codec.detokenize(tokens), self._scores(request, hyp, keep), attention)
 
-    def _heads(self, mode, hyp: Hypothesis, keep: list[int], tokens, source) -> tuple[HeadAttention, ...]:
-        """Per layer and head matrices of a per-head mode, labelled."""
+    def _heads(
+        self, request: PreparedRequest, hyp: Hypothesis, keep: list[int], tokens
+    ) -> tuple[HeadAttention, ...]:
+        """The selected layer and head matrices of a per-head mode, labelled."""
+        mode, source = request.attention, request.source_tokens
         value = hyp.extras[mode.value]
         if mode is AttentionMode.ENCODER_SELF:  # (Le, H, S, S)
             rows, cols, matrices = source, source, value
@@ -150,8 +151,8 @@ class ModelRunner:
             inputs = ["<s>", *(self.manifest.target_vocab.tokens[i] for i in hyp.token_ids)]
             cols = tuple(inputs[: len(hyp.token_ids)])
             rows, matrices = tokens, value[keep][..., : len(cols)].transpose(1, 2, 0, 3)
+        selection = request.selection
         return tuple(
-            HeadAttention(mode, layer, head, matrices[layer, head], tuple(rows), tuple(cols))
-            for layer in range(matrices.shape[0])
-            for head in range(matrices.shape[1])
+            HeadAttention(mode, layer, head, matrix, tuple(rows), tuple(cols), selection.reduction)
+            for layer, head, matrix in selection.apply(matrices)
         )

@@ -9,6 +9,7 @@ from enum import Enum
 import numpy as np
 
 from attnserve.core.alignment import DEFAULT_THRESHOLD, AlignmentMode
+from attnserve.core.head_selection import ALL_HEADS, HeadSelection, Reduction
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class PreparedRequest:
     num_hypotheses: int = 1  # n-best: beam hypotheses to return, best first
     alignment: AlignmentMode = AlignmentMode.NONE
     alignment_threshold: float = DEFAULT_THRESHOLD  # SOFT alignment's least weight
+    selection: HeadSelection = ALL_HEADS  # layers and heads of a per-head attention mode
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class HeadAttention:
     weights: np.ndarray  # (rows, cols)
     row_labels: tuple[str, ...]
     col_labels: tuple[str, ...]
+    reduction: Reduction = Reduction.NONE  # the layer's selected heads reduced into one (head 0)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from attnserve.core.alignment import AlignmentMode
 from attnserve.core.errors import invalid
+from attnserve.core.head_selection import HeadSelection, Reduction
 from attnserve.core.manifest import Manifest
 from attnserve.core.requests import Answer, AttentionMode, Scores
 from attnserve.v1 import translator_pb2 as pb
@@ -39,6 +40,21 @@ def alignment_from_pb(value: int) -> AlignmentMode:
         return _ALIGNMENT_FROM_PB[value]
     except KeyError:
         raise invalid(f"unknown alignment mode {value}") from None
+
+
+_REDUCTION_FROM_PB = {
+    pb.ATTENTION_REDUCTION_NONE: Reduction.NONE,
+    pb.ATTENTION_REDUCTION_MEAN: Reduction.MEAN,
+    pb.ATTENTION_REDUCTION_MAX: Reduction.MAX,
+}
+_REDUCTION_TO_PB = {v: k for k, v in _REDUCTION_FROM_PB.items()}
+
+
+def selection_from_pb(options: pb.TranslateOptions) -> HeadSelection:
+    """The layers, heads and reduction a request selects; an unknown reduction is INVALID_ARGUMENT."""
+    if options.reduction not in _REDUCTION_FROM_PB:
+        raise invalid(f"unknown attention reduction {options.reduction}")
+    return HeadSelection(tuple(options.layers), tuple(options.heads), _REDUCTION_FROM_PB[options.reduction])
 
 
 def _set_scores(message, scores: Scores | None) -> None:
@@ -81,6 +97,7 @@ def translation_to_pb(result: Answer, manifest: Manifest) -> pb.TranslateRespons
                 mode=_ATTENTION_TO_PB[h.mode],
                 layer=h.layer,
                 head=h.head,
+                reduction=_REDUCTION_TO_PB[h.reduction],
             )
         )
     return response

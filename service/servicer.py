@@ -25,6 +25,7 @@ from attnserve.service.grpc_mapping import (
     attention_from_pb,
     caption_to_pb,
     model_info_to_pb,
+    selection_from_pb,
     translation_to_pb,
 )
 from attnserve.service.grpc_services import Undecodable
@@ -271,6 +272,7 @@ def _text_request(request: pb.TranslateRequest) -> Callable[[Engine], PreparedRe
             request.text, attention_from_pb(o.attention), o.max_output_tokens, o.beam_size,
             o.length_penalty, request.locale, scores=o.return_scores, num_hypotheses=o.num_hypotheses,
             alignment=alignment_from_pb(o.alignment), alignment_threshold=o.alignment_threshold,
+            selection=selection_from_pb(o),
         )  # fmt: skip
 
     return prepare

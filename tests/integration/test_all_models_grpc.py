@@ -18,7 +18,7 @@ from PIL import Image
 from attnserve.core.manifest import discover
 from attnserve.core.requests import AttentionMode
 from attnserve.models import dates_data, scenes_data
-from attnserve.service.client import Client, attention_maps
+from attnserve.service.client import Client, attention_array, attention_maps
 from attnserve.v1 import translator_pb2 as pb
 from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES
 from tests.helpers import answers
@@ -174,6 +174,22 @@ def test_transformer_attention_per_layer_and_head_and_self_attention(client):
     request = pb.TranslateRequest(model="g2p-bahdanau", text="cat", options=heads)
     error = _status(lambda: client.stub.Translate(request, timeout=60))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "cross_heads" in error.details()
+
+
+def test_chosen_layers_and_heads_come_back_reduced_and_a_missing_layer_is_refused(client):
+    def ask(**selection):
+        options = pb.TranslateOptions(attention=pb.ATTENTION_MODE_CROSS_HEADS, **selection)
+        request = pb.TranslateRequest(model=EN_FR, text="backup tool", options=options)
+        return client.stub.Translate(request, timeout=60).attention_heads
+
+    full = {(m.layer, m.head): attention_array(m) for m in ask()}
+    (mean,) = ask(layers=[2], heads=[3, 1], reduction=pb.ATTENTION_REDUCTION_MEAN)
+    assert (mean.layer, mean.reduction) == (2, pb.ATTENTION_REDUCTION_MEAN)
+    np.testing.assert_allclose(attention_array(mean), (full[2, 3] + full[2, 1]) / 2, atol=1e-5)
+    assert [(m.layer, m.head) for m in ask(heads=[2])] == [(0, 2), (1, 2), (2, 2)]
+    bad = pb.TranslateOptions(attention=pb.ATTENTION_MODE_CROSS_HEADS, layers=[9])
+    error = _status(lambda: client.stub.Translate(pb.TranslateRequest(model=EN_FR, text="x", options=bad)))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "no layer 9" in error.details()
 
 
 def test_a_model_brought_by_a_user_is_served_beside_the_bundled_ones(client, served_repository):

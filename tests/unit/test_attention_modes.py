@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from attnserve.core.errors import RequestError
+from attnserve.core.head_selection import HeadSelection, Reduction
 from attnserve.core.manifest import Manifest
 from attnserve.core.model_runner import ModelRunner
 from attnserve.core.requests import AttentionMode
@@ -68,3 +69,53 @@ def test_rnn_models_refuse_per_head_modes(bundled_manifest):
     codec = ModelRunner(bundled_manifest).codec
     with pytest.raises(RequestError, match="does not return cross_heads attention"):
         codec.prepare("cat", AttentionMode.CROSS_HEADS)
+
+
+@pytest.mark.parametrize(
+    "mode", [AttentionMode.CROSS_HEADS, AttentionMode.ENCODER_SELF, AttentionMode.DECODER_SELF]
+)
+def test_selected_layers_and_heads_are_those_of_the_whole_answer_reduced_as_asked(runner, mode):
+    full = {(h.layer, h.head): h.weights for h in _translate(runner, mode)[0].heads}
+    config = runner.manifest.raw["model_config"]
+    last = (config["encoder_layers"] if mode is AttentionMode.ENCODER_SELF else config["decoder_layers"]) - 1
+    for reduction, reduce in ((Reduction.NONE, None), (Reduction.MEAN, np.mean), (Reduction.MAX, np.max)):
+        selection = HeadSelection(layers=(last,), heads=(1, 0), reduction=reduction)
+        (result,) = answers(runner, [runner.codec.prepare(WORDS[0], mode, selection=selection)])
+        if reduce is None:
+            assert [(h.layer, h.head) for h in result.heads] == [(last, 1), (last, 0)]
+            for h in result.heads:
+                np.testing.assert_allclose(h.weights, full[h.layer, h.head], atol=1e-5)
+        else:
+            (h,) = result.heads
+            assert (h.layer, h.head, h.reduction) == (last, 0, reduction)
+            want = reduce(np.stack([full[last, 1], full[last, 0]]), axis=0)
+            np.testing.assert_allclose(h.weights, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mode, selection, message",
+    [
+        (AttentionMode.CROSS_HEADS, HeadSelection(layers=(7,)), "no layer 7"),
+        (AttentionMode.CROSS_HEADS, HeadSelection(heads=(0, 0)), "listed twice"),
+        (AttentionMode.CROSS, HeadSelection(reduction=Reduction.MEAN), "per-head attention mode"),
+    ],
+)
+def test_a_selection_the_model_or_mode_cannot_take_is_invalid(runner, mode, selection, message):
+    with pytest.raises(RequestError, match=message):
+        runner.codec.prepare("heads", mode, selection=selection)
+
+
+def test_a_per_head_request_that_could_exceed_the_size_limit_is_refused_before_decoding(monkeypatch, runner):
+    from attnserve.core import codec
+
+    config = runner.manifest.raw["model_config"]
+    matrices = config["decoder_layers"] * config["heads"]
+    limit = runner.manifest.max_output_tokens
+    monkeypatch.setattr(codec, "MAX_ATTENTION_WEIGHTS", matrices * limit * limit - 1)
+    with pytest.raises(RequestError, match="over the limit") as info:
+        runner.codec.prepare("heads", AttentionMode.DECODER_SELF)
+    assert "reduce them" in info.value.message
+    runner.codec.prepare(
+        "heads", AttentionMode.DECODER_SELF, selection=HeadSelection(reduction=Reduction.MEAN)
+    )
+    runner.codec.prepare("heads", AttentionMode.DECODER_SELF, max_output_tokens=limit - 1)
