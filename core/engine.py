@@ -328,7 +328,13 @@ class Engine:
             return
         for job, hyp in finished:
             if hyp is not None:
-                job.future.set_result(self.runner.result(job.request, hyp, len(running) + len(finished)))
+                try:
+                    answer = self.runner.result(job.request, hyp, len(running) + len(finished))
+                except Exception:  # a bug in building the answer fails this request, not the engine
+                    log.exception("engine %s could not build an answer", self.name)
+                    _fail(job, RequestError(ErrorCode.INTERNAL, "the answer could not be built"))
+                    continue
+                job.future.set_result(answer)
             elif job.abandoned:  # its caller is gone: nobody reads this
                 self.observer.dropped("cancelled")
                 _fail(job, RequestError(ErrorCode.UNAVAILABLE, "the request was cancelled"))

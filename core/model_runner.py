@@ -28,6 +28,7 @@ from attnserve.core.requests import (
 from attnserve.core.sources import SourceBatch
 
 _MATRIX_MODES = (AttentionMode.NONE, AttentionMode.CROSS)  # served without per-head outputs
+CROSS_HEADS = AttentionMode.CROSS_HEADS.value
 
 WARMUP_SOURCE_TOKENS = 12  # a typical request's length: warm-up shapes near the real ones
 
@@ -64,6 +65,8 @@ class ModelRunner:
         skipped) with the text it adds, its attention row when the request asked for cross
         attention, and its log-probability when it asked for scores."""
         extras = () if request.attention in _MATRIX_MODES else (request.attention.value,)
+        if request.alignment is not AlignmentMode.NONE and CROSS_HEADS in self.manifest.attention_modes:
+            extras = tuple(dict.fromkeys((*extras, CROSS_HEADS)))  # what alignments are read from
         callback = None
         if on_token is not None:
             vocab, cross = self.manifest.target_vocab, request.attention is AttentionMode.CROSS
@@ -100,7 +103,7 @@ class ModelRunner:
         candidates = (hyp, *hyp.alternatives) if request.num_hypotheses > 1 else ()
         alignment = word_alignment = ""
         if request.alignment is not AlignmentMode.NONE:
-            found = links(hyp.attention[keep], request.alignment, request.alignment_threshold)
+            found = links(self._alignment_weights(hyp, keep), request.alignment, request.alignment_threshold)
             alignment = pharaoh(found)
             if self.codec.subwords is not None:
                 word_alignment = pharaoh(word_links(found, request.source_tokens, tokens))
@@ -116,6 +119,16 @@ class ModelRunner:
             alignment=alignment,
             word_alignment=word_alignment,
         )
+
+    @staticmethod
+    def _alignment_weights(hyp: Hypothesis, keep: list[int]) -> np.ndarray:
+        """The (T, S) weights alignments are read from: for models with per-head cross attention,
+        the middle decoder layer's mean over heads, which aligns best on the bundled
+        g2p-transformer (bench/alignment_heads.py); else the cross attention."""
+        heads = hyp.extras.get(CROSS_HEADS)  # (T, L, H, S); (0,) for an empty output
+        if heads is None or heads.ndim != 4:
+            return hyp.attention[keep]
+        return heads[keep][:, heads.shape[1] // 2].mean(axis=1)
 
     def _kept(self, hyp: Hypothesis) -> tuple[list[int], tuple[str, ...]]:
         """Indexes and text of a hypothesis's output tokens that are not special tokens."""

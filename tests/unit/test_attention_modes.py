@@ -119,3 +119,25 @@ def test_a_per_head_request_that_could_exceed_the_size_limit_is_refused_before_d
         "heads", AttentionMode.DECODER_SELF, selection=HeadSelection(reduction=Reduction.MEAN)
     )
     runner.codec.prepare("heads", AttentionMode.DECODER_SELF, max_output_tokens=limit - 1)
+
+
+def test_transformer_alignments_follow_the_middle_decoder_layer(bundled_repository_transformer):
+    from attnserve.core.alignment import AlignmentMode
+
+    runner = bundled_repository_transformer
+    layers = runner.manifest.raw["model_config"]["decoder_layers"]
+    for word in ("alignment", "phoneme", "colonel"):
+        request = runner.codec.prepare(word, AttentionMode.CROSS_HEADS, alignment=AlignmentMode.HARD)
+        (result,) = answers(runner, [request])
+        middle = np.mean([h.weights for h in result.heads if h.layer == layers // 2], axis=0)  # (T, S)
+        pairs = [tuple(map(int, p.split("-"))) for p in result.alignment.split()]
+        assert pairs == [(int(s), t) for t, s in enumerate(middle.argmax(axis=1))]
+        plain = runner.codec.prepare(word, AttentionMode.NONE, alignment=AlignmentMode.HARD)
+        assert answers(runner, [plain])[0].alignment == result.alignment  # whatever the attention mode
+
+
+@pytest.fixture(scope="module")
+def bundled_repository_transformer():
+    from tests.conftest import BUNDLED_REPOSITORY
+
+    return ModelRunner(Manifest.load(BUNDLED_REPOSITORY / "g2p-transformer" / "1"))

@@ -317,3 +317,23 @@ def test_close_past_its_grace_fails_what_is_left_as_unavailable(runner):
     with pytest.raises(RequestError) as info:
         futures[-1].result(30)
     assert info.value.code is ErrorCode.UNAVAILABLE
+
+
+def test_an_answer_that_cannot_be_built_fails_its_request_alone(runner, monkeypatch):
+    engine = Engine(runner, EngineConfig(max_batch_size=8))
+    broken = _prepare(runner, WORDS[0])
+    build = runner.result
+
+    def result(request, hyp, batch_size):
+        if request is broken:
+            raise ValueError("a bug")
+        return build(request, hyp, batch_size)
+
+    monkeypatch.setattr(runner, "result", result)
+    futures = [engine.submit(r) for r in (broken, _prepare(runner, WORDS[1]), _prepare(runner, WORDS[2]))]
+    with pytest.raises(RequestError) as info:
+        futures[0].result(30)
+    assert info.value.code is ErrorCode.INTERNAL and "a bug" not in info.value.message
+    assert all(f.result(30).text for f in futures[1:])
+    assert engine.submit(_prepare(runner, WORDS[3])).result(30).text  # the engine answers on
+    engine.close()
