@@ -19,12 +19,17 @@ _ATTENTION_FROM_PB = {
 _ATTENTION_TO_PB = {v: k for k, v in _ATTENTION_FROM_PB.items()}
 
 
-def attention_from_pb(value: int) -> AttentionMode:
-    """Domain attention mode; an enum value this server does not know is INVALID_ARGUMENT."""
+def _from_pb(table: dict, value: int, what: str):
+    """The domain value of a proto enum value; one this server does not know is INVALID_ARGUMENT."""
     try:
-        return _ATTENTION_FROM_PB[value]
+        return table[value]
     except KeyError:
-        raise invalid(f"unknown attention mode {value}") from None
+        raise invalid(f"unknown {what} {value}") from None
+
+
+def attention_from_pb(value: int) -> AttentionMode:
+    """Domain attention mode (INVALID_ARGUMENT for an unknown one)."""
+    return _from_pb(_ATTENTION_FROM_PB, value, "attention mode")
 
 
 _ALIGNMENT_FROM_PB = {
@@ -35,11 +40,8 @@ _ALIGNMENT_FROM_PB = {
 
 
 def alignment_from_pb(value: int) -> AlignmentMode:
-    """Domain alignment mode; an enum value this server does not know is INVALID_ARGUMENT."""
-    try:
-        return _ALIGNMENT_FROM_PB[value]
-    except KeyError:
-        raise invalid(f"unknown alignment mode {value}") from None
+    """Domain alignment mode (INVALID_ARGUMENT for an unknown one)."""
+    return _from_pb(_ALIGNMENT_FROM_PB, value, "alignment mode")
 
 
 _REDUCTION_FROM_PB = {
@@ -52,9 +54,8 @@ _REDUCTION_TO_PB = {v: k for k, v in _REDUCTION_FROM_PB.items()}
 
 def selection_from_pb(options: pb.TranslateOptions) -> HeadSelection:
     """The layers, heads and reduction a request selects; an unknown reduction is INVALID_ARGUMENT."""
-    if options.reduction not in _REDUCTION_FROM_PB:
-        raise invalid(f"unknown attention reduction {options.reduction}")
-    return HeadSelection(tuple(options.layers), tuple(options.heads), _REDUCTION_FROM_PB[options.reduction])
+    reduction = _from_pb(_REDUCTION_FROM_PB, options.reduction, "attention reduction")
+    return HeadSelection(tuple(options.layers), tuple(options.heads), reduction)
 
 
 def _set_scores(message, scores: Scores | None) -> None:
