@@ -1,9 +1,9 @@
 """A Ray cluster of several nodes on this one host, built with `ray start` (a head, then workers
 that join it), each node with its own raylet, object store, node id and Ray Serve ingress.
 
-On one host every node registers the same IP (127.0.0.1), so what Ray Serve binds per node must
-differ per node. Ray 2.60 reads these settings in each node's own processes, so each `ray start`
-gets them in its environment:
+On one host every node registers the same IP (the host's own address: Ray 2.60 ignores
+`--node-ip-address=127.0.0.1`), so what Ray Serve binds per node must differ per node. Ray 2.60
+reads these settings in each node's own processes, so each `ray start` gets them in its environment:
 
 - the serving path's settings (SERVE_ENVIRONMENT: HAProxy direct ingress, throughput-optimized
   replicas), as the images and KubeRay pods carry them, and `attnserve-haproxy` as HAProxy;
@@ -165,7 +165,7 @@ class RayNode:
 
 @dataclass
 class LocalCluster:
-    """A head and worker nodes on this host, all on 127.0.0.1 with token auth."""
+    """A head and worker nodes on this host, all on one node IP, with token auth."""
 
     workdir: Path
     nodes: list[RayNode] = field(default_factory=list)
