@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 
 from attnserve.bench.inputs import Workload, load_workload
-from attnserve.bench.loadgen import loop_lag, percentiles_ms
+from attnserve.bench.loadgen import Latency, loop_lag, percentiles_ms
 from attnserve.bench.run import fmt, jsonable, write_json
 from attnserve.bench.servers import CpuMeter, Target, ray_service
 from attnserve.core.manifest import discover
@@ -85,12 +85,9 @@ class BurstConfig:
 
 
 @dataclass(frozen=True)
-class Timing:
-    """How many calls, and how long they took to be answered (ms)."""
+class Timing(Latency):
+    """How many calls, and how long they took to be answered (ms), the slowest too."""
 
-    count: int
-    p50_ms: float | None
-    p99_ms: float | None
     max_ms: float | None
 
     @classmethod

@@ -157,6 +157,19 @@ def percentiles_ms(seconds: list[float], *qs: float) -> tuple[float | None, ...]
     return tuple(round(float(np.percentile(ms, q)), 2) for q in qs)
 
 
+@dataclass(frozen=True)
+class Latency:
+    """How many calls, and their p50 and p99 in milliseconds (None when there are none)."""
+
+    count: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Latency:
+        return cls(len(seconds), *percentiles_ms(seconds, 50, 99))
+
+
 def codes(outcomes) -> dict[str, int]:
     """How many outcomes ended with each status code."""
     return dict(Counter(o.code for o in outcomes))

@@ -25,6 +25,7 @@ import grpc
 from attnserve.bench.inputs import load_workload
 from attnserve.bench.loadgen import (
     Call,
+    Latency,
     OpenLoopResult,
     Outcome,
     closed_loop,
@@ -72,15 +73,6 @@ class OverloadConfig:
 
 
 @dataclass(frozen=True)
-class Phase:
-    """Calls of one status class: how many, and their latency."""
-
-    count: int
-    p50_ms: float | None
-    p99_ms: float | None
-
-
-@dataclass(frozen=True)
 class OverloadReport:
     """What the storm did and how fast latency came back."""
 
@@ -92,8 +84,8 @@ class OverloadReport:
     max_send_lag_ms: float | None
     max_in_flight: int
     calls: int
-    accepted: Phase
-    rejected: Phase
+    accepted: Latency
+    rejected: Latency
     codes: dict[str, int]
     accepted_per_s: float
     server_cpu_cores: float | None
@@ -241,13 +233,12 @@ def _report(cfg: OverloadConfig, before: Before, storm: Storm) -> OverloadReport
     )
 
 
-def _phase(outcomes, code: str) -> Phase:
+def _phase(outcomes, code: str) -> Latency:
     """Count and latency of the calls that ended with `code`."""
-    seconds = [o.seconds for o in outcomes if o.code == code]
-    return Phase(len(seconds), *percentiles_ms(seconds, 50, 99))
+    return Latency.of([o.seconds for o in outcomes if o.code == code])
 
 
-def _checks(accepted: Phase, rejected: Phase, counted: dict[str, int], recovered: float | None,
+def _checks(accepted: Latency, rejected: Latency, counted: dict[str, int], recovered: float | None,
             max_wait_s: float) -> dict[str, bool]:  # fmt: skip
     """The issue's overload targets, each passed or not."""
     return {

@@ -15,12 +15,12 @@ from attnserve.core.subwords import MODEL_FILE, Subwords, tokenize
 from attnserve.core.vocab import locale_token
 
 MAX_BEAM_SIZE = 16
+MAX_LENGTH_PENALTY = 2.0
 _PER_HEAD_SHAPES = {  # the (rows, cols) of each per-head mode's matrices
     AttentionMode.CROSS_HEADS: ("output", "source"),
     AttentionMode.ENCODER_SELF: ("source", "source"),
     AttentionMode.DECODER_SELF: ("output", "output"),
 }
-MAX_LENGTH_PENALTY = 2.0
 
 
 class SourceCodec:

@@ -142,7 +142,6 @@ class RunningBatch:
         self.bos_id, self.eos_id, self.max_steps = bos_id, eos_id, max_steps
         self.rows = 0
         self.jobs: list[DecodeJob] = []  # jobs with rows in the batch
-        self._beams = 0  # how many of them search beams (the rest are greedy)
         self._owner: list[DecodeJob | None] = []  # per slot
         self._buffers: dict[str, np.ndarray] = {}  # decoder state inputs, (C, ...)
         self._slot: dict[str, np.ndarray] = {}  # per-row bookkeeping and history, (C, ...)
@@ -253,7 +252,6 @@ class RunningBatch:
             if repeats[r]:
                 job.slots = first + np.flatnonzero(rows == r)
                 self.jobs.append(job)
-                self._beams += job.beam_size > 1
         self.rows += new
         return done
 
@@ -326,7 +324,6 @@ class RunningBatch:
         leaving = [job for job in self.jobs if id(job) in gone]
         if leaving:
             self.jobs = [job for job in self.jobs if id(job) not in gone]
-            self._beams = sum(job.beam_size > 1 for job in self.jobs)
             self._compact(np.concatenate([job.slots for job in leaving]))
 
     def step(self) -> list[tuple[DecodeJob, Hypothesis]]:
@@ -390,9 +387,10 @@ class RunningBatch:
         slot = self._slot
         n = len(rows)
         token = logits.argmax(axis=1).astype(np.int64, copy=False)
-        beams = [job for job in self.jobs if job.beam_size > 1] if self._beams else []
+        beam_rows = slot["beam"][:n]
+        beams = [job for job in self.jobs if job.beam_size > 1] if beam_rows.any() else []
         parent = rows.copy() if beams else rows
-        scored = np.flatnonzero(slot["scored"][:n] & ~slot["beam"][:n])
+        scored = np.flatnonzero(slot["scored"][:n] & ~beam_rows)
         logp = np.zeros(n) if beams or len(scored) else None
         if len(scored):
             logp[scored] = _token_logprobs(logits[scored], token[scored])
@@ -456,7 +454,6 @@ class RunningBatch:
         if not finished:
             return []
         self.jobs = keep
-        self._beams = sum(job.beam_size > 1 for job in keep)
         free = np.concatenate([job.slots for job, _ in finished])
         self._compact(free)
         return finished

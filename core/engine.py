@@ -29,12 +29,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from attnserve.core.decoding import DecodeJob, Hypothesis, RunningBatch
 from attnserve.core.errors import ErrorCode, RequestError
 from attnserve.core.manifest import Manifest
 from attnserve.core.model_runner import ModelRunner
 from attnserve.core.onnx_model import RuntimeConfig
-from attnserve.core.quality import AnswerQuality, answer_quality
 from attnserve.core.requests import Answer, PreparedRequest, StreamCallback
 from attnserve.core.scheduler import DecodeTime, EngineConfig, Scheduler, SchedulerOutput
 
@@ -57,8 +58,9 @@ class EngineObserver(Protocol):
     def queue_depth(self, queued: int) -> None:
         """Requests waiting after requests joined the running batch."""
 
-    def answered(self, quality: AnswerQuality) -> None:
-        """A request finished with an answer of these quality signals."""
+    def answered(self, attention: np.ndarray, token_logprobs: np.ndarray | None) -> None:
+        """A request finished: its cross attention (T, S) and, when scored, its tokens'
+        log-probabilities (T,), for answer-quality signals (core/quality.py)."""
 
 
 class _Silent:
@@ -76,7 +78,7 @@ class _Silent:
     def queue_depth(self, queued: int) -> None:
         pass
 
-    def answered(self, quality: AnswerQuality) -> None:
+    def answered(self, attention: np.ndarray, token_logprobs: np.ndarray | None) -> None:
         pass
 
 
@@ -276,12 +278,12 @@ class Engine:
             self._finish(finished, batch.jobs)
 
     def _report_quality(self, done: list[tuple[DecodeJob, Hypothesis | None]]) -> None:
-        """The answer-quality signals of the requests a step finished (a failure to record them is
-        logged, never the requests' failure)."""
+        """Hands the observer what the answer-quality signals of the requests a step finished are
+        read from (a failure to record them is logged, never the requests' failure)."""
         try:
             for _, hyp in done:
-                if hyp is not None and (quality := answer_quality(hyp.attention, hyp.token_logprobs)):
-                    self.observer.answered(quality)
+                if hyp is not None:
+                    self.observer.answered(hyp.attention, hyp.token_logprobs)
         except Exception:
             log.exception("engine %s could not record answer-quality signals", self.name)
 

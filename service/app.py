@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve import Application
@@ -25,7 +26,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from attnserve.core.manifest import Manifest, ManifestError
 from attnserve.core.onnx_model import RuntimeConfig
-from attnserve.core.quality import AnswerQuality
+from attnserve.core.quality import answer_quality
 from attnserve.service import metrics
 from attnserve.service.auth import token_store_from_env
 from attnserve.service.config import AppArgs, ServingConfig
@@ -69,7 +70,10 @@ class RayObserver:
     def queue_depth(self, queued: int) -> None:
         metrics.queue_depth().set(queued, tags=self.tags)
 
-    def answered(self, quality: AnswerQuality) -> None:
+    def answered(self, attention: np.ndarray, token_logprobs: np.ndarray | None) -> None:
+        quality = answer_quality(attention, token_logprobs)
+        if quality is None:  # no output tokens
+            return
         metrics.attention_entropy().observe(quality.entropy, tags=self.tags)
         metrics.source_coverage().observe(quality.coverage, tags=self.tags)
         if quality.mean_logprob is not None:

@@ -32,8 +32,10 @@ class DecodeActorConfig:
 
 def offline(engine: EngineConfig, rows: int) -> EngineConfig:
     """The online engine settings with admission opened up: a job queues a whole batch of rows
-    at once and waits for all of them (batching itself is unchanged)."""
-    return replace(engine, max_queued=max(engine.max_queued, rows), max_queue_wait_s=math.inf)
+    at once and waits for all of them (batching itself is unchanged); no rows are scored for the
+    answer-quality metrics, which a batch job does not record."""
+    return replace(engine, max_queued=max(engine.max_queued, rows), max_queue_wait_s=math.inf,
+                   quality_sample=0.0)  # fmt: skip
 
 
 def prepare(codec: SourceCodec, row: dict, mode: AttentionMode, scores: bool = False):
