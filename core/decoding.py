@@ -29,9 +29,9 @@ from attnserve.core.sources import SourceBatch, length_groups
 from attnserve.core.wiring import CACHE_AXIS, EXTRA_PREFIX, State
 
 MIN_CACHE = 16  # capacities of source and cache axes are multiples of this
-# The fixed cost of an encoder call in source tokens (en-fr-transformer, 2 threads: 0.5-0.9 ms a
-# call, 17-40 us a token at fp32 and int8): `add` splits a join into calls by length when the
-# padding saved outweighs it.
+# The fixed cost of an encoder call in source tokens (en-fr-transformer, 2 threads, one row of 8
+# and of 32 tokens: 0.33-0.67 ms a call, 15-30 us a token at int8 and fp32, so 16-22 tokens):
+# `add` splits a join into calls by length when the padding saved outweighs it.
 ENCODER_CALL_TOKENS = 16
 
 
