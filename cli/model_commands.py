@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
         threads=args.threads, max_train_examples=args.max_train_examples,
-        max_eval_examples=args.max_eval_examples, init_from=args.init_from,
+        max_eval_examples=args.max_eval_examples, init_from=_start(args.init_from, args.out),
     )  # fmt: skip
     given = dict(path=args.data, tokens=args.tokens, vocab_size=args.vocab_size, held_out=args.held_out,
                  image_size=args.image_size)  # fmt: skip
@@ -65,9 +65,20 @@ def _train_recipe(args: argparse.Namespace) -> int:
         settings = dict(stage)
         stage_args = settings.pop("task_args", None)  # a stage may change how its task draws examples
         stage_task = task(recipe["task"], **{**task_args, **stage_args}) if stage_args else the_task
-        cfg = TrainConfig(**settings, init_from=str(checkpoint) if checkpoint else "")
+        start = str(checkpoint) if checkpoint else _start(settings.pop("init_from", ""), out)
+        cfg = TrainConfig(**settings, init_from=start)
         checkpoint = train(out, stage_task, recipe["architecture"], recipe["model"], cfg)
     return 0
+
+
+def _start(init_from: str, out: Path) -> str:
+    """The checkpoint to continue from: init_from itself, or for a model-repository entry, its
+    model rebuilt from the graphs (checked against them) and saved in the run's folder."""
+    if not init_from or not Path(init_from, "manifest.json").is_file():
+        return init_from
+    from attnserve.export.pipeline import checkpoint_from_entry
+
+    return str(checkpoint_from_entry(Path(init_from), out / "rebuilt-entry.pt"))
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -171,7 +182,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-train-examples", type=int, default=0, help="0 = all; small for a smoke run")
     p.add_argument("--max-eval-examples", type=int, default=0, help="0 = whole dev/test splits")
-    p.add_argument("--init-from", default="", help="continue from a checkpoint of the same model config")
+    p.add_argument(
+        "--init-from",
+        default="",
+        help="continue from a checkpoint of the same model config, "
+        "or from a model-repository entry's weights (e.g. model_repository/dates-luong/1)",
+    )
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("export", help="export a checkpoint into the model repository")

@@ -20,7 +20,7 @@ from attnserve.export.onnx_graphs import OPSET, export_graphs
 from attnserve.export.parity import check_parity
 from attnserve.export.quantize import add_int8_variant
 from attnserve.models.architectures import Architecture, Tensor, architecture
-from attnserve.models.checkpoint import load_checkpoint
+from attnserve.models.checkpoint import load_checkpoint, save_checkpoint
 from attnserve.models.tasks import task as task_named
 from attnserve.models.torch_runner import TorchStepModel
 
@@ -112,6 +112,25 @@ def _from_entry(folder: Path, task, cfg: ExportConfig) -> _Source:
         }
     }
     return _Source(rebuilt.model, rebuilt.src_vocab, rebuilt.tgt_vocab, rebuilt.payload, provenance)
+
+
+def checkpoint_from_entry(folder: Path, path: Path, tolerance: float = 1e-4) -> Path:
+    """Writes an entry's model, rebuilt from its graphs, as a training checkpoint to continue from.
+
+    Raises:
+        ManifestError: if the entry cannot be read or its files do not match.
+        ParityError: if the rebuilt model does not reproduce the entry's graphs within tolerance.
+    """
+    raw = read_entry(folder)
+    task = task_named(raw["task"], **raw.get("task_args", {}))
+    source = _from_entry(
+        folder, task, ExportConfig(folder, folder.parent.parent, raw["name"], tolerance=tolerance)
+    )
+    meta = {**source.payload["meta"], **source.provenance}
+    save_checkpoint(
+        path, source.payload["architecture"], source.model, source.src_vocab, source.tgt_vocab, **meta
+    )
+    return path
 
 
 def export_model(cfg: ExportConfig) -> Path:

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from attnserve.core.manifest import Manifest, ManifestError, sha256_of
-from attnserve.export.from_entry import graph_weights, rebuild
+from attnserve.core.sources import SourceBatch
+from attnserve.export.from_entry import graph_weights, rebuild, trace_unnamed
 from attnserve.export.onnx_graphs import export_graph
-from attnserve.models.architectures import TRANSFORMER
+from attnserve.export.pipeline import checkpoint_from_entry
+from attnserve.models.architectures import TRANSFORMER, architecture
+from attnserve.models.checkpoint import load_checkpoint
 from attnserve.models.transformer import TransformerConfig, TransformerSeq2Seq
 from tests.conftest import BUNDLED_REPOSITORY
 
@@ -114,3 +117,38 @@ def test_bundled_transformers_rebuild_from_their_revision_2_graphs():
     rebuilt = rebuild(BUNDLED_REPOSITORY / "g2p-transformer" / "1")
     assert rebuilt.raw["format_revision"] == 2
     assert rebuilt.payload["meta"]["dev_metrics"] == rebuilt.raw["metrics"]["dev"]
+
+
+@pytest.mark.parametrize("name", ["dates-luong", "g2p-bahdanau", "caption-fashion"])
+def test_bundled_rnn_families_rebuild_by_tracing_and_reproduce_their_graphs(name, tmp_path):
+    folder = BUNDLED_REPOSITORY / name / "1"
+    path = checkpoint_from_entry(folder, tmp_path / "start.pt")  # checks the rebuilt model against the graphs
+    model, src_vocab, _, payload = load_checkpoint(path)
+    assert payload["meta"]["rebuilt_from"]["max_abs_diff"] <= 1e-4
+    assert list(src_vocab.tokens) == Manifest.load(folder).raw["source"]["vocab"]
+    rebuilt = rebuild(folder)
+    for (key, want), got in zip(rebuilt.model.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=key)
+
+
+def test_tracing_names_each_unnamed_element_by_the_parameter_element_it_copies():
+    arch = architecture("luong-gru")
+    model = arch.model_cls(arch.config_cls(src_vocab_size=12, tgt_vocab_size=7, embed_size=8, hidden_size=6))
+    example = SourceBatch.from_ids([[3, 4, 5], [6, 7]])
+    traced = trace_unnamed(arch.for_config(model.config), model, example)
+    params = dict(model.named_parameters())
+    starts = np.cumsum([0] + [p.numel() for p in params.values()])
+    gru = [index for index in traced.values() if index.ndim == 3]  # ONNX GRU weights (1, 3H, in)
+    covered = {}
+    for index in gru:
+        owners = {list(params)[i] for i in np.searchsorted(starts, index.ravel(), side="right") - 1}
+        assert len(owners) == 1  # gates reordered, but one parameter's elements
+        (owner,) = owners
+        covered[owner] = np.unique(index).size
+    assert covered == {  # every element of each encoder GRU's input and hidden weights, once
+        f"enc_{d}.weight_{w}_l0": params[f"enc_{d}.weight_{w}_l0"].numel()
+        for d in ("fwd", "bwd")
+        for w in ("ih", "hh")
+    }
+    every = np.concatenate([index.ravel() for index in traced.values()])
+    assert len(np.unique(every)) == every.size  # no parameter element is copied twice
