@@ -60,12 +60,29 @@ def _train_recipe(args: argparse.Namespace) -> int:
     out = args.out if args.out != DEFAULT_RUN else Path("runs") / args.recipe
     task_args = recipe.get("task_args", {})
     the_task = task(recipe["task"], **task_args)
+    stages = recipe["train"]
+    if args.stage:
+        if not 1 <= args.stage <= len(stages):
+            print(f"error: recipe {args.recipe!r} has stages 1 to {len(stages)}", file=sys.stderr)
+            return 2
+        stages = [
+            {**stages[args.stage - 1], "init_from": args.init_from or stages[args.stage - 1].get("init_from")}
+        ]
+        if not stages[0]["init_from"] and args.stage > 1:
+            print(
+                f"error: stage {args.stage} continues from stage {args.stage - 1}; pass --init-from",
+                file=sys.stderr,
+            )
+            return 2
     checkpoint = None
-    for stage in recipe["train"]:
+    for stage in stages:
         settings = dict(stage)
         stage_args = settings.pop("task_args", None)  # a stage may change how its task draws examples
         stage_task = task(recipe["task"], **{**task_args, **stage_args}) if stage_args else the_task
-        start = str(checkpoint) if checkpoint else _start(settings.pop("init_from", ""), out)
+        entry = (
+            settings.pop("init_from", "") or ""
+        )  # where the stage was first run from, when not the stage before
+        start = str(checkpoint) if checkpoint else _start(entry, out)
         cfg = TrainConfig(**settings, init_from=start)
         checkpoint = train(out, stage_task, recipe["architecture"], recipe["model"], cfg)
     return 0
@@ -171,6 +188,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--architecture", default="bahdanau-gru", help="bahdanau-gru, luong-gru, transformer, captioner-lstm"
     )
     p.add_argument("--recipe", help="train a bundled model as recorded in models/recipes.yaml")
+    p.add_argument("--stage", type=int, default=0, help="--recipe: only this stage (1-based), from its "
+                   "recorded init_from or --init-from")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_RUN, help="default runs/<recipe> for --recipe")
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
                    help="a model config field, e.g. --set hidden_size=256 --set score=dot")  # fmt: skip

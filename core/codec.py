@@ -12,6 +12,7 @@ from attnserve.core.images import decode_image
 from attnserve.core.manifest import Manifest
 from attnserve.core.requests import AttentionMode, PreparedRequest
 from attnserve.core.subwords import MODEL_FILE, Subwords, tokenize
+from attnserve.core.text_forms import normalise
 from attnserve.core.vocab import locale_token
 
 MAX_BEAM_SIZE = 16
@@ -84,9 +85,7 @@ class SourceCodec:
         m = self.manifest
         if m.image is not None:
             raise invalid(f"model {m.name!r} captions images; call Caption")
-        text = text.strip()
-        if m.lowercase:
-            text = text.lower()
+        text = normalise(text, m.text_form, m.lowercase).strip()
         if not text:
             raise invalid("text is empty")
         tokens = self.tokens(text)

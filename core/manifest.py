@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from attnserve.core.subwords import MODEL_FILE, TOKENIZERS
+from attnserve.core.text_forms import TEXT_FORMS
 from attnserve.core.vocab import Vocab
 
 FORMAT_REVISION = 2
@@ -105,7 +106,7 @@ class Manifest:
     architecture: str
     source_vocab: Vocab
     target_vocab: Vocab
-    lowercase: bool
+    lowercase: bool  # applied after the text form
     tokenizer: str  # one of TOKENIZERS
     target_separator: str
     max_source_tokens: int
@@ -118,6 +119,7 @@ class Manifest:
     reads_locale: bool = False
     image: ImageSpec | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    text_form: str = "as-typed"  # one of core.text_forms.TEXT_FORMS
     files: dict[str, str] = field(default_factory=dict)  # file beside the graphs -> sha256
     variants: dict[str, Variant] = field(default_factory=dict)  # precision ("int8") -> its graphs
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -171,6 +173,9 @@ class Manifest:
         tokenizer = src.get("tokenizer", "characters")
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {TOKENIZERS}")
+        text_form = src.get("text_form", "as-typed")
+        if text_form not in TEXT_FORMS:
+            raise ValueError(f"unknown text form {text_form!r}; expected one of {TEXT_FORMS}")
         files = dict(raw.get("files", {}))
         if any(Path(name).name != name for name in files):
             raise ValueError("files must name files in the entry's own folder")
@@ -203,6 +208,7 @@ class Manifest:
             reads_locale=bool(src.get("locale_token", False)),
             image=image,
             metrics=raw.get("metrics", {}),
+            text_form=text_form,
             files=files,
             variants={name: variant(v) for name, v in raw.get("variants", {}).items()},
             raw=raw,

@@ -5,8 +5,9 @@ medium, long, full). Dates are split 90/5/5 train/dev/test by a hash of the ISO 
 the locales (by a hash of their identifier) are held out entirely, so a model can be scored on
 unseen dates of trained locales and on locales it never saw.
 
-The source starts with a locale token: short numeric formats are ambiguous without it
-("3/7/24" is March 7 in en_US and 7 March in hi). Held-out locales get the `<locale:?>` token.
+The model reads a locale token before the text (`tasks.dates.source_tokens`): short numeric
+formats are ambiguous without it ("3/7/24" is March 7 in en_US and 7 March in hi). Held-out
+locales get the `<locale:?>` token.
 Two-digit years follow the range: 50-99 -> 19xx, 00-49 -> 20xx.
 """
 
@@ -21,8 +22,6 @@ from functools import cache
 from babel import localedata
 from babel.dates import format_date
 
-from attnserve.core.vocab import UNKNOWN_LOCALE
-
 FORMATS = ("short", "medium", "long", "full")
 FIRST, LAST = dt.date(1950, 1, 1), dt.date(2049, 12, 31)
 SPLITS = ("train", "dev", "test")
@@ -36,11 +35,6 @@ class DateExample:
     style: str
     text: str
     iso: str
-
-    def source_tokens(self, known_locales: frozenset[str]) -> list[str]:
-        """The locale token (or the unknown-locale token) followed by the characters."""
-        tag = f"<locale:{self.locale}>" if self.locale in known_locales else UNKNOWN_LOCALE
-        return [tag, *self.text]
 
 
 def _bucket(key: str) -> int:

@@ -7,7 +7,7 @@ import logging
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from attnserve.models.architectures import architecture
 from attnserve.models.checkpoint import load_checkpoint, save_checkpoint
 from attnserve.models.tasks.base import TextTask
 from attnserve.models.torch_runner import TorchStepModel
+from attnserve.models.vocab_carry import carry_source_vocab
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,15 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
     if cfg.init_from:
         start, start_src, start_tgt, start_payload = load_checkpoint(Path(cfg.init_from))
         earlier = start_payload["meta"].get("training", {}).get("seconds", 0.0)
-        if (start_src, start_tgt) != (src_vocab, tgt_vocab) or start.config != model.config:
-            raise ValueError(f"{cfg.init_from} has another model config or other vocabularies")
-        model.load_state_dict(start.state_dict())
+        resized = replace(start.config, src_vocab_size=len(src_vocab))
+        if start_tgt != tgt_vocab or resized != model.config:
+            raise ValueError(f"{cfg.init_from} has another model config or another target vocabulary")
+        if start_src == src_vocab:
+            model.load_state_dict(start.state_dict())
+        else:
+            unmatched = carry_source_vocab(start, start_src, model, src_vocab)
+            log.info("source vocabulary %d -> %d tokens; %d start from the mean embedding: %s",
+                     len(start_src), len(src_vocab), len(unmatched), "".join(unmatched)[:200])  # fmt: skip
         log.info("continuing from %s", cfg.init_from)
     log.info("%s on %s: %s, %.2fM parameters", arch.name, task.name, model.config,
              sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
