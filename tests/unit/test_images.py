@@ -97,3 +97,128 @@ def test_corrupted_png_bodies_are_invalid_argument(noise, cut):
         decode_image(bytes(data), SPEC)
     except RequestError as e:
         assert e.code is ErrorCode.INVALID_ARGUMENT
+
+
+def _scene_pixels() -> np.ndarray:
+    """A fixed scene canvas (56, 56) in [0, 1], as the bundled captioner is trained on."""
+    from attnserve.models import scenes_data
+
+    return scenes_data.generate("test", 1, seed=5)[0].image
+
+
+def _enlarged(pixels: np.ndarray, side: int, method: Image.Resampling) -> bytes:
+    image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), "L")
+    return _encode(image.resize((side, side), method), "PNG")
+
+
+@pytest.mark.parametrize("method", ["NEAREST", "BILINEAR", "BICUBIC", "LANCZOS", "BOX", "HAMMING"])
+@pytest.mark.parametrize("factor", [2, 4])
+def test_a_scene_enlarged_by_any_method_comes_back_close(method, factor):
+    scene = _scene_pixels()
+    pixels = decode_image(_enlarged(scene, 56 * factor, Image.Resampling[method]), SPEC)[0]
+    error = np.abs(pixels - scene)
+    assert error.mean() < 0.03, (method, factor, error.mean())
+    if method in ("NEAREST", "BOX"):  # whole pixels copied: area resampling undoes it exactly
+        assert error.max() < 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(min_value=28, max_value=480),
+    st.integers(min_value=28, max_value=480),
+    st.sampled_from(["NEAREST", "BILINEAR", "BICUBIC", "LANCZOS"]),
+)
+def test_any_size_from_28_pixels_becomes_the_models_grid_close_to_the_scene(width, height, method):
+    scene = _scene_pixels()
+    image = Image.fromarray(np.round(scene * 255).astype(np.uint8), "L").resize(
+        (width, height), Image.Resampling[method]
+    )
+    pixels = decode_image(_encode(image, "PNG"), SPEC)[0]
+    assert pixels.shape == (56, 56) and pixels.min() >= 0.0 and pixels.max() <= 1.0
+    # Below 56 pixels detail is lost on the client's side; above it, little.
+    limit = 0.035 if min(width, height) >= 56 else 0.08
+    assert np.abs(pixels - scene).mean() < limit
+
+
+def test_shrinking_averages_the_pixels_each_target_pixel_covers():
+    image = np.zeros((112, 112), dtype=np.uint8)
+    image[::2, ::2] = 255  # one bright pixel in every 2x2 block
+    pixels = decode_image(_encode(Image.fromarray(image), "PNG"), SPEC)[0]
+    assert np.allclose(pixels, 64 / 255, atol=1 / 255)
+
+
+RGB_SPEC = ImageSpec(height=56, width=56, channels=3, grid_height=7, grid_width=7)
+
+
+def _quarter(mode: str, bright, dark) -> Image.Image:
+    """A 56x56 image in `mode` whose top-right quarter is `bright` and the rest `dark`."""
+    image = Image.new(mode, (56, 56), dark)
+    image.paste(bright, (28, 0, 56, 28))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("mode", "bright", "dark"),
+    [
+        ("RGBA", (255, 255, 255, 255), (255, 255, 255, 0)),  # transparent white is black
+        ("LA", (255, 255), (200, 0)),
+        ("1", 1, 0),
+        ("I;16", 65535, 0),  # PIL's own conversion would clip every value over 255 to white
+        ("CMYK", (0, 0, 0, 0), (0, 0, 0, 255)),
+        ("P", 1, 0),
+    ],
+)
+@pytest.mark.parametrize("spec", [SPEC, RGB_SPEC], ids=["grey", "rgb"])
+def test_every_mode_a_png_or_jpeg_can_hold_becomes_the_models_channels(mode, bright, dark, spec):
+    image = _quarter(mode, bright, dark)
+    if mode == "P":
+        image.putpalette([0, 0, 0, 255, 255, 255])
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    pixels = decode_image(_encode(image, fmt), spec)  # (C, 56, 56)
+    assert pixels.shape == (spec.channels, 56, 56)
+    tolerance = 0.05 if fmt == "JPEG" else 1e-6
+    assert pixels[:, 2:26, 30:54].min() > 1 - tolerance and pixels[:, 30:, :].max() < tolerance
+
+
+def test_a_half_grey_16_bit_png_is_half_grey():
+    image = Image.new("I;16", (56, 56), 32768)
+    assert np.allclose(decode_image(_encode(image, "PNG"), SPEC), 128 / 255)
+
+
+def test_a_palette_colour_marked_transparent_is_black():
+    image = _quarter("P", 1, 0)
+    image.putpalette([255, 255, 255, 255, 255, 255])  # both colours white ...
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=0)  # ... but colour 0 transparent
+    pixels = decode_image(buffer.getvalue(), SPEC)[0]
+    assert pixels[:28, 28:].min() == 1.0 and pixels[28:, :].max() == 0.0
+
+
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says():
+    image = _quarter("L", 255, 0)  # stored with its bright quarter top right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    pixels = decode_image(buffer.getvalue(), SPEC)[0]
+    assert pixels[32:52, 32:52].min() > 0.9  # shown with it bottom right
+    assert pixels[:26, :].max() < 0.1
+
+
+def _jpeg_with_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: upside down
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buffer, format="JPEG", exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=1, max_size=64), st.integers(min_value=2, max_value=200))
+def test_corrupted_jpeg_and_exif_data_are_invalid_argument(noise, cut):
+    data = bytearray(_jpeg_with_exif())
+    data[cut : cut + len(noise)] = noise
+    try:
+        decode_image(bytes(data), SPEC)
+    except RequestError as e:
+        assert e.code is ErrorCode.INVALID_ARGUMENT
