@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration cluster-test autoscale-test lint format bench bench-overload bench-burst bench-replicas bench-step-batching bench-versions bench-batch bench-tls certs bench-engine quantize train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration cluster-test autoscale-test lint format bench bench-overload bench-burst bench-replicas bench-step-batching bench-versions bench-batch bench-tls certs bench-engine bench-captions quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, the Fashion-MNIST images the captioner is trained and scored on, and Noto CJK fonts so that
 # attention pictures draw Korean, Japanese, Cyrillic and accented labels.
@@ -88,6 +88,9 @@ certs: $(SERVE_STAMP)  ## certs/: a private CA, server and client certificates, 
 
 bench-engine: $(DEV_STAMP)  ## engine tokens/s vs CTranslate2 on en-fr-transformer (fp32, int8); bench/results/engine_speed.json
 	$(BIN)/python -m attnserve.bench.engine_speed
+
+bench-captions: $(DEV_STAMP)  ## caption-fashion on 2,000 fresh test scenes sent resized, as JPEG, grey or RGB (fp32, int8); bench/results/caption_robustness.json
+	$(BIN)/python -m attnserve.bench.caption_robustness
 
 bench-versions: $(DEV_STAMP)  ## RSS over 20 load/unload cycles of a model version (g2p, en-fr); bench/results/version_memory.json
 	$(BIN)/python -m attnserve.bench.version_memory
