@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test test-unit test-integration cluster-test autoscale-test lint format bench bench-overload bench-burst bench-replicas bench-step-batching bench-versions bench-batch bench-tls certs bench-engine bench-captions quantize train export eval ddtp-snapshot render-k8s system-deps clean
+.PHONY: serve test test-unit test-integration cluster-test autoscale-test lint format bench bench-overload bench-burst bench-replicas bench-step-batching bench-versions bench-batch bench-tls certs bench-engine bench-captions bench-typed-dates quantize train export eval ddtp-snapshot render-k8s system-deps clean
 # Debian packages the tests use: a real Prometheus (+ promtool), docker-compose to validate the compose
 # file, the Fashion-MNIST images the captioner is trained and scored on, and Noto CJK fonts so that
 # attention pictures draw Korean, Japanese, Cyrillic and accented labels.
@@ -92,25 +92,31 @@ bench-engine: $(DEV_STAMP)  ## engine tokens/s vs CTranslate2 on en-fr-transform
 bench-captions: $(DEV_STAMP)  ## caption-fashion on 2,000 fresh test scenes sent resized, as JPEG, grey or RGB (fp32, int8); bench/results/caption_robustness.json
 	$(BIN)/python -m attnserve.bench.caption_robustness
 
+bench-typed-dates: $(DEV_STAMP)  ## dates-luong on 5,500 fresh typed test dates, per language, as Translate reads them (fp32, int8); bench/results/typed_dates.json
+	$(BIN)/python -m attnserve.bench.typed_dates
+
 bench-versions: $(DEV_STAMP)  ## RSS over 20 load/unload cycles of a model version (g2p, en-fr); bench/results/version_memory.json
 	$(BIN)/python -m attnserve.bench.version_memory
 
 bench-batch: $(DEV_STAMP)  ## attnserve batch (Ray Data) vs the in-process engine, every model, 1 and N actors; ~12 min
 	$(BIN)/python -m attnserve.bench.batch
 
-MODEL ?= g2p-bahdanau   # any recipe in models/recipes.yaml
+# any recipe in models/recipes.yaml
+MODEL ?= g2p-bahdanau
+# a model's version for export, quantize and eval; default: its highest, the one served
+VERSION ?= $(shell ls model_repository/$(MODEL) 2>/dev/null | sort -n | tail -1)
 
 train: $(DEV_STAMP)  ## train a bundled model as its recipe says: make train MODEL=dates-luong
 	$(BIN)/attnserve train --recipe $(MODEL)
 
-export: $(DEV_STAMP)  ## export runs/$(MODEL) into the model repository (replaces the bundled entry)
-	$(BIN)/attnserve export runs/$(MODEL)/checkpoint.pt --name $(MODEL) --force
+export: $(DEV_STAMP)  ## export runs/$(MODEL) into the model repository as VERSION (replaces it)
+	$(BIN)/attnserve export runs/$(MODEL)/checkpoint.pt --name $(MODEL) --version $(VERSION) --force
 
 quantize: $(DEV_STAMP)  ## add an int8 variant (quality measured) to a bundled model: make quantize MODEL=g2p-bahdanau
-	$(BIN)/attnserve quantize model_repository/$(MODEL)/1
+	$(BIN)/attnserve quantize model_repository/$(MODEL)/$(VERSION)
 
 eval: $(DEV_STAMP)  ## re-evaluate a bundled model through the serving runtime
-	$(BIN)/attnserve eval model_repository/$(MODEL)/1
+	$(BIN)/attnserve eval model_repository/$(MODEL)/$(VERSION)
 
 ddtp-snapshot: $(DEV_STAMP)  ## re-take the EN-FR training snapshot from Debian's current DDTP indexes (Debian hosts)
 	$(BIN)/python -m attnserve.models.ddtp_data --out models/data/ddtp-en-fr.tsv.xz

@@ -9,7 +9,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_REPOSITORY = ROOT / "model_repository"
 BUNDLED_ENTRY = BUNDLED_REPOSITORY / "g2p-bahdanau" / "1"
+
 TINY_MODEL = dict(embed_size=16, encoder_size=32, decoder_size=64, attention_size=32)
+
+
+def bundled_entry(name: str) -> Path:
+    """The folder of a bundled model's highest version (the one the service serves by default)."""
+    return max(
+        (p for p in (BUNDLED_REPOSITORY / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
 
 
 @pytest.fixture(scope="session")

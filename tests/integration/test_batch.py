@@ -25,7 +25,7 @@ from attnserve.service.batch.decode_actor import prepare
 from attnserve.service.batch.job import BatchConfig, run_batch
 from attnserve.service.batch.reader import InputError, input_format, iter_rows
 from attnserve.service.grpc_mapping import caption_to_pb, translation_to_pb
-from tests.conftest import BUNDLED_REPOSITORY, ROOT
+from tests.conftest import BUNDLED_REPOSITORY, ROOT, bundled_entry
 from tests.helpers import answers
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ def fp32_serve_config(tmp_path_factory) -> Path:
 
 
 def _manifest(name: str) -> Manifest:
-    return Manifest.load(BUNDLED_REPOSITORY / name / "1")
+    return Manifest.load(bundled_entry(name))
 
 
 def _run(tmp_path: Path, model: str, source: Path, serve_config: Path, **options) -> list[dict]:

@@ -15,7 +15,7 @@ from attnserve.export.pipeline import checkpoint_from_entry
 from attnserve.models.architectures import TRANSFORMER, architecture
 from attnserve.models.checkpoint import load_checkpoint
 from attnserve.models.transformer import TransformerConfig, TransformerSeq2Seq
-from tests.conftest import BUNDLED_REPOSITORY
+from tests.conftest import BUNDLED_REPOSITORY, bundled_entry
 
 CONFIG = dict(src_vocab_size=11, tgt_vocab_size=9, d_model=16, heads=2, encoder_layers=2, decoder_layers=2,
               ff_size=24, max_positions=16)  # fmt: skip
@@ -121,7 +121,7 @@ def test_bundled_transformers_rebuild_from_their_revision_2_graphs():
 
 @pytest.mark.parametrize("name", ["dates-luong", "g2p-bahdanau", "caption-fashion"])
 def test_bundled_rnn_families_rebuild_by_tracing_and_reproduce_their_graphs(name, tmp_path):
-    folder = BUNDLED_REPOSITORY / name / "1"
+    folder = bundled_entry(name)
     path = checkpoint_from_entry(folder, tmp_path / "start.pt")  # checks the rebuilt model against the graphs
     model, src_vocab, _, payload = load_checkpoint(path)
     assert payload["meta"]["rebuilt_from"]["max_abs_diff"] <= 1e-4

@@ -14,14 +14,14 @@ from attnserve.core.model_runner import ModelRunner
 from attnserve.core.requests import AttentionMode
 from attnserve.service import plotting
 from attnserve.service.grpc_mapping import caption_to_pb, translation_to_pb
-from tests.conftest import BUNDLED_REPOSITORY, ROOT
+from tests.conftest import ROOT, bundled_entry
 from tests.helpers import answers
 
 SCENE = ROOT / "examples" / "byom" / "fashion-scenes" / "images" / "scene-000.png"
 
 
 def _decode(name: str, mode: AttentionMode, text: str = "", image: bytes = b""):
-    manifest = Manifest.load(BUNDLED_REPOSITORY / name / "1")
+    manifest = Manifest.load(bundled_entry(name))
     runner = ModelRunner(manifest)
     codec = runner.codec
     request = codec.prepare_image(image, mode) if image else codec.prepare(text, mode)
