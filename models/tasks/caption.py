@@ -9,10 +9,13 @@ import numpy as np
 from tqdm import tqdm
 
 from attnserve.core.decoding import StepModel, decode
+from attnserve.core.images import decode_image
+from attnserve.core.manifest import ImageSpec
 from attnserve.core.sources import SourceBatch
 from attnserve.core.vocab import SPECIALS, Vocab
 from attnserve.models import scenes_data
 from attnserve.models.caption_scoring import attention_localisation, exact_match
+from attnserve.models.client_images import encode, random_encoding
 from attnserve.models.tasks.base import Batch, TextTask, target_arrays
 
 
@@ -30,13 +33,17 @@ class CaptionTask(TextTask):
     primary, minimise = "exact_match", False
     sizes: ClassVar[dict[str, int]] = {"train": 40_000, "dev": 1_000, "test": 2_000}
 
-    def __init__(self, train_examples: int = 0, max_shift: int = 0):
+    def __init__(self, train_examples: int = 0, max_shift: int = 0, client_images: float = 0.0):
+        if not 0.0 <= client_images <= 1.0:
+            raise ValueError(f"client_images is a fraction of the training scenes, got {client_images}")
         self.train_size = train_examples or self.sizes["train"]
         self.max_shift = max_shift  # training items move up to this many pixels within their cell
+        self.client_images = client_images  # share of training scenes sent as a client would send them
 
     @property
     def arguments(self) -> dict:
-        return {"max_shift": self.max_shift} if self.max_shift else {}
+        given = {"max_shift": self.max_shift, "client_images": self.client_images}
+        return {name: value for name, value in given.items() if value}
 
     def vocabularies(self) -> tuple[Vocab, Vocab]:
         """No source tokens (the source is pixels); the caption grammar's words."""
@@ -92,17 +99,34 @@ class CaptionTask(TextTask):
         """Batches of fresh scenes: images (B, 1, 56, 56) and tgt_in/tgt_out (B, T).
 
         Each cell is mirrored left to right with probability 1/2 (no class depends on it) and,
-        with max_shift, its content rolled by up to that many pixels.
+        with max_shift, its content rolled by up to that many pixels; with client_images, that
+        share of the scenes is then sent through a random client's round trip (`client_round_trip`).
         """
         scenes = scenes_data.generate("train", limit or self.train_size, seed=epoch)
-        augment = np.random.default_rng([epoch, 1])
+        augment, clients = np.random.default_rng([epoch, 1]), np.random.default_rng([epoch, 2])
         batches = []
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
             targets = target_arrays([tgt_vocab.encode(s.caption) for s in chunk], tgt_vocab)
             images = scenes_data.augment_cells(_pixels(chunk), augment, self.max_shift)  # (B, 1, 56, 56)
+            if self.client_images:
+                images = client_round_trip(images, self.client_images, clients)
             batches.append({"images": images, **targets})
         return batches
+
+
+def client_round_trip(images: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Scene canvases (B, 1, H, W) with about `share` of them as the service would read them from a
+    random client (resized 28..448 px by any method, PNG or JPEG q70..95, grey or RGB): encoded by
+    `client_images.encode`, then decoded by the service's own `decode_image`."""
+    spec = ImageSpec(images.shape[2], images.shape[3], images.shape[1], 0, 0)
+    chosen = np.flatnonzero(rng.random(len(images)) < share)
+    if not len(chosen):
+        return images
+    images = images.copy()
+    for i in chosen:
+        images[i] = decode_image(encode(images[i, 0], random_encoding(rng)), spec)  # (1, H, W)
+    return images
 
 
 def image_source_section(src_vocab: Vocab, config) -> dict:
