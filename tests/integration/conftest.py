@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from attnserve.service.local_ray import free_ports
 from tests.conftest import BUNDLED_REPOSITORY, BYOM_IMAGES, BYOM_TEXT, ROOT
 
 STARTUP_TIMEOUT_S = 240
+KEPT_LINES = 5000
 BYOM_MODEL, BYOM_IMAGE_MODEL = "names-en-fr", "fashion-scenes"
 SERVE_CONFIG = ROOT / "deploy/serve/attnserve.yaml"
 
@@ -37,12 +39,15 @@ def free_port() -> int:
 
 @dataclass
 class RunningService:
-    """A service started by the tests, with what was printed so far."""
+    """A service started by the tests, with the last KEPT_LINES lines it printed and whether it
+    said it is up (kept apart, so a service that prints without end cannot fill the test runner's
+    memory or push that line out)."""
 
     process: subprocess.Popen
     grpc_address: str
     metrics_url: str
-    lines: list[str] = field(default_factory=list)
+    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=KEPT_LINES))
+    up: threading.Event = field(default_factory=threading.Event)
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -51,9 +56,11 @@ class RunningService:
             return []
 
 
-def _pump(stream, sink: list[str]) -> None:
+def _pump(stream, running: RunningService) -> None:
     for line in stream:
-        sink.append(line)
+        running.lines.append(line)
+        if "attnserve is up" in line:
+            running.up.set()
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +108,7 @@ def launch_service(serve_config: Path, *options: str) -> RunningService:
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
     running = RunningService(proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics")
-    threading.Thread(target=_pump, args=(proc.stdout, running.lines), daemon=True).start()
+    threading.Thread(target=_pump, args=(proc.stdout, running), daemon=True).start()
     return running
 
 
@@ -110,11 +117,10 @@ def start_service(serve_config: Path, *options: str) -> RunningService:
     running = launch_service(serve_config, *options)
     proc = running.process
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not any("attnserve is up" in line for line in running.lines):
+    while not running.up.wait(0.5):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("attnserve did not start:\n" + "".join(running.lines[-40:]))
-        time.sleep(0.5)
+            pytest.fail("attnserve did not start:\n" + "".join(list(running.lines)[-40:]))
     return running
 
 

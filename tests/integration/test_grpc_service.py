@@ -347,7 +347,7 @@ def test_sigterm_to_the_group_drains_accepted_calls_then_exits_and_leaves_no_pro
     stop.set()
     for t in threads:
         t.join()
-    assert code == 0, "".join(service.lines[-30:])
+    assert code == 0, "".join(list(service.lines)[-30:])
     assert took < 15, f"exit took {took:.1f} s"
     counts = collections.Counter(c for _, c, _ in outcomes)
     print(f"SIGTERM to the group: exit {code} after {took:.1f} s; {counts}")

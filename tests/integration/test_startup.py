@@ -60,11 +60,13 @@ def _wait_until_accepting(running, port: int) -> float:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if running.process.poll() is not None:
-            pytest.fail("attnserve exited before its port opened:\n" + "".join(running.lines[-40:]))
+            pytest.fail("attnserve exited before its port opened:\n" + "".join(list(running.lines)[-40:]))
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return time.monotonic()
         time.sleep(0.002)
-    pytest.fail(f"the gRPC port did not open within {STARTUP_TIMEOUT_S} s:\n" + "".join(running.lines[-40:]))
+    pytest.fail(
+        f"the gRPC port did not open within {STARTUP_TIMEOUT_S} s:\n" + "".join(list(running.lines)[-40:])
+    )
 
 
 def _one(rpc: str, call, opened: float) -> Call:
