@@ -80,3 +80,27 @@ def tiny_subword_entry(tmp_path_factory) -> Path:
     the_task = task("parallel-text", path=BYOM_TEXT, tokens="subwords", vocab_size=500)
     checkpoint = train(out, the_task, "transformer", config, cfg)
     return export_model(ExportConfig(checkpoint, out / "repo", "tiny-subwords"))
+
+
+_RSS_GROWTH: list[tuple[float, str]] = []  # (MiB the test runner grew during a test, the test)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Records how much the test runner's own memory grew during each test."""
+    import psutil
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    yield
+    _RSS_GROWTH.append(((process.memory_info().rss - before) / 2**20, item.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The tests the runner grew most in, and its size at the end (a leak shows in CI's tail)."""
+    import psutil
+
+    top = sorted(_RSS_GROWTH, reverse=True)[:3]
+    rss = psutil.Process().memory_info().rss / 2**20
+    grown = "; ".join(f"{mib:+.0f} MiB {nodeid}" for mib, nodeid in top)
+    terminalreporter.write_line(f"test runner memory: {rss:.0f} MiB at the end; grew most in: {grown}")
