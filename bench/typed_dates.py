@@ -70,10 +70,13 @@ def measure(entry: Path, examples: list[DateExample], precision: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--entry", type=Path, default=Path("model_repository/dates-luong/1"))
+    parser.add_argument("--entry", type=Path, help="default: dates-luong's highest version")
     parser.add_argument("--per-language", type=int, default=500, help="typed dates per language")
     parser.add_argument("--out", type=Path, default=Path("bench/results/typed_dates.json"))
     args = parser.parse_args(argv)
+    if args.entry is None:
+        versions = [p for p in Path("model_repository/dates-luong").iterdir() if p.name.isdigit()]
+        args.entry = max(versions, key=lambda p: int(p.name))
     languages = tuple(typed_dates.LOCALES)
     examples = typed_dates.sample("test", args.per_language * len(languages), SEED)
     results = [measure(args.entry, examples, p) for p in ("fp32", "int8")]

@@ -240,15 +240,17 @@ def typed(day, language: str, locale: str, rng: random.Random) -> str:
 
 
 def sample(
-    split: str, count: int, seed: int, languages: tuple[str, ...] = tuple(LOCALES)
+    split: str, count: int, seed: int, languages: tuple[str, ...] = tuple(LOCALES), by_templates: bool = False
 ) -> list[DateExample]:
-    """`count` typed dates from one date split, each language drawn uniformly, reproducibly.
+    """`count` typed dates from one date split, reproducibly.
 
     Args:
         split: the date split ("train", "dev" or "test").
         count: number of examples.
         seed: the sampling seed (the same arguments always give the same examples).
         languages: the languages to draw from (default all of LOCALES).
+        by_templates: draw each language as often as it has templates (English has the most
+            ways of typing a date), instead of uniformly.
 
     Raises:
         ValueError: for an unknown split or language.
@@ -260,9 +262,10 @@ def sample(
         raise ValueError(f"no typed dates for {unknown}; languages: {', '.join(LOCALES)}")
     rng = random.Random(f"typed:{split}:{seed}")
     days = _days(split)
+    weights = [len(TEMPLATES[lang]) if by_templates else 1 for lang in languages]
     out = []
     for _ in range(count):
-        language = rng.choice(languages)
+        (language,) = rng.choices(languages, weights) if by_templates else (rng.choice(languages),)
         locale, day = rng.choice(LOCALES[language]), rng.choice(days)
         out.append(DateExample(locale, "typed", typed(day, language, locale, rng), day.isoformat()))
     return out

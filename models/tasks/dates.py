@@ -44,16 +44,27 @@ class DatesTask(TextTask):
         "test_unseen_locales": 2_000,
     }
 
-    def __init__(self, train_examples: int = 0, language_balance: float = 0.0, typed: float = 0.0):
+    def __init__(
+        self,
+        train_examples: int = 0,
+        language_balance: float = 0.0,
+        typed: float = 0.0,
+        typed_by_templates: bool = False,
+    ):
         if not 0.0 <= typed <= 1.0:
             raise ValueError(f"typed must be in [0, 1], got {typed}")
         self.train_size = train_examples or self.sizes["train"]
         self.language_balance = language_balance
         self.typed = typed
+        self.typed_by_templates = typed_by_templates
 
     @property
     def arguments(self) -> dict:
-        given = {"language_balance": self.language_balance, "typed": self.typed}
+        given = {
+            "language_balance": self.language_balance,
+            "typed": self.typed,
+            "typed_by_templates": self.typed_by_templates,
+        }
         return {k: v for k, v in given.items() if v}
 
     def _convert(self, items: list[dates_data.DateExample]) -> list[TextExample]:
@@ -77,7 +88,8 @@ class DatesTask(TextTask):
         cldr = dates_data.sample(
             "train", self.train_size - typed, seed=epoch, language_balance=self.language_balance
         )
-        return self._convert(cldr + typed_dates.sample("train", typed, seed=epoch))
+        by_templates = self.typed_by_templates
+        return self._convert(cldr + typed_dates.sample("train", typed, seed=epoch, by_templates=by_templates))
 
     def vocabularies(self) -> tuple[Vocab, Vocab]:
         """Every character any trained locale writes for a month or weekday, and the locale tokens."""

@@ -90,9 +90,8 @@ def test_a_tampered_graph_is_not_rebuilt(revision_1_entry, tmp_path):
 
 
 def test_revision_1_entries_of_the_rnn_families_still_load():
-    for name in ("g2p-bahdanau", "dates-luong", "caption-fashion"):
-        manifest = Manifest.load(BUNDLED_REPOSITORY / name / "1")
-        assert manifest.raw["format_revision"] == 1
+    manifest = Manifest.load(BUNDLED_REPOSITORY / "g2p-bahdanau" / "1")
+    assert manifest.raw["format_revision"] == 1
 
 
 def test_revision_2_graphs_give_back_the_weights_of_their_fused_query_key_value(revision_1_entry, tmp_path):

@@ -10,7 +10,7 @@ from babel.dates import get_month_names
 from attnserve.core.text_forms import normalise
 from attnserve.models.dates_data import date_split
 from attnserve.models.tasks.dates import DatesTask
-from attnserve.models.typed_dates import LOCALES, language_of, ordinal, sample
+from attnserve.models.typed_dates import LOCALES, TEMPLATES, language_of, ordinal, sample
 
 
 def test_samples_are_reproducible_and_keep_to_their_date_split():
@@ -19,10 +19,14 @@ def test_samples_are_reproducible_and_keep_to_their_date_split():
     assert {date_split(dt.date.fromisoformat(e.iso)) for e in a} == {"dev"}
 
 
-def test_every_language_is_drawn_about_equally():
+def test_every_language_is_drawn_about_equally_or_as_often_as_it_has_templates():
     counts = Counter(language_of(e) for e in sample("train", 5500, seed=1))
     assert set(counts) == set(LOCALES)
     assert min(counts.values()) > 0.7 * 5500 / len(LOCALES)
+    weighted = Counter(language_of(e) for e in sample("train", 20_000, seed=1, by_templates=True))
+    share = {lang: len(TEMPLATES[lang]) / sum(len(t) for t in TEMPLATES.values()) for lang in LOCALES}
+    for lang, n in weighted.items():
+        assert abs(n / 20_000 - share[lang]) < 0.02, lang
 
 
 def test_each_typed_date_names_its_year_day_and_month():
