@@ -205,7 +205,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--init-from",
         default="",
         help="continue from a checkpoint of the same model config, "
-        "or from a model-repository entry's weights (e.g. model_repository/dates-luong/1)",
+        "or from a model-repository entry's weights (e.g. model_repository/g2p-bahdanau/1)",
     )
     p.set_defaults(handler=_train)
 
