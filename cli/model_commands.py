@@ -79,9 +79,7 @@ def _train_recipe(args: argparse.Namespace) -> int:
         settings = dict(stage)
         stage_args = settings.pop("task_args", None)  # a stage may change how its task draws examples
         stage_task = task(recipe["task"], **{**task_args, **stage_args}) if stage_args else the_task
-        entry = (
-            settings.pop("init_from", "") or ""
-        )  # where the stage was first run from, when not the stage before
+        entry = settings.pop("init_from", None) or ""  # the stage's own start, if not the stage before
         start = str(checkpoint) if checkpoint else _start(entry, out)
         cfg = TrainConfig(**settings, init_from=start)
         checkpoint = train(out, stage_task, recipe["architecture"], recipe["model"], cfg)

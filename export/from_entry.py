@@ -123,7 +123,7 @@ def _marked(model: nn.Module) -> nn.Module:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.weight.fill_(1.0)
                 module.running_mean.zero_()
-                module.running_var.fill_(1.0 - module.eps)  # rounds so that var + eps is 1 in float32
+                module.running_var.fill_(1.0 - module.eps)  # var + eps is 1 to float32 rounding
         mark = FIRST_MARK
         for name, p in model.named_parameters():
             if not _fixed(model, name):  # a fixed one keeps its index range, unmarked
@@ -215,7 +215,7 @@ def _with_traced(
     params = dict(model.named_parameters())
     offsets = np.cumsum([0] + [p.numel() for p in params.values()])
     flat = np.full(offsets[-1], np.nan, dtype=np.float32)
-    for (name, p), start in zip(params.items(), offsets, strict=False):
+    for (name, p), start in zip(params.items(), offsets[:-1], strict=True):
         if name in named:
             flat[start : start + p.numel()] = named[name].ravel()
     for spec in raw["graphs"].values():
@@ -232,7 +232,7 @@ def _with_traced(
                 raise ValueError(f"{folder}: the graphs disagree on the weights behind {name}")
             flat[index] = value.ravel()
     weights = {n: v.numpy() for n, v in model.state_dict().items() if n not in params}  # buffers
-    for (name, p), start in zip(params.items(), offsets, strict=False):
+    for (name, p), start in zip(params.items(), offsets[:-1], strict=True):
         value = flat[start : start + p.numel()].reshape(p.shape)
         if _fixed(model, name):
             value = p.detach().numpy()
