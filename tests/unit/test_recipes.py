@@ -32,3 +32,14 @@ def test_recipe_builds_its_model_and_stages(name):
     assert stages and all(s.epochs > 0 and s.lr > 0 for s in stages)
     for args in filter(None, stage_args):
         assert task(recipe["task"], **{**recipe.get("task_args", {}), **args}).arguments
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--stage", "99"], "has stages 1 to"), (["--stage", "7"], "continues from stage 6; pass --init-from")],
+)
+def test_a_stage_that_cannot_run_alone_is_refused_in_plain_words(options, message, capsys, tmp_path):
+    from attnserve.cli.main import main
+
+    assert main(["train", "--recipe", "dates-luong", "--out", str(tmp_path), *options]) == 2
+    assert message in capsys.readouterr().err
