@@ -19,11 +19,6 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.recipe:
         return _train_recipe(args)
-    cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
-        threads=args.threads, max_train_examples=args.max_train_examples,
-        max_eval_examples=args.max_eval_examples, init_from=_start(args.init_from, args.out),
-    )  # fmt: skip
     given = dict(path=args.data, tokens=args.tokens, vocab_size=args.vocab_size, held_out=args.held_out,
                  image_size=args.image_size)  # fmt: skip
     task_args = {k: v for k, v in given.items() if v is not None}
@@ -39,6 +34,11 @@ def _train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
+        threads=args.threads, max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples, init_from=_start(args.init_from, args.out, the_task),
+    )  # fmt: skip
     train(args.out, the_task, args.architecture, dict(args.set), cfg)
     return 0
 
@@ -80,20 +80,24 @@ def _train_recipe(args: argparse.Namespace) -> int:
         stage_args = settings.pop("task_args", None)  # a stage may change how its task draws examples
         stage_task = task(recipe["task"], **{**task_args, **stage_args}) if stage_args else the_task
         entry = settings.pop("init_from", None) or ""  # the stage's own start, if not the stage before
-        start = str(checkpoint) if checkpoint else _start(entry, out)
+        start = str(checkpoint) if checkpoint else _start(entry, out, stage_task)
         cfg = TrainConfig(**settings, init_from=start)
         checkpoint = train(out, stage_task, recipe["architecture"], recipe["model"], cfg)
     return 0
 
 
-def _start(init_from: str, out: Path) -> str:
+def _start(init_from: str, out: Path, the_task) -> str:
     """The checkpoint to continue from: init_from itself, or for a model-repository entry, its
-    model rebuilt from the graphs (checked against them) and saved in the run's folder."""
+    model rebuilt from the graphs (checked against them), its BatchNorms (folded into the graphs'
+    convolutions) given the task's statistics again, and saved in the run's folder."""
     if not init_from or not Path(init_from, "manifest.json").is_file():
         return init_from
     from attnserve.export.pipeline import checkpoint_from_entry
+    from attnserve.models.batchnorm_stats import recalibrate_checkpoint
 
-    return str(checkpoint_from_entry(Path(init_from), out / "rebuilt-entry.pt"))
+    path = checkpoint_from_entry(Path(init_from), out / "rebuilt-entry.pt")
+    recalibrate_checkpoint(path, the_task)
+    return str(path)
 
 
 def _key_value(text: str) -> tuple[str, object]:

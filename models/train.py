@@ -93,7 +93,8 @@ def train(out_dir: Path, task: TextTask, arch_name: str, model_config: dict, cfg
     if cfg.init_from:
         start, start_src, start_tgt, start_payload = load_checkpoint(Path(cfg.init_from))
         earlier = start_payload["meta"].get("training", {}).get("seconds", 0.0)
-        resized = replace(start.config, src_vocab_size=len(src_vocab))
+        has_source = hasattr(start.config, "src_vocab_size")  # image models read no vocabulary
+        resized = replace(start.config, src_vocab_size=len(src_vocab)) if has_source else start.config
         if start_tgt != tgt_vocab or resized != model.config:
             raise ValueError(f"{cfg.init_from} has another model config or another target vocabulary")
         if start_src == src_vocab:
