@@ -24,6 +24,7 @@ from attnserve.core.manifest import Manifest
 from attnserve.core.model_runner import ModelRunner
 from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.core.requests import AttentionMode
+from attnserve.core.versions import scan
 from attnserve.models import scenes_data
 from attnserve.models.caption_scoring import attention_localisation, exact_match
 from attnserve.models.client_images import ClientEncoding, encode
@@ -84,7 +85,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Prints the table and writes every figure as JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--entry", type=Path, default=Path("model_repository/caption-fashion/1"))
+    p.add_argument("--entry", type=Path, help="default: caption-fashion's highest version")
     p.add_argument("--scenes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("seed 0 draws the caption task's own test scenes; pick another")
     load = os.getloadavg()
     scenes = scenes_data.generate("test", args.scenes, args.seed)
+    if args.entry is None:
+        versions = scan(Path("model_repository"))["caption-fashion"]
+        args.entry = versions[max(versions)]
     rows = [r for precision in args.precisions for r in measure(args.entry, scenes, conditions(), precision)]
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
