@@ -64,9 +64,9 @@ def test_a_rebuilt_captioner_checkpoint_keeps_its_function_and_trains_from_its_s
     from attnserve.models import scenes_data
     from attnserve.models.checkpoint import load_checkpoint
     from attnserve.models.tasks import task
-    from tests.conftest import BUNDLED_REPOSITORY
+    from tests.conftest import bundled_entry
 
-    path = checkpoint_from_entry(BUNDLED_REPOSITORY / "caption-fashion" / "1", tmp_path / "start.pt")
+    path = checkpoint_from_entry(bundled_entry("caption-fashion"), tmp_path / "start.pt")
     rebuilt = load_checkpoint(path)[0]
     assert recalibrate_checkpoint(path, task("caption", max_shift=2), examples=256) == 7  # 1 + 2 x 2 + 2
     model = load_checkpoint(path)[0]
