@@ -24,7 +24,7 @@ from attnserve.core.manifest import Manifest
 from attnserve.core.model_runner import ModelRunner
 from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.core.requests import AttentionMode
-from attnserve.core.versions import scan
+from attnserve.core.versions import latest
 from attnserve.models import scenes_data
 from attnserve.models.caption_scoring import attention_localisation, exact_match
 from attnserve.models.client_images import ClientEncoding, encode
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     scenes = scenes_data.generate("test", args.scenes, args.seed)
     if args.entry is None:
-        versions = scan(Path("model_repository"))["caption-fashion"]
-        args.entry = versions[max(versions)]
+        args.entry = latest(Path("model_repository"), "caption-fashion")
     rows = [r for precision in args.precisions for r in measure(args.entry, scenes, conditions(), precision)]
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from attnserve.core.manifest import Manifest
 from attnserve.core.model_runner import ModelRunner
 from attnserve.core.onnx_model import RuntimeConfig
 from attnserve.core.requests import AttentionMode
-from attnserve.core.versions import scan
+from attnserve.core.versions import latest
 from attnserve.models import typed_dates
 from attnserve.models.dates_data import DateExample
 from attnserve.models.predict import predict
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/typed_dates.json"))
     args = parser.parse_args(argv)
     if args.entry is None:
-        versions = scan(Path("model_repository"))["dates-luong"]
-        args.entry = versions[max(versions)]
+        args.entry = latest(Path("model_repository"), "dates-luong")
     languages = tuple(typed_dates.LOCALES)
     examples = typed_dates.sample("test", args.per_language * len(languages), SEED)
     results = [measure(args.entry, examples, p) for p in ("fp32", "int8")]

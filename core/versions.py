@@ -61,6 +61,17 @@ def scan(repository: Path) -> dict[str, dict[int, Path]]:
     return found
 
 
+def latest(repository: Path, name: str) -> Path:
+    """The folder of a model's highest version, the one served by default.
+
+    Raises:
+        FileNotFoundError: if the repository is not a folder.
+        KeyError: if the repository holds no version of the model.
+    """
+    versions = scan(repository)[name]
+    return versions[max(versions)]
+
+
 def wanted(
     available: Mapping[str, Mapping[int, Path]],
     policy: VersionPolicy,

@@ -91,8 +91,8 @@ def _from_checkpoint(path: Path) -> _Source:
     return _Source(model, src_vocab, tgt_vocab, payload, {"checkpoint_sha256": sha256_of(path)})
 
 
-def _from_entry(folder: Path, task, cfg: ExportConfig) -> _Source:
-    """The entry's model rebuilt from its graphs, once it reproduces them within cfg.tolerance.
+def _from_entry(folder: Path, task, tolerance: float) -> _Source:
+    """The entry's model rebuilt from its graphs, once it reproduces them within `tolerance`.
 
     Raises:
         ParityError: if the rebuilt model does not reproduce the entry's graphs.
@@ -101,7 +101,7 @@ def _from_entry(folder: Path, task, cfg: ExportConfig) -> _Source:
     probes = [task.source_batches("test", n, n, rebuilt.src_vocab)[0] for n in (1, 5, 17)]
     worst = check_against_graphs(rebuilt, folder, probes, steps=12)
     log.info("rebuilt from %s: max |rebuilt - its graphs| = %.2e", folder, worst)
-    if worst > cfg.tolerance:
+    if worst > tolerance:
         raise ParityError(f"the model rebuilt from {folder} differs from its graphs by {worst:.2e}")
     provenance = {
         "rebuilt_from": {
@@ -123,9 +123,7 @@ def checkpoint_from_entry(folder: Path, path: Path, tolerance: float = 1e-4) -> 
     """
     raw = read_entry(folder)
     task = task_named(raw["task"], **raw.get("task_args", {}))
-    source = _from_entry(
-        folder, task, ExportConfig(folder, folder.parent.parent, raw["name"], tolerance=tolerance)
-    )
+    source = _from_entry(folder, task, tolerance)
     meta = {**source.payload["meta"], **source.provenance}
     save_checkpoint(
         path, source.payload["architecture"], source.model, source.src_vocab, source.tgt_vocab, **meta
@@ -149,7 +147,7 @@ def export_model(cfg: ExportConfig) -> Path:
     if cfg.from_entry:
         raw = read_entry(cfg.checkpoint)
         task = task_named(raw["task"], **raw.get("task_args", {}))
-        source = _from_entry(cfg.checkpoint, task, cfg)
+        source = _from_entry(cfg.checkpoint, task, cfg.tolerance)
     else:
         source = _from_checkpoint(cfg.checkpoint)
         meta = source.payload["meta"]

@@ -15,9 +15,9 @@ TINY_MODEL = dict(embed_size=16, encoder_size=32, decoder_size=64, attention_siz
 
 def bundled_entry(name: str) -> Path:
     """The folder of a bundled model's highest version (the one the service serves by default)."""
-    return max(
-        (p for p in (BUNDLED_REPOSITORY / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
-    )
+    from attnserve.core.versions import latest
+
+    return latest(BUNDLED_REPOSITORY, name)
 
 
 @pytest.fixture(scope="session")

@@ -109,10 +109,14 @@ def _folded(text: str) -> str:
     return normalise(text, "nfkc", lowercase=True)
 
 
+@cache
+def _trained_locales() -> frozenset[str]:
+    return frozenset(dates_data.locales()[0])
+
+
 def source_tokens(example: dates_data.DateExample) -> list[str]:
     """The locale token (or the unknown-locale token) and the characters, as the model reads them."""
-    known = frozenset(dates_data.locales()[0])
-    tag = f"<locale:{example.locale}>" if example.locale in known else UNKNOWN_LOCALE
+    tag = f"<locale:{example.locale}>" if example.locale in _trained_locales() else UNKNOWN_LOCALE
     return [tag, *_folded(example.text)]
 
 
